@@ -1,0 +1,515 @@
+"""Typed, frozen configuration.
+
+One `Config` holds eight frozen dataclass sections. Values come, in increasing priority, from the dataclass
+defaults, a YAML file (a shipped name such as ``default`` or a path), explicit CLI options and repeatable
+``--set section.key=value``. Unknown keys are errors with a closest-match suggestion; cross-field checks live in
+``__post_init__`` and name the key the user typed. Configs cross process boundaries (Ray) as plain dicts and are
+rebuilt -- and re-validated -- with `Config.from_dict`.
+
+Each field carries its documentation in ``metadata["help"]`` (see `describe`), litgpt-style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydefect.errors import ConfigError
+
+SCHEMA_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
+    return field(default=default, metadata={"help": help})
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str | None = _f(None, "Prepared dataset folder (holds manifest.parquet and dataset.yaml).")
+    image_size: int = _f(224, "Square side in pixels the model sees; a multiple of the backbone's patch size.")
+    subset: float = _f(1.0, "Fraction of the training split to use (0 < subset <= 1); tuning uses less.")
+    balanced_sampling: bool = _f(False, "Sample classes evenly during training (defects are rare).")
+    augment: bool = _f(True, "Mask-aligned augmentation during training.")
+    hflip: bool = _f(True, "Random horizontal flips.")
+    vflip: bool = _f(True, "Random vertical flips.")
+    rot90: bool = _f(True, "Random 90-degree rotations.")
+    scale_min: float = _f(0.7, "Smallest crop side as a fraction of the image for random scale-crop; 1 disables.")
+    brightness: float = _f(0.2, "Random brightness change, +/- this fraction; 0 disables.")
+    contrast: float = _f(0.2, "Random contrast change, +/- this fraction; 0 disables.")
+    max_image_pixels: int = _f(
+        178_956_970, "Images declaring more pixels are rejected as decompression bombs (Pillow's default)."
+    )
+    loader_threads: int = _f(2, "Threads per training worker that decode and augment images.")
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 4096, "data.image_size", f"must be in [16, 4096], got {self.image_size}")
+        _check(0.0 < self.subset <= 1.0, "data.subset", f"must be in (0, 1], got {self.subset}")
+        _check(0.05 <= self.scale_min <= 1.0, "data.scale_min", f"must be in [0.05, 1], got {self.scale_min}")
+        _check(0.0 <= self.brightness < 1.0, "data.brightness", f"must be in [0, 1), got {self.brightness}")
+        _check(0.0 <= self.contrast < 1.0, "data.contrast", f"must be in [0, 1), got {self.contrast}")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+        _check(self.loader_threads >= 0, "data.loader_threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = _f("dinov3-s", "Backbone name from `raydefect models` (e.g. dinov3-s, dinov3-b, dinov2-s).")
+    pretrained: bool = _f(True, "Load pretrained weights (timm / Hugging Face hub, or `model.weights`).")
+    weights: str | None = _f(None, "Local weights file (.safetensors, or Meta's official DINOv3/DINOv2 .pth).")
+    feature_blocks: int = _f(4, "How many transformer blocks (evenly spaced, last included) feed the decoder.")
+    decoder_dim: int = _f(128, "Channels of the segmentation decoder.")
+    head_hidden: int = _f(256, "Hidden units of the classification head.")
+    dropout: float = _f(0.1, "Dropout before the classifier.")
+    drop_path_rate: float = _f(0.1, "Stochastic depth of the backbone during fine-tuning.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone", "must not be empty; see `raydefect models`")
+        _check(self.feature_blocks >= 1, "model.feature_blocks", "must be >= 1")
+        _check(self.decoder_dim >= 8, "model.decoder_dim", "must be >= 8")
+        _check(self.head_hidden >= 8, "model.head_hidden", "must be >= 8")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+        _check(
+            not (self.weights and not self.pretrained),
+            "model.weights",
+            "is set but model.pretrained is false; drop one of them",
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(1e-4, "Peak learning rate of the backbone's last block (full fine-tune stage).")
+    head_lr: float = _f(1e-3, "Learning rate of the heads and decoder.")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to norms and biases).")
+    layer_decay: float = _f(0.75, "Layer-wise LR decay: block i from the top gets lr * layer_decay**i.")
+    grad_clip: float = _f(1.0, "Clip the gradient norm to this value; 0 disables.")
+    grad_accum: int = _f(1, "Accumulate gradients over this many batches before a step.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the classification loss.")
+    class_weights: str = _f("balanced", "Classification loss weights: 'balanced' (inverse frequency) or 'none'.")
+    cls_weight: float = _f(1.0, "Weight of the classification cross-entropy.")
+    bce_weight: float = _f(1.0, "Weight of the pixel BCE loss.")
+    dice_weight: float = _f(1.0, "Weight of the Dice loss on masks.")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.lr < 1.0, "optim.lr", f"must be in (0, 1), got {self.lr}")
+        _check(0.0 < self.head_lr < 1.0, "optim.head_lr", f"must be in (0, 1), got {self.head_lr}")
+        _check(self.weight_decay >= 0.0, "optim.weight_decay", "must be >= 0")
+        _check(0.0 < self.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1]")
+        _check(self.grad_clip >= 0.0, "optim.grad_clip", "must be >= 0")
+        _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing", "must be in [0, 1)")
+        _check(
+            self.class_weights in ("balanced", "none"),
+            "optim.class_weights",
+            f"must be 'balanced' or 'none', got {self.class_weights!r}",
+        )
+        for k in ("cls_weight", "bce_weight", "dice_weight"):
+            _check(getattr(self, k) >= 0.0, f"optim.{k}", "must be >= 0")
+        _check(
+            self.cls_weight + self.bce_weight + self.dice_weight > 0,
+            "optim.cls_weight",
+            "all loss weights are 0; set at least one of cls_weight, bce_weight, dice_weight",
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    frozen_epochs: int = _f(2, "Stage 1: epochs with the backbone frozen (heads only).")
+    partial_epochs: int = _f(2, "Stage 2: epochs with the last `unfreeze_blocks` blocks trainable.")
+    unfreeze_blocks: int = _f(4, "Stage 2: how many of the last backbone blocks are unfrozen.")
+    full_epochs: int = _f(4, "Stage 3: epochs of full fine-tuning.")
+    warmup_epochs: float = _f(1.0, "Linear warm-up at the start of stages 2 and 3, in epochs.")
+    min_lr_ratio: float = _f(0.01, "Cosine decay ends at lr * min_lr_ratio.")
+    metric: str = _f("val_score", "Validation metric for best-checkpoint choice and early stopping.")
+    mode: str = _f("max", "'max' or 'min': whether a larger `metric` is better.")
+    patience: int = _f(0, "Stop after this many epochs without improvement of `metric`; 0 disables.")
+
+    def __post_init__(self) -> None:
+        for k in ("frozen_epochs", "partial_epochs", "full_epochs"):
+            _check(getattr(self, k) >= 0, f"schedule.{k}", "must be >= 0")
+        _check(
+            self.frozen_epochs + self.partial_epochs + self.full_epochs > 0,
+            "schedule.frozen_epochs",
+            "all stages have 0 epochs; give at least one stage some epochs",
+        )
+        _check(self.unfreeze_blocks >= 1, "schedule.unfreeze_blocks", "must be >= 1")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+        _check(self.mode in ("max", "min"), "schedule.mode", f"must be 'max' or 'min', got {self.mode!r}")
+        _check(self.patience >= 0, "schedule.patience", "must be >= 0")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.frozen_epochs + self.partial_epochs + self.full_epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str | None = _f(None, "Run name: output goes to <runs_dir>/<name>/; re-using a name resumes it.")
+    runs_dir: str = _f("runs", "Folder holding run and study folders.")
+    batch_size: int = _f(16, "Images per batch per worker.")
+    eval_batch_size: int = _f(32, "Images per batch during validation.")
+    seed: int = _f(0, "Seed for weights, sampling and augmentation.")
+    precision: str = _f("auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
+    keep_checkpoints: int = _f(2, "Keep the best K checkpoints by `schedule.metric`, plus the last.")
+    max_failures: int = _f(1, "Ray Train restarts the worker group from the last checkpoint this many times.")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _check(
+            self.precision in ("auto", "bf16", "fp32"),
+            "train.precision",
+            f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}",
+        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.max_failures >= -1, "train.max_failures", "must be >= -1 (-1 retries forever)")
+        if self.name is not None:
+            _check(
+                bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                "train.name",
+                f"must be a plain folder name, got {self.name!r}",
+            )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    space: str = _f("tune", "Search space: a shipped name (configs/<name>.yaml) or a YAML path.")
+    name: str | None = _f(None, "Study name: output goes to <runs_dir>/tune-<name>/.")
+    num_samples: int = _f(8, "Number of trials.")
+    time_budget_s: float | None = _f(None, "Stop starting trials after this many seconds.")
+    metric: str = _f("val_score", "Metric that trials are ranked by.")
+    mode: str = _f("max", "'max' or 'min'.")
+    seed: int = _f(0, "Seed of the Optuna TPE sampler.")
+    max_concurrent: int | None = _f(None, "Concurrent trials; default: derived from cluster resources.")
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped.")
+    reduction_factor: int = _f(3, "ASHA: keep the top 1/reduction_factor at each rung.")
+    subset: float = _f(0.5, "Fraction of the training split each trial uses (multi-fidelity).")
+    image_size: int | None = _f(None, "Image size during trials; default: data.image_size.")
+    epochs: int | None = _f(None, "Epochs per trial (scales the three stages); default: schedule's total.")
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "tune.time_budget_s", "must be positive")
+        _check(self.mode in ("max", "min"), "tune.mode", f"must be 'max' or 'min', got {self.mode!r}")
+        _check(self.max_concurrent is None or self.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1")
+        _check(self.grace_period >= 1, "tune.grace_period", "must be >= 1")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        _check(0.0 < self.subset <= 1.0, "tune.subset", "must be in (0, 1]")
+        _check(self.image_size is None or self.image_size >= 16, "tune.image_size", "must be >= 16")
+        _check(self.epochs is None or self.epochs >= 1, "tune.epochs", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    batch_size: int = _f(32, "Images per model batch.")
+    rows_per_file: int = _f(5000, "Upper bound of rows per output Parquet file.")
+    model_actors: int | None = _f(None, "Model replicas in the actor pool; default: one per GPU, else 1.")
+    decode_tasks: int | None = _f(None, "Parallel decode tasks; default: Ray Data's choice.")
+    extensions: tuple[str, ...] = _f(IMAGE_EXTENSIONS, "File extensions picked up from folders and globs.")
+    incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
+    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
+    max_image_pixels: int = _f(178_956_970, "Larger images are recorded as errors (decompression bombs).")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.rows_per_file >= 1, "score.rows_per_file", "must be >= 1")
+        _check(self.model_actors is None or self.model_actors >= 1, "score.model_actors", "must be >= 1")
+        _check(self.decode_tasks is None or self.decode_tasks >= 1, "score.decode_tasks", "must be >= 1")
+        _check(
+            all(isinstance(e, str) and e.startswith(".") for e in self.extensions),
+            "score.extensions",
+            "must be a list of extensions that start with '.', e.g. ['.jpg', '.png']",
+        )
+        _check(
+            self.incremental_key in ("stat", "hash"),
+            "score.incremental_key",
+            f"must be 'stat' or 'hash', got {self.incremental_key!r}",
+        )
+        _check(
+            self.precision in ("auto", "bf16", "fp32"),
+            "score.precision",
+            f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = _f(1, "Ray Train workers (data-parallel replicas).")
+    use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them), 'yes' or 'no'.")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker.")
+    gpus_per_worker: float = _f(1.0, "GPUs per training worker when GPUs are used.")
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "resources.num_workers", "must be >= 1")
+        _check(
+            self.use_gpu in ("auto", "yes", "no"),
+            "resources.use_gpu",
+            f"must be 'auto', 'yes' or 'no', got {self.use_gpu!r}",
+        )
+        _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker > 0, "resources.gpus_per_worker", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain, YAML/JSON-safe nested dict (tuples become lists)."""
+        return {f.name: _section_to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
+        """Build and validate from a nested dict; unknown keys are errors."""
+        return build_config(data, source=source)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Copy with dotted-key overrides, e.g. ``cfg.replace(**{"optim.lr": 1e-3})``; re-validated."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(merged, key, value, source="override")
+        return build_config(merged, source="override")
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + o for o in sorted(options))}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting what is unambiguous (int->float, list->tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], source: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'" + _suggest(str(key), names, prefix=f"{name}."))
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def build_config(data: Mapping[str, Any] | None, source: str = "config") -> Config:
+    """Nested dict -> validated `Config`."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, ...), got {type(data).__name__}")
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{key}'" + _suggest(str(key), SECTIONS))
+    sections = {name: _build_section(name, cls, data.get(name) or {}, source) for name, cls in SECTIONS.items()}
+    return Config(**sections)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{source}: '{key}' must look like section.key, e.g. optim.lr")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section '{section}' in '{key}'" + _suggest(section, SECTIONS))
+    tree.setdefault(section, {})
+    if not isinstance(tree[section], dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping")
+    tree[section][name] = value
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``--set section.key=value`` strings; values are YAML scalars/lists (``1e-4``, ``true``, ``[a, b]``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+        out[key.strip()] = value
+    return out
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Shipped YAML files by name (``default``, ``tune``, ...)."""
+    root = resources.files("raydefect.configs")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A shipped config name or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass a YAML path or one of {sorted(shipped_configs())})")
+        return path
+    shipped = shipped_configs()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ConfigError(f"unknown config '{name_or_path}'" + _suggest(str(name_or_path), shipped))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """`yaml.safe_load` of a file, with errors that name it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_config(
+    config: str | Path | None = "default",
+    options: Mapping[str, Any] | None = None,
+    sets: Iterable[str] = (),
+) -> Config:
+    """Defaults <- YAML file <- explicit CLI options (dotted keys; None means "not given") <- ``--set`` items."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if config is not None:
+        path = resolve_config_path(config)
+        data = read_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
+        if "schema_version" in data:
+            version = data.pop("schema_version")
+            if version != SCHEMA_VERSION:
+                raise ConfigError(f"{path}: schema_version {version} is not supported (expected {SCHEMA_VERSION})")
+        build_config(data, source=str(path))  # validates the file on its own, so errors name it
+        tree = {k: dict(v or {}) for k, v in data.items()}
+        source = str(path)
+    for key, value in (options or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value, source="option")
+    set_values = parse_set(sets)
+    for key, value in set_values.items():
+        _set_dotted(tree, key, value, source="--set")
+    return build_config(tree, source="--set" if set_values else source)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (with schema version) so a run can be reproduced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"schema_version": SCHEMA_VERSION, **cfg.to_dict()}
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def describe(cfg: Config | None = None) -> str:
+    """YAML of a config with each field's documentation as a comment (``raydefect config``)."""
+    cfg = cfg or Config()
+    lines = [f"schema_version: {SCHEMA_VERSION}"]
+    for section_field in dataclasses.fields(cfg):
+        section = getattr(cfg, section_field.name)
+        lines.append(f"{section_field.name}:")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            rendered = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+            rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f.name}: {rendered}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines) + "\n"

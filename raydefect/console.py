@@ -1,0 +1,80 @@
+"""Console output with one verbosity knob (-v/-q), shared by the CLI and long-running jobs.
+
+Levels: -1 quiet (errors and final results only), 0 normal, 1+ verbose (Ray's own logs too).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_verbosity = 0
+
+
+def set_verbosity(level: int) -> None:
+    global _verbosity
+    _verbosity = level
+    logging.basicConfig(
+        level=logging.DEBUG if level >= 2 else logging.INFO if level >= 1 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def verbosity() -> int:
+    return _verbosity
+
+
+def info(message: str) -> None:
+    """Normal progress output (hidden by -q)."""
+    if _verbosity >= 0:
+        print(message, flush=True)
+
+
+def result(message: str) -> None:
+    """Final results: always shown."""
+    print(message, flush=True)
+
+
+def debug(message: str) -> None:
+    """Detail shown with -v."""
+    if _verbosity >= 1:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4g") -> str:
+    """A plain fixed-width text table (no dependency), for summaries on the console."""
+    if not rows:
+        return "(none)"
+    columns = columns or list(rows[0])
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+@contextmanager
+def timed(label: str) -> Iterator[dict]:
+    """Measure a block; ``with timed("prepare") as t: ...`` then ``t["seconds"]``."""
+    box: dict = {}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - start
+        debug(f"{label}: {box['seconds']:.2f}s")

@@ -1,0 +1,63 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad path, a bad config, a corrupt input, missing weights) is a `RaydefectError`
+whose message says what went wrong *and* how to fix it. The CLI prints the message on one line and exits 1;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RaydefectError(Exception):
+    """Base class of all user errors. The message must name the thing at fault and the fix."""
+
+
+class ConfigError(RaydefectError):
+    """A config file, key or value is invalid."""
+
+
+class DataError(RaydefectError):
+    """A dataset, manifest or input folder is missing or invalid."""
+
+
+class ImageError(RaydefectError):
+    """One image (or mask) cannot be used. `path` and `reason` are kept for per-item reports."""
+
+    def __init__(self, path: str | None, reason: str, fix: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        self.fix = fix
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{reason}" + (f" ({fix})" if fix else ""))
+
+
+class CorruptImageError(ImageError):
+    """The bytes are not a decodable image (truncated, not an image, unsupported format)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class ModelError(RaydefectError):
+    """Unknown backbone, bad model config, missing or mismatched weights, unreadable artifact."""
+
+
+class WeightsError(ModelError):
+    """Pretrained weights are missing or cannot be loaded."""
+
+
+class ArtifactError(ModelError):
+    """A model artifact or checkpoint folder is missing, partial or corrupt."""
+
+
+class ClusterError(RaydefectError):
+    """Cannot start or reach Ray."""
+
+
+class StudyError(RaydefectError):
+    """A tune study is missing, empty or cannot be resumed."""
+
+
+class OutputError(RaydefectError):
+    """An output location cannot be written (permissions, disk full, locked by another run)."""

@@ -1,0 +1,232 @@
+"""Robust image and mask decoding, shared by every command.
+
+One place decides how odd inputs become arrays, so prepare, train, score and predict agree:
+
+- EXIF orientation is applied (sizes are reported *after* rotation);
+- grayscale, palette, RGBA/LA, 16-bit and CMYK inputs are converted predictably: 16-bit is scaled to 8-bit by
+  its full range (>> 8), alpha is dropped (composited onto black), CMYK and palette go through Pillow's converters;
+- multi-frame files (animated GIF, multi-page TIFF) use their first frame;
+- images declaring more pixels than a limit raise `ImageTooLargeError` *before* decoding (decompression bombs);
+- anything undecodable or truncated raises `CorruptImageError` naming the file.
+
+Masks are binarised at 128 (defect = value >= 128) and the number of soft (non-0/255) pixels is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from raydefect.errors import CorruptImageError, ImageTooLargeError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb threshold
+MASK_THRESHOLD = 128
+
+# Truncated files must fail loudly, never decode to half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We check the pixel count ourselves (with a clear error); Pillow's global guard stays as a second line.
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+Source = str | Path | bytes | BinaryIO
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, without decoding pixels."""
+
+    width: int  # after EXIF orientation
+    height: int
+    format: str | None
+    mode: str
+    frames: int
+
+
+def _name(source: Source, path: str | Path | None) -> str | None:
+    if path is not None:
+        return str(path)
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return getattr(source, "name", None)
+
+
+def _open(source: Source, name: str | None) -> Image.Image:
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise CorruptImageError(name, "empty file (0 bytes)", "re-copy or remove it")
+            return Image.open(io.BytesIO(bytes(source)))
+        if isinstance(source, (str, Path)):
+            p = Path(source)
+            if p.is_dir():
+                raise CorruptImageError(name, "is a directory, not an image")
+            if p.stat().st_size == 0:
+                raise CorruptImageError(name, "empty file (0 bytes)", "re-copy or remove it")
+        return Image.open(source)
+    except CorruptImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(name, f"too many pixels ({e})", "raise the pixel limit if genuine") from None
+    except UnidentifiedImageError:
+        raise CorruptImageError(name, "not a recognised image format", "check the file; it may be misnamed") from None
+    except FileNotFoundError:
+        raise CorruptImageError(name, "file not found") from None
+    except PermissionError:
+        raise CorruptImageError(name, "permission denied", "make it readable") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CorruptImageError(name, f"cannot open: {e}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # malformed EXIF must not make a readable image unusable
+        return 1
+
+
+def _check_pixels(img: Image.Image, name: str | None, max_pixels: int) -> None:
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise CorruptImageError(name, f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"declares {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (possible decompression bomb)",
+            "raise data.max_image_pixels / score.max_image_pixels if the image is genuine",
+        )
+
+
+def read_info(source: Source, path: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Size (after EXIF orientation), format and mode from the header only: fast, no pixel decoding."""
+    name = _name(source, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = _open(source, name)
+        try:
+            _check_pixels(img, name, max_pixels)
+            w, h = img.size
+            if _orientation(img) in _SWAPS_AXES:
+                w, h = h, w
+            return ImageInfo(w, h, img.format, img.mode, int(getattr(img, "n_frames", 1) or 1))
+        finally:
+            img.close()
+
+
+def _to_uint8(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer/float modes -> 8-bit 'L' by scaling their full range."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.uint16)
+        return Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    if img.mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        # PNG 16-bit greyscale decodes to mode "I" with values in [0, 65535]
+        scale = 8 if arr.max(initial=0) > 255 else 0
+        return Image.fromarray(np.clip(arr >> scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max(initial=0.0))
+        arr = arr / hi * 255.0 if hi > 1.0 else arr * 255.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    return img
+
+
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    img = _to_uint8(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Composite onto black: transparent regions become 0, predictably.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "1":
+        img = img.convert("L")
+    if img.mode == mode:
+        return img
+    return img.convert(mode)  # CMYK, YCbCr, LAB, HSV, L <-> RGB
+
+
+def decode_image(
+    source: Source,
+    mode: str = "RGB",
+    path: str | Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode to a uint8 array: HxWx3 for ``mode="RGB"``, HxW for ``mode="L"``.
+
+    Raises `CorruptImageError` (typed, names the file) or `ImageTooLargeError`.
+    """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+    name = _name(source, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = _open(source, name)
+        try:
+            _check_pixels(img, name, max_pixels)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            try:
+                img.load()
+            except Image.DecompressionBombError as e:
+                raise ImageTooLargeError(name, f"too many pixels ({e})") from None
+            except (OSError, ValueError, SyntaxError, EOFError) as e:
+                reason = "truncated file" if "truncated" in str(e).lower() else f"cannot decode: {e}"
+                raise CorruptImageError(name, reason, "re-copy the file or remove it") from None
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception:  # broken EXIF: keep the pixels as stored
+                oriented = img
+            out = _convert(oriented if oriented is not None else img, mode)
+            arr = np.asarray(out, dtype=np.uint8)
+        finally:
+            img.close()
+    if mode == "RGB" and arr.ndim == 2:  # pragma: no cover - _convert guarantees 3 channels
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A binarised mask and what binarising it changed."""
+
+    array: np.ndarray  # bool HxW
+    soft_pixels: int  # pixels strictly between 0 and 255 before thresholding
+
+    @property
+    def area(self) -> int:
+        return int(self.array.sum())
+
+    @property
+    def fraction(self) -> float:
+        return float(self.array.mean()) if self.array.size else 0.0
+
+
+def decode_mask(source: Source, path: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Mask:
+    """Decode a mask image (any mode) and binarise it at 128. Colour masks use their luminance."""
+    gray = decode_image(source, mode="L", path=path, max_pixels=max_pixels)
+    soft = int(np.count_nonzero((gray > 0) & (gray < 255)))
+    return Mask(gray >= MASK_THRESHOLD, soft)
+
+
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode a uint8/bool array as PNG (bool -> 1-bit PNG, smallest and lossless)."""
+    if array.dtype == bool:
+        img = Image.fromarray(array).convert("1")
+    else:
+        img = Image.fromarray(np.ascontiguousarray(array))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png_mask(data: bytes) -> np.ndarray:
+    """Inverse of `encode_png` for masks: bytes -> bool HxW."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L")) >= MASK_THRESHOLD

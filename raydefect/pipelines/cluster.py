@@ -1,0 +1,73 @@
+"""Connect to Ray: an existing cluster (``--address`` / ``RAY_ADDRESS``) or an embedded local one.
+
+Embedded Ray is started lazily, only by commands that need it, with usage stats and the dashboard off (this must
+work offline) and Ray's own log forwarding only with -v.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from raydefect import console
+from raydefect.errors import ClusterError
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def resolve_address(address: str | None) -> str | None:
+    """`None` means an embedded local Ray; otherwise ``auto``, ``host:port`` or ``ray://host:port``."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in ("local", "embedded"):
+        return None
+    return address
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, Any]:
+    """Initialise Ray once per process and return the cluster's resources.
+
+    Re-entrant: when Ray is already initialised (tests share one session, a job calls several pipelines), the
+    existing connection is used.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        resolved = resolve_address(address)
+        verbose = console.verbosity() >= 1
+        kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING"}
+        if resolved is None:
+            # An explicit address=None would still pick up RAY_ADDRESS; "local" forces a new embedded instance.
+            kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
+            console.debug("starting an embedded local Ray")
+        else:
+            kwargs["address"] = resolved
+            console.debug(f"connecting to Ray at {resolved}")
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as e:
+            raise ClusterError(
+                f"cannot reach Ray at {resolved!r}: {e}; check the address (`ray status` on the head node), "
+                "or leave out --address/RAY_ADDRESS to run on an embedded local Ray"
+            ) from None
+        except Exception as e:  # Ray raises several types for a bad address
+            if resolved is None:
+                raise
+            raise ClusterError(
+                f"cannot connect to Ray at {resolved!r}: {type(e).__name__}: {e}; "
+                "use 'auto', 'host:port' or 'ray://host:10001', or leave out --address for an embedded local Ray"
+            ) from None
+    return dict(ray.cluster_resources())
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected cluster has (0 when none); Ray must be initialised."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))

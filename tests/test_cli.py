@@ -1,0 +1,50 @@
+"""The CLI's global behaviour: fast --help, --version, one-line user errors with exit 1, usage errors exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from raydefect import __version__
+from raydefect.cli import cli
+
+
+def test_help_does_not_import_ray_or_torch():
+    code = (
+        "import sys\n"
+        "from raydefect.cli import cli\n"
+        "try:\n    cli(['--help'], prog_name='raydefect')\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('ray', 'torch', 'timm', 'pyarrow') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert "Usage:" in out
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_user_error_is_one_line_and_exit_1():
+    result = CliRunner().invoke(cli, ["config", "--set", "optim.lrr=1"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --set: unknown key 'optim.lrr'; did you mean 'optim.lr'?"]
+    assert "Traceback" not in result.output
+
+
+def test_usage_error_exit_2():
+    result = CliRunner().invoke(cli, ["config", "--no-such-option"])
+    assert result.exit_code == 2
+
+
+def test_config_shows_resolved_values_with_docs():
+    result = CliRunner().invoke(cli, ["config", "--set", "optim.lr=3e-4"])
+    assert result.exit_code == 0, result.output
+    assert "  lr: 0.0003  # " in result.output
+    listing = CliRunner().invoke(cli, ["config", "--list"])
+    assert "default" in listing.output
