@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from raydefect.errors import DataError, OutputError
 
@@ -164,7 +165,7 @@ def plot_confusion_matrix(
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    size = 11 if n <= 6 else 8 if n <= 12 else 6
+    size = 11 if n <= 6 else 8 if n <= 12 else 7
     for i in range(n):
         for j in range(n):
             pct = f"\n{100 * share[i, j]:.0f}%" if rows[i, 0] else ""
@@ -214,6 +215,7 @@ def plot_iou_histogram(
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("IoU of predicted and true mask (both empty = 1)")
     ax.set_ylabel("Images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     where = f" at threshold {threshold:.3g}" if threshold is not None else ""
     ax.set_title(f"{title}{where}")
     ax.grid(True, axis="y", alpha=0.3)
