@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -427,7 +428,7 @@ def test_streaming_batches_and_merge_equal_one_batch():
         streamed.update(probs[i : i + 2], truths[i : i + 2])
     for p, t in zip(probs[6:], truths[6:], strict=True):
         other.update(torch.tensor(p)[None, None], torch.tensor(t)[None])  # (1, 1, H, W) tensor batches
-    streamed.merge(other)
+    streamed.merge(pickle.loads(pickle.dumps(other)))  # as it comes back from another worker
     got = streamed.compute()
     assert _numbers(got.to_dict()) == pytest.approx(_numbers(whole.to_dict()), abs=1e-12, nan_ok=True)
     assert got.best == whole.best
