@@ -1,0 +1,141 @@
+"""Plots: each writes a valid, non-blank PNG of a sane size; bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raydefect.errors import DataError, OutputError
+from raydefect.imaging import decode_image
+from raydefect.metrics import image_metrics, pixel_metrics
+from raydefect.plots import (
+    plot_confusion_matrix,
+    plot_iou_histogram,
+    plot_pr_curve,
+    plot_pro_curve,
+    plot_roc_curve,
+    plot_training_curves,
+    write_metric_plots,
+)
+
+
+def assert_png(path: Path, min_side: int = 300, max_side: int = 3000) -> np.ndarray:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    image = decode_image(data, path=str(path))
+    h, w = image.shape[:2]
+    assert min_side <= h <= max_side and min_side <= w <= max_side, (h, w)
+    assert image.std() > 5, "blank image"
+    return image
+
+
+@pytest.fixture(scope="module")
+def results():
+    rng = np.random.default_rng(0)
+    ids = rng.choice(3, 80, p=[0.5, 0.3, 0.2])
+    labels = (ids > 0).astype(int)
+    scores = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    probs = rng.dirichlet(np.ones(3), 80)
+    probs[np.arange(80), ids] += 1
+    probs /= probs.sum(1, keepdims=True)
+    image = image_metrics(
+        scores, labels, 0.5, class_probs=probs, class_ids=ids, class_names=["normal", "crack", "blowhole"]
+    )
+    probs_px, truths = [], []
+    for i in range(10):
+        t = np.zeros((24, 32), bool)
+        if i % 2:
+            t[5:12, 6:15] = True
+        probs_px.append(np.clip(0.15 + 0.6 * t + rng.normal(0, 0.15, t.shape), 0, 1))
+        truths.append(t)
+    return image, pixel_metrics(probs_px, truths)
+
+
+def test_write_metric_plots_writes_every_png(tmp_path, results):
+    image, pixel = results
+    written = write_metric_plots(tmp_path / "plots", image, pixel)
+    assert set(written) == {
+        "pr_curve",
+        "roc_curve",
+        "confusion_matrix",
+        "pixel_roc_curve",
+        "pro_curve",
+        "iou_histogram",
+    }
+    for path in written.values():
+        assert path.parent == tmp_path / "plots"
+        assert_png(path)
+
+
+def test_each_plot_function_returns_its_path(tmp_path, results):
+    image, pixel = results
+    c = image.curves
+    out = [
+        plot_pr_curve(c.pr_recall, c.pr_precision, tmp_path / "pr.png", ap=image.ap, prevalence=0.5),
+        plot_roc_curve(c.roc_fpr, c.roc_tpr, tmp_path / "roc.png", auroc=image.auroc, operating_point=(0.1, 0.8)),
+        plot_pro_curve(pixel.curves.pro_fpr, pixel.curves.pro, tmp_path / "pro.png", aupro=pixel.aupro),
+        plot_confusion_matrix(image.confusion, image.class_names, tmp_path / "cm.png"),
+        plot_iou_histogram(pixel.per_image_iou, tmp_path / "iou.png", has_defect=pixel.per_image_has_defect),
+    ]
+    assert out == [tmp_path / n for n in ("pr.png", "roc.png", "pro.png", "cm.png", "iou.png")]
+    for path in out:
+        assert_png(path)
+
+
+def test_single_class_curves_still_render(tmp_path):
+    image = image_metrics([0.1, 0.4, 0.7], [0, 0, 0])
+    written = write_metric_plots(tmp_path, image)
+    for path in written.values():
+        assert_png(path)
+
+
+def test_confusion_matrix_scales_to_many_classes(tmp_path):
+    names = ["normal", *(f"defect class {i}" for i in range(1, 15))]
+    matrix = np.random.default_rng(1).integers(0, 50, (15, 15))
+    assert_png(plot_confusion_matrix(matrix, names, tmp_path / "cm.png"), max_side=2400)
+    with pytest.raises(ValueError, match="class names"):
+        plot_confusion_matrix(matrix, names[:3], tmp_path / "bad.png")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_training_curves_from_metrics_csv(tmp_path):
+    rows = []
+    for epoch in range(1, 11):
+        stage = 1 if epoch <= 3 else 2 if epoch <= 7 else 3
+        rows.append(
+            {"epoch": epoch, "stage": stage, "train_loss": 1 / epoch, "val_loss": 1.2 / epoch, "lr": 1e-3 / epoch,
+             "val_f1": 0.5 + epoch / 25, "val_dice": "" if epoch == 1 else 0.3 + epoch / 20, "val_score": epoch / 10}
+        )  # fmt: skip
+    rows.insert(5, dict(rows[4], train_loss=9.9))  # a resumed run repeats epoch 5: the last row wins
+    csv_path = _write_csv(tmp_path / "metrics.csv", rows)
+    out = plot_training_curves(csv_path, tmp_path / "curves.png")
+    assert_png(out)
+    out2 = plot_training_curves(csv_path, tmp_path / "curves_f1.png", metrics=["val_f1"])
+    assert_png(out2)
+    with pytest.raises(DataError, match="val_nope"):
+        plot_training_curves(csv_path, tmp_path / "x.png", metrics=["val_nope"])
+
+
+def test_training_curves_need_an_epoch_column(tmp_path):
+    csv_path = _write_csv(tmp_path / "metrics.csv", [{"step": 1, "train_loss": 0.5}])
+    with pytest.raises(DataError, match="epoch"):
+        plot_training_curves(csv_path, tmp_path / "x.png")
+    with pytest.raises(DataError, match="cannot read"):
+        plot_training_curves(tmp_path / "missing.csv", tmp_path / "x.png")
+
+
+def test_unwritable_output_is_an_output_error(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot write"):
+        plot_roc_curve([0, 1], [0, 1], blocker / "roc.png", auroc=0.5)
