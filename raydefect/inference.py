@@ -71,6 +71,14 @@ class Preprocessor:
         self._scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
         self._shift = (np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std_arr).astype(np.float32)
 
+    @classmethod
+    def for_backbone(cls, backbone: str, image_size: int) -> Preprocessor:
+        """The preprocessing a backbone expects (its mean/std) at the run's image size: for training code."""
+        from raydefect.models.backbones import resolve_backbone
+
+        spec = resolve_backbone(backbone)
+        return cls(image_size=image_size, mean=spec.mean, std=spec.std)
+
     def normalize(self, resized: np.ndarray) -> np.ndarray:
         """uint8 SxSx3 -> float32 3xSxS: ``(x / 255 - mean) / std``."""
         chw = resized.transpose(2, 0, 1).astype(np.float32)

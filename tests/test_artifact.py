@@ -164,10 +164,25 @@ def test_missing_weights(saved):
 def test_truncated_weights(saved):
     path = saved / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ArtifactError, match=r"does not match weights_sha256 .*corrupt, truncated"):
+    with pytest.raises(ArtifactError, match="unreadable .*truncated or corrupt, re-copy or re-export"):
         load_artifact(saved)
-    with pytest.raises(ArtifactError, match="unreadable .*truncated or corrupt"):
-        load_artifact(saved, verify=False)
+
+
+def test_changed_weight_bytes_fail_verification(saved):
+    path = saved / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data: still a valid file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"does not match weights_sha256 .*corrupt or replaced"):
+        load_artifact(saved)
+    assert load_artifact(saved, verify=False).meta.model_id  # verification can be skipped explicitly
+
+
+def test_weight_file_bytes_are_deterministic(tmp_path, make_tiny_model):
+    model = make_tiny_model(seed=6)
+    save_artifact(model, tmp_path / "a", thresholds=THRESHOLDS)
+    save_artifact(model, tmp_path / "b", thresholds=THRESHOLDS)
+    assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (tmp_path / "b" / WEIGHTS_FILE).read_bytes()
 
 
 def test_weights_from_another_architecture(saved):
@@ -175,6 +190,14 @@ def test_weights_from_another_architecture(saved):
     data["model"]["decoder_dim"] = 24
     (saved / META_FILE).write_text(yaml.safe_dump(data))
     with pytest.raises(ArtifactError, match=r"weights do not match the architecture in model\.yaml .*size mismatch"):
+        load_artifact(saved)
+
+
+def test_backbone_that_changed_meaning(saved):
+    data = yaml.safe_load((saved / META_FILE).read_text())
+    data["timm_name"] = "vit_tiny_patch16_224"
+    (saved / META_FILE).write_text(yaml.safe_dump(data))
+    with pytest.raises(ArtifactError, match="saved with backbone test-tiny = timm vit_tiny_patch16_224"):
         load_artifact(saved)
 
 

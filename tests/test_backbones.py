@@ -11,6 +11,7 @@ from raydefect.models.backbones import (
     REGISTRY,
     check_image_size,
     create_backbone,
+    fast_meta_init,
     list_backbones,
     resolve_backbone,
     timm_kwargs,
@@ -107,10 +108,8 @@ def test_specs_match_timm_models_on_meta():
     """Registry shapes are data; the real timm models (built on meta: no memory, no download) must agree."""
     import timm
 
-    from raydefect.models.model import _fast_meta_init
-
     for spec in list_backbones():
-        with torch.device("meta"), _fast_meta_init():
+        with torch.device("meta"), fast_meta_init():
             m = timm.create_model(spec.timm_name, pretrained=False, **timm_kwargs(spec, spec.default_image_size))
         assert m.patch_embed.patch_size == (spec.patch_size, spec.patch_size), spec.name
         assert m.embed_dim == spec.embed_dim and len(m.blocks) == spec.depth, spec.name

@@ -56,6 +56,8 @@ def test_grayscale_and_explicit_parameters():
     pre = Preprocessor(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     x = pre(np.full((8, 8), 255, np.uint8))
     assert x.shape == (3, 16, 16) and np.allclose(x, 1.0)
+    from_spec = Preprocessor.for_backbone("dinov3_vits16", 32)
+    assert from_spec.image_size == 32 and np.allclose(from_spec._scale.ravel(), 1 / (255 * STD))
     assert resize_rgb(np.zeros((16, 16, 3), np.uint8), 16).shape == (16, 16, 3)
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         resize_rgb(np.zeros((4, 4, 3), np.float32), 8)
@@ -130,3 +132,21 @@ def test_decide_uses_the_stored_threshold(meta):
     assert decide(0.9, [0.1, 0.6, 0.3], meta) == (True, "scratch")
     strict = dataclasses.replace(meta, thresholds={"image": 0.95, "pixel": 0.5})
     assert decide(0.9, [0.1, 0.6, 0.3], strict) == (False, "normal")
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(tiny_artifact, predictor):
+    bf16 = Predictor(tiny_artifact, device="cpu", precision="bf16")
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    a, b = predictor.predict(x), bf16.predict(x)
+    assert bf16.precision == "bf16" and b["mask_prob"].dtype == np.float32
+    assert np.abs(a["class_probs"] - b["class_probs"]).max() < 0.05
+
+
+@pytest.mark.gpu
+def test_cuda_auto_precision_is_bf16_and_matches_cpu(tiny_artifact, predictor):
+    gpu = Predictor(tiny_artifact, device="cuda")
+    assert gpu.precision == "bf16" and gpu.device.type == "cuda"
+    x = np.random.default_rng(2).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    a, b = predictor.predict(x), gpu.predict(x)
+    assert np.abs(a["class_probs"] - b["class_probs"]).max() < 0.05
+    assert np.abs(a["mask_prob"] - b["mask_prob"]).max() < 0.05

@@ -6,9 +6,9 @@
                           normalisation (mean/std), model config (head config), class names, image and pixel
                           thresholds, validation metrics, weights sha256, created_at, extra
 
-``model_id`` is a content hash: sha256 over the weights' sha256 and the yaml fields that change predictions
-(architecture, image size, normalisation, class names, thresholds), first 16 hex digits. Metrics, dates and extra
-do not change it. `save_artifact` writes into a temporary sibling folder and renames it into place, so readers
+``model_id`` is a content hash: sha256 over the tensors' sha256 (`tensors_sha256`) and the yaml fields that change
+predictions (architecture, image size, normalisation, class names, thresholds), first 16 hex digits. Metrics, dates
+and extra do not change it. `save_artifact` writes into a temporary sibling folder and renames it into place, so readers
 never see a half-written artifact. `load_artifact` builds the backbone with ``pretrained=False`` and loads the
 safetensors; every way an artifact can be broken raises `ArtifactError` naming the folder and the fix.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from raydefect import __version__, console
@@ -86,11 +87,17 @@ def compute_model_id(weights_sha256: str, behaviour: Mapping[str, Any]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+def tensors_sha256(state: Mapping[str, Any]) -> str:
+    """sha256 over the tensors (name, dtype, shape, bytes) in name order.
+
+    Hashing the tensors rather than the file keeps the id independent of how safetensors lays out its header
+    (its metadata order is not deterministic), while still catching any changed, corrupt or swapped weight.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -308,7 +315,7 @@ def save_artifact(
     try:
         os.chmod(tmp, 0o755)
         weights_path = tmp / WEIGHTS_FILE
-        save_file(state, str(weights_path), metadata={"format": "pt", "producer": f"raydefect {__version__}"})
+        save_file(state, str(weights_path), metadata={"format": "pt"})
         meta = ArtifactMeta(
             model_id="",
             backbone=spec.name,
@@ -319,7 +326,7 @@ def save_artifact(
             model=net.model_cfg,
             class_names=tuple(net.class_names),
             thresholds=thresholds,
-            weights_sha256=sha256_file(weights_path),
+            weights_sha256=tensors_sha256(state),
             metrics=_plain(dict(metrics or {})),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra=_plain(dict(extra or {})),
@@ -350,13 +357,13 @@ def save_artifact(
 def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True) -> LoadedModel:
     """Rebuild the model from its folder alone (``pretrained=False`` + safetensors) in eval mode on ``device``.
 
-    ``verify`` checks the weights' sha256 against model.yaml (catches corrupt or swapped files). If model.yaml was
+    ``verify`` checks the tensors' sha256 against model.yaml (catches corrupt or swapped weights). If model.yaml was
     edited by hand (e.g. a threshold), the model id is recomputed so it always describes what runs.
     """
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from raydefect.models.backbones import resolve_backbone
     from raydefect.models.model import DefectModel
 
     folder = resolve_artifact_dir(path)
@@ -364,18 +371,28 @@ def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{folder}: {WEIGHTS_FILE} is missing, the artifact is incomplete; re-export the model")
-    if verify and sha256_file(weights) != meta.weights_sha256:
-        raise ArtifactError(
-            f"{weights}: content does not match weights_sha256 in {META_FILE} (file corrupt, truncated or replaced); "
-            "re-export or re-copy the model folder"
-        )
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(
             f"{weights}: unreadable ({e}); the file is truncated or corrupt, re-copy or re-export it"
         ) from None
+    if verify and tensors_sha256(state) != meta.weights_sha256:
+        raise ArtifactError(
+            f"{weights}: content does not match weights_sha256 in {META_FILE} (file corrupt or replaced); "
+            "re-export or re-copy the model folder"
+        )
     cfg = dataclasses.replace(meta.model, pretrained=False, weights=None)
+    try:
+        registered = resolve_backbone(meta.backbone).timm_name
+    except RaydefectError as e:
+        raise ArtifactError(f"{folder}: {META_FILE} names an unknown backbone ({e})") from None
+    if meta.timm_name and meta.timm_name != registered:
+        raise ArtifactError(
+            f"{folder}: {META_FILE} was saved with backbone {meta.backbone} = timm {meta.timm_name}, but this "
+            f"raydefect maps {meta.backbone} to {registered}; use the raydefect version that trained it "
+            f"({meta.raydefect_version})"
+        )
     try:
         net = DefectModel(cfg, meta.image_size, meta.class_names, load_weights=False)
     except RaydefectError as e:

@@ -19,8 +19,7 @@ decay, no weight decay on norms, biases, tokens and position embeddings).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -299,25 +298,6 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-@contextlib.contextmanager
-def _fast_meta_init() -> Iterator[None]:
-    """timm's truncated-normal init decomposes into slow reference ops on meta tensors (~0.5 s per model); meta
-    tensors hold no values, so skip it for them. Other tensors are initialised as usual, so this is safe to use
-    while anything else builds models."""
-    from timm.layers import weight_init
-
-    original = weight_init._trunc_normal_
-
-    def trunc_normal(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
-
-    weight_init._trunc_normal_ = trunc_normal
-    try:
-        yield
-    finally:
-        weight_init._trunc_normal_ = original
-
-
 def parameter_table(model_cfg: ModelConfig | None = None, num_classes: int = 2) -> list[dict[str, Any]]:
     """One row per registered backbone with exact parameter counts, built on the meta device (no download, no RAM).
 
@@ -326,7 +306,7 @@ def parameter_table(model_cfg: ModelConfig | None = None, num_classes: int = 2) 
     """
     import dataclasses
 
-    from raydefect.models.backbones import list_backbones
+    from raydefect.models.backbones import fast_meta_init, list_backbones
 
     base = model_cfg or ModelConfig()
     names = [NORMAL, *(f"defect{i}" for i in range(1, num_classes))]
@@ -339,7 +319,7 @@ def parameter_table(model_cfg: ModelConfig | None = None, num_classes: int = 2) 
             weights=None,
             feature_blocks=min(base.feature_blocks, spec.depth),
         )
-        with torch.device("meta"), _fast_meta_init():
+        with torch.device("meta"), fast_meta_init():
             model = DefectModel(cfg, spec.default_image_size, names, load_weights=False)
         counts = model.count_parameters()
         rows.append(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from raydefect import console
 from raydefect.errors import WeightsError
-from raydefect.models.backbones import REGISTRY, BackboneSpec, timm_kwargs
+from raydefect.models.backbones import REGISTRY, BackboneSpec, fast_meta_init, timm_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -192,7 +192,7 @@ def identify_backbone(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     for spec in REGISTRY.values():
         if spec.embed_dim != dim or spec.depth != depth or spec.patch_size != patch:
             continue
-        with torch.device("meta"):
+        with torch.device("meta"), fast_meta_init():
             candidate = timm.create_model(
                 spec.timm_name, pretrained=False, **timm_kwargs(spec, spec.default_image_size)
             )
@@ -225,7 +225,8 @@ def load_weights_file(model: nn.Module, path: str | Path, spec: BackboneSpec) ->
         fix = (
             f"it fits {' / '.join(fits)}: set --set model.backbone={fits[0]}"
             if fits
-            else "it fits no registered backbone; check that it is a DINOv3/DINOv2 backbone checkpoint"
+            else "it fits no registered backbone (supported: timm checkpoints and Meta's official DINOv3/DINOv2 .pth; "
+            "Hugging Face transformers checkpoints are not)"
         )
         raise WeightsError(
             f"model.weights: {p} does not fit backbone '{spec.name}' ({spec.timm_name}): {'; '.join(problems)}. {fix}"
