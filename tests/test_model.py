@@ -78,6 +78,17 @@ def test_every_parameter_gets_a_gradient(build_tiny_model):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+def test_grad_checkpointing_gives_the_same_gradients(build_tiny_model):
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model = build_tiny_model(drop_path_rate=0.0).train()
+        model.set_grad_checkpointing(enable)
+        model(x).class_logits.sum().backward()
+        grads.append(model.backbone.blocks[0].attn.qkv.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_class_names_must_start_with_normal():
     cfg = ModelConfig(backbone="test-tiny", pretrained=False)
     with pytest.raises(ModelError, match="must start with 'normal'"):

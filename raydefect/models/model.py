@@ -223,6 +223,10 @@ class DefectModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(True)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone activations in backward (timm): less memory for large backbones, ~30% slower."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.decoder.parameters(), *self.classifier.parameters()]
 
