@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from raydefect.errors import ConfigError
+from raydefect.errors import ConfigError, ModelError
+from raydefect.models.backbones import check_image_size, resolve_backbone
 
 SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -82,6 +83,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone", "must not be empty; see `raydefect models`")
+        try:
+            resolve_backbone(self.backbone)
+        except ModelError as e:
+            raise ConfigError(f"model.backbone: {e}") from None
         _check(self.feature_blocks >= 1, "model.feature_blocks", "must be >= 1")
         _check(self.decoder_dim >= 8, "model.decoder_dim", "must be >= 8")
         _check(self.head_hidden >= 8, "model.head_hidden", "must be >= 8")
@@ -279,6 +284,12 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        spec = resolve_backbone(self.model.backbone)  # cross-section: the ViT grid must tile the image
+        check_image_size(spec, self.data.image_size, key="data.image_size")
+        if self.tune.image_size is not None:
+            check_image_size(spec, self.tune.image_size, key="tune.image_size")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain, YAML/JSON-safe nested dict (tuples become lists)."""

@@ -36,3 +36,41 @@ def ray_session():
     connect(None, num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+TINY_CLASSES = ("normal", "scratch", "spot")
+
+
+def build_tiny_model(backbone: str = "test-tiny", image_size: int = 32, seed: int = 0, **model_overrides):
+    """A random tiny DefectModel (no weights are ever downloaded), seeded for reproducible tests."""
+    import torch
+
+    from raydefect.config import ModelConfig
+    from raydefect.models.model import DefectModel
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=backbone, pretrained=False, **{"decoder_dim": 16, "head_hidden": 16, **model_overrides})
+    return DefectModel(cfg, image_size, TINY_CLASSES).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """`build_tiny_model(backbone="test-tiny", image_size=32, seed=0, **model_overrides)` as a fixture."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """Path of a saved model artifact: random `test-tiny` backbone, classes normal/scratch/spot, 32 px, thresholds
+    0.5/0.5. Shared (read-only!) by model, scoring, predict and evaluate tests."""
+    from raydefect.models.artifact import save_artifact
+
+    out = tmp_path_factory.mktemp("artifact") / "model"
+    save_artifact(
+        build_tiny_model(),
+        out,
+        thresholds={"image": 0.5, "pixel": 0.5},
+        metrics={"val_f1": 0.5, "val_iou": 0.25},
+        extra={"note": "tiny random test model"},
+    )
+    return out

@@ -1,0 +1,233 @@
+"""The core inference API that score (Ray Data), predict, evaluate and export build on. No Ray here.
+
+One image's path through it::
+
+    loaded = load_artifact("runs/x/model")                     # raydefect.models.artifact
+    pre = Preprocessor(loaded.meta)                             # cheap: numpy + PIL, fine in CPU-only tasks
+    x, (w, h) = pre.from_bytes(data, path="a.png")              # float32 [3, S, S], the image's own size
+    out = Predictor(loaded).predict(np.stack([x, ...]))         # defect_score, class_probs, mask_prob [N, S, S]
+    m = postprocess(out["mask_prob"][0], w, h, loaded.meta.pixel_threshold)   # mask at (h, w), PNG, area, bbox
+    is_defect, defect_class = decide(out["defect_score"][0], out["class_probs"][0], loaded.meta)
+
+Conventions (shared with training, so train and inference see the same pixels):
+
+- the whole image is resized to S x S (no crop) with PIL's bilinear filter, which antialiases when shrinking
+  (`resize_rgb`), then normalised with the backbone's mean/std and laid out channels-first;
+- ``defect_score = 1 - p(normal)``; an image is a defect when ``defect_score >= thresholds.image`` and its class is
+  then the most probable defect class, else ``"normal"``;
+- the S x S mask probability is upsampled bilinearly to the image's own (H, W) and a pixel is defect when
+  ``prob >= thresholds.pixel``; ``bbox = (x0, y0, x1, y1)`` with x1, y1 exclusive (PIL's crop convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from raydefect.imaging import DEFAULT_MAX_PIXELS, Source, decode_image, encode_png
+
+if TYPE_CHECKING:
+    import torch
+
+    from raydefect.models.artifact import ArtifactMeta, LoadedModel
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 (or HxW) -> uint8 size x size x 3; bilinear, antialiased when shrinking. Whole image, no crop."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+class Preprocessor:
+    """uint8 HxWx3 -> float32 3xSxS, normalised. Built from an artifact's metadata or explicit values (training)."""
+
+    def __init__(
+        self,
+        meta: ArtifactMeta | None = None,
+        *,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if meta is not None:
+            image_size, mean, std = meta.image_size, meta.mean, meta.std
+        if image_size is None or mean is None or std is None:
+            raise ValueError("Preprocessor needs an ArtifactMeta or image_size, mean and std")
+        self.image_size = int(image_size)
+        std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self._scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
+        self._shift = (np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std_arr).astype(np.float32)
+
+    @classmethod
+    def for_backbone(cls, backbone: str, image_size: int) -> Preprocessor:
+        """The preprocessing a backbone expects (its mean/std) at the run's image size: for training code."""
+        from raydefect.models.backbones import resolve_backbone
+
+        spec = resolve_backbone(backbone)
+        return cls(image_size=image_size, mean=spec.mean, std=spec.std)
+
+    def normalize(self, resized: np.ndarray) -> np.ndarray:
+        """uint8 SxSx3 -> float32 3xSxS: ``(x / 255 - mean) / std``."""
+        chw = resized.transpose(2, 0, 1).astype(np.float32)
+        return chw * self._scale - self._shift
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.normalize(resize_rgb(image, self.image_size))
+
+    def from_bytes(
+        self,
+        data: Source,
+        path: str | Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Encoded image (bytes, path or file) -> (float32 3xSxS, (width, height) after EXIF orientation).
+
+        Raises `CorruptImageError` / `ImageTooLargeError` (both `ImageError`, with ``path`` and ``reason``), which
+        bulk jobs record per item.
+        """
+        image = decode_image(data, mode="RGB", path=path, max_pixels=max_pixels)
+        height, width = image.shape[:2]
+        return self(image), (int(width), int(height))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Batched forward pass of a loaded model: ``predict(float32 [N, 3, S, S]) -> dict of numpy arrays``.
+
+    ``precision="auto"`` runs bf16 autocast on CUDA and fp32 on CPU. Inputs are pinned and copied non-blocking on
+    CUDA; everything runs under ``torch.inference_mode``.
+    """
+
+    def __init__(self, model: LoadedModel | str | Path, device: str = "auto", precision: str = "auto") -> None:
+        import torch
+
+        from raydefect.models.artifact import LoadedModel, load_artifact
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = resolve_device(device)
+        loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device="cpu")
+        self.meta = loaded.meta
+        self.model = loaded.model.to(self.device).eval()
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.precision = "bf16" if use_bf16 else "fp32"
+
+    @property
+    def image_size(self) -> int:
+        return self.meta.image_size
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """``defect_score`` [N] = 1 - p(normal), ``class_probs`` [N, C], ``mask_prob`` [N, S, S]; all float32."""
+        import torch
+
+        s = self.image_size
+        shape = tuple(batch.shape)
+        if len(shape) != 4 or shape[1:] != (3, s, s):
+            raise ValueError(f"expected a float32 batch [N, 3, {s}, {s}] (see Preprocessor), got {shape}")
+        n = shape[0]
+        if n == 0:
+            c = self.meta.num_classes
+            return {
+                "defect_score": np.zeros(0, np.float32),
+                "class_probs": np.zeros((0, c), np.float32),
+                "mask_prob": np.zeros((0, s, s), np.float32),
+            }
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = x.float()
+        if self.device.type == "cuda":
+            x = (x.pin_memory() if not x.is_cuda else x).to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        with torch.inference_mode():
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    out = self.model(x)
+            else:
+                out = self.model(x)
+            class_probs = torch.softmax(out.class_logits.float(), dim=1)
+            mask_prob = torch.sigmoid(out.mask_logits.float())[:, 0]
+            result = {
+                "defect_score": (1.0 - class_probs[:, 0]).cpu().numpy(),
+                "class_probs": class_probs.cpu().numpy(),
+                "mask_prob": mask_prob.cpu().numpy(),
+            }
+        return result
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """A predicted mask at the image's own resolution."""
+
+    mask: np.ndarray  # bool HxW
+    png: bytes | None  # 1-bit PNG (imaging.encode_png); None when not requested
+    area_px: int
+    fraction: float
+    bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), x1/y1 exclusive; None for an empty mask
+
+
+def upsample_prob(mask_prob: np.ndarray, width: int, height: int) -> np.ndarray:
+    """float SxS probabilities -> float32 HxW, bilinear (PIL, half-pixel centres; antialiased when shrinking)."""
+    prob = np.asarray(mask_prob, dtype=np.float32)
+    if prob.ndim != 2:
+        raise ValueError(f"mask_prob must be 2-D (S x S), got shape {prob.shape}")
+    if prob.shape == (height, width):
+        return prob
+    resized = Image.fromarray(prob).resize((int(width), int(height)), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def postprocess(
+    mask_prob: np.ndarray, width: int, height: int, pixel_threshold: float, *, encode: bool = True
+) -> MaskResult:
+    """Upsample the probability to (height, width), threshold (``>=``), and describe the mask."""
+    if width < 1 or height < 1:
+        raise ValueError(f"width and height must be >= 1, got {width}x{height}")
+    mask = upsample_prob(mask_prob, width, height) >= pixel_threshold
+    area = int(np.count_nonzero(mask))
+    return MaskResult(
+        mask=mask,
+        png=encode_png(mask) if encode else None,
+        area_px=area,
+        fraction=area / float(mask.size),
+        bbox=bbox_of(mask),
+    )
+
+
+def decide(defect_score: Any, class_probs: Any, meta: ArtifactMeta) -> tuple[bool, str]:
+    """Image-level decision with the stored threshold -> (is_defect, defect_class); ``"normal"`` when not defect."""
+    is_defect = float(defect_score) >= meta.image_threshold
+    if not is_defect:
+        return False, meta.class_names[0]
+    probs = np.asarray(class_probs, dtype=np.float64)
+    if probs.shape != (meta.num_classes,):
+        raise ValueError(f"class_probs must have {meta.num_classes} entries, got shape {probs.shape}")
+    return True, meta.class_names[1 + int(np.argmax(probs[1:]))]
