@@ -10,14 +10,15 @@ Outputs in ``out``: ``manifest.parquet``, ``dataset.yaml``, ``problems.csv`` and
 ``masks/`` (binarised), so the folder is self-contained and its manifest paths are relative. Source files are only
 ever read.
 
-A local thread pool does the scan (file reads, zlib/JPEG decoding and hashing release the GIL). DESIGN mentions a
-Ray scan for the case where the files live on cluster storage; local folders do not need it.
+A local process pool does big scans (small images are CPU-bound Python work), threads do copies and small scans.
+DESIGN mentions a Ray scan for files on cluster storage; local folders do not need it.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import multiprocessing as mp
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,13 +97,14 @@ class Scanner:
         s.size_bytes = len(data)
         s.sha1 = hashlib.sha1(data).hexdigest()
         try:
-            info = read_info(data, path=c.image, max_pixels=self.max_pixels)
             if self.verify_pixels:  # headers survive truncation; only a full decode finds it
-                decode_image(data, mode="L", path=c.image, max_pixels=self.max_pixels)
+                s.height, s.width = decode_image(data, mode="L", path=c.image, max_pixels=self.max_pixels).shape
+            else:
+                info = read_info(data, path=c.image, max_pixels=self.max_pixels)
+                s.width, s.height = info.width, info.height
         except ImageError as e:
             s.problems.append(_image_problem(c.image, e, "image"))
             return s
-        s.width, s.height = info.width, info.height
         s.label, s.defect_class = c.label, c.defect_class
         if c.label == 0 or c.mask is None:
             if c.label == 1:
@@ -148,17 +150,27 @@ class Scanner:
 
 
 def default_workers() -> int:
-    """Threads for the scan: I/O and decoding overlap, so a few more than cores."""
-    return min(32, 2 * (os.cpu_count() or 1))
+    """Scan processes: one per core (small images are CPU-bound Python; big ones are decode-bound)."""
+    return os.cpu_count() or 1
 
 
-def _parallel(fn: Callable, items: Sequence, workers: int, label: str) -> list:
-    """`map` on a thread pool, in order, with a progress line every few seconds for long scans."""
+PROCESS_MIN_ITEMS = 2000  # below this, starting processes costs more than it saves
+
+
+def _parallel(fn: Callable, items: Sequence, workers: int, label: str, processes: bool = False) -> list:
+    """Ordered `map` on a pool, with a progress line every few seconds for long jobs.
+
+    Processes (forkserver: safe next to threads such as Ray's) for big CPU-bound scans, threads for I/O.
+    """
     start = last = time.perf_counter()
     out = []
-    if workers <= 1:
+    pool: Executor | None = None
+    if workers <= 1 or len(items) < 2:
         results: Iterable = map(fn, items)
-        pool = None
+    elif processes and len(items) >= PROCESS_MIN_ITEMS:
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
+        results = pool.map(fn, items, chunksize=max(16, min(256, len(items) // (workers * 8))))
     else:
         pool = ThreadPoolExecutor(workers)
         results = pool.map(fn, items)
@@ -328,8 +340,9 @@ def prepare_dataset(
     previous = _previous_splits(out)
     workers = workers or default_workers()
     n = len(listing.candidates)
-    console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} threads")
-    scanned: list[Scanned] = _parallel(Scanner(max_pixels, verify_pixels), listing.candidates, workers, "scanned")
+    console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
+    scanner = Scanner(max_pixels, verify_pixels)
+    scanned: list[Scanned] = _parallel(scanner, listing.candidates, workers, "scanned", processes=True)
 
     problems = list(listing.problems)
     kept: list[Scanned] = []
