@@ -419,3 +419,13 @@ def test_cli_prepare_max_pixels_comes_from_the_config_too(broken, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--set", "data.max_image_pixels=1600"])
     assert result.exit_code == 0, result.output
     assert "image too large" in result.output
+
+
+def test_parallel_scan_gives_the_same_dataset_as_one_worker(synth_raw, tmp_path, monkeypatch):
+    from raydefect.data import prepare
+
+    monkeypatch.setattr(prepare, "PROCESS_MIN_ITEMS", 8)  # forked processes (or threads when Ray is loaded)
+    listing = _classic(Path(synth_raw["out"]))
+    one = prepare_dataset(listing, tmp_path / "one", workers=1)
+    two = prepare_dataset(listing, tmp_path / "two", workers=2)
+    assert one.images == 56 and pq.read_table(one.manifest).equals(pq.read_table(two.manifest))

@@ -10,23 +10,22 @@ Outputs in ``out``: ``manifest.parquet``, ``dataset.yaml``, ``problems.csv`` and
 ``masks/`` (binarised), so the folder is self-contained and its manifest paths are relative. Source files are only
 ever read.
 
-A local process pool does big scans (small images are CPU-bound Python work), threads do copies and small scans.
-DESIGN mentions a Ray scan for files on cluster storage; local folders do not need it.
+Big scans run on forked worker processes (small images are CPU-bound Python work), small scans and copies on
+threads (`raydefect.data.pool`). DESIGN mentions a Ray scan for files on cluster storage; local folders do not
+need it.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import multiprocessing as mp
 import os
 import re
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,11 +47,10 @@ from raydefect.data.importers import (
     Problem,
 )
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
+from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.data.splits import SPLITS, assign_splits
 from raydefect.errors import DataError, ImageError, ImageTooLargeError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, MASK_THRESHOLD, decode_image, decode_mask, encode_png, read_info
-
-PROGRESS_EVERY_S = 2.0
 
 
 @dataclass
@@ -150,41 +148,11 @@ class Scanner:
 
 
 def default_workers() -> int:
-    """Scan processes: one per core (small images are CPU-bound Python; big ones are decode-bound)."""
-    return os.cpu_count() or 1
+    """One worker per core: small images are CPU-bound Python, big ones decode-bound."""
+    return cpu_workers()
 
 
-PROCESS_MIN_ITEMS = 2000  # below this, starting processes costs more than it saves
-
-
-def _parallel(fn: Callable, items: Sequence, workers: int, label: str, processes: bool = False) -> list:
-    """Ordered `map` on a pool, with a progress line every few seconds for long jobs.
-
-    Processes (forkserver: safe next to threads such as Ray's) for big CPU-bound scans, threads for I/O.
-    """
-    start = last = time.perf_counter()
-    out = []
-    pool: Executor | None = None
-    if workers <= 1 or len(items) < 2:
-        results: Iterable = map(fn, items)
-    elif processes and len(items) >= PROCESS_MIN_ITEMS:
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
-        results = pool.map(fn, items, chunksize=max(16, min(256, len(items) // (workers * 8))))
-    else:
-        pool = ThreadPoolExecutor(workers)
-        results = pool.map(fn, items)
-    try:
-        for i, r in enumerate(results, 1):
-            out.append(r)
-            now = time.perf_counter()
-            if now - last >= PROGRESS_EVERY_S:
-                last = now
-                console.info(f"  {label}: {i:,}/{len(items):,} ({now - start:.0f} s)")
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return out
+PROCESS_MIN_ITEMS = 1000  # below this, a thread pool (no start-up cost) scans
 
 
 def _safe(name: str) -> str:
@@ -342,7 +310,9 @@ def prepare_dataset(
     n = len(listing.candidates)
     console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
     scanner = Scanner(max_pixels, verify_pixels)
-    scanned: list[Scanned] = _parallel(scanner, listing.candidates, workers, "scanned", processes=True)
+    scanned: list[Scanned] = parallel_map(
+        scanner, listing.candidates, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="scanned"
+    )
 
     problems = list(listing.problems)
     kept: list[Scanned] = []
@@ -413,7 +383,7 @@ def prepare_dataset(
         )
     if copies:
         console.info(f"copying {len(copies):,} images into {out}")
-        _parallel(_Copier(out, max_pixels), copies, workers, "copied")
+        parallel_map(_Copier(out, max_pixels), copies, workers, processes_from=None, threads_from=2, progress="copied")
 
     counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
     for r in rows:

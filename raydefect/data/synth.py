@@ -20,12 +20,9 @@ import csv
 import functools
 import io
 import itertools
-import multiprocessing as mp
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.errors import DataError
 from raydefect.imaging import encode_png
 
@@ -325,15 +323,8 @@ PARALLEL_MIN_IMAGES = 1000  # below this, starting worker processes costs more t
 
 
 def _run(fn: Callable, tasks: list, workers: int | None) -> list:
-    """Apply `fn` to chunks of `tasks`, in worker processes for big jobs (rendering is CPU-bound Python)."""
-    workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(tasks) < PARALLEL_MIN_IMAGES:
-        return fn(tasks)
-    step = max(64, -(-len(tasks) // (workers * 4)))
-    chunks = [tasks[i : i + step] for i in range(0, len(tasks), step)]
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"  # safe beside threads (Ray)
-    with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context(method)) as pool:
-        return [r for part in pool.map(fn, chunks) for r in part]
+    """Render and write in forked worker processes for big jobs (rendering is CPU-bound Python)."""
+    return parallel_map(fn, tasks, workers or cpu_workers(), processes_from=PARALLEL_MIN_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -345,10 +336,8 @@ class _RawJob:
     textures: tuple[str, ...]
     mask_suffix: str
 
-    def __call__(self, tasks: list[tuple[str, int]]) -> list[int]:
-        return [self.write(kind, i) for kind, i in tasks]
-
-    def write(self, kind: str, i: int) -> int:
+    def __call__(self, task: tuple[str, int]) -> int:
+        kind, i = task
         s = sample(kind, i, self.seed, size=self.size, color=self.color, textures=self.textures)
         stem = f"{kind}_{i:05d}"
         if kind == NORMAL:
@@ -376,7 +365,7 @@ def generate_raw(
     """Write the classic raw layout: `n_defect` images per class in `classes` plus `n_normal` normal images.
 
     Masks are 8-bit PNGs (0 or 255) named like their image (plus `mask_suffix`). Returns a summary dict.
-    `workers`: processes for big jobs (default: all cores; 1 = in this process).
+    `workers`: processes for big jobs (default: all cores; 1 = in this process). See `raydefect.data.pool`.
     """
     if n_defect < 0 or n_normal < 0:
         raise DataError("image counts must be >= 0")
@@ -433,10 +422,7 @@ class _ArchiveJob:
     textures: tuple[str, ...]
     corrupt_at: dict[int, str]
 
-    def __call__(self, indices: list[int]) -> list[dict]:
-        return [self.write(i) for i in indices]
-
-    def write(self, i: int) -> dict:
+    def __call__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, _STREAMS["archive"], i])
         defect = bool(self.classes) and rng.random() < self.defect_rate
         kind = str(self.classes[int(rng.integers(len(self.classes)))]) if defect else NORMAL
