@@ -259,10 +259,19 @@ def synth_cmd(
 @click.option(
     "--copy", is_flag=True, help="Copy images and binarised masks into --out (self-contained, relative paths)."
 )
-@click.option("--strict", is_flag=True, help="Fail (exit 1, no manifest) on any problem with an image or mask.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail (exit 1, no manifest) on any problem with an image or mask (ignored stray files do not count).",
+)
 @click.option("--max-pixels", type=click.IntRange(1), default=None, help="Skip larger images [data.max_image_pixels].")
 @click.option("--header-only", is_flag=True, help="Read image headers only, not pixels (faster; misses truncation).")
-@click.option("--workers", type=click.IntRange(1), default=None, help="Scan threads [default: 2 x cores, <= 32].")
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Scan workers: forked processes from 1,000 images, else threads [default: one per core].",
+)
 def prepare_cmd(
     config_name: str,
     sets: tuple[str, ...],

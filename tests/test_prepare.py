@@ -429,3 +429,15 @@ def test_parallel_scan_gives_the_same_dataset_as_one_worker(synth_raw, tmp_path,
     one = prepare_dataset(listing, tmp_path / "one", workers=1)
     two = prepare_dataset(listing, tmp_path / "two", workers=2)
     assert one.images == 56 and pq.read_table(one.manifest).equals(pq.read_table(two.manifest))
+
+
+def test_an_output_folder_inside_the_input_is_never_imported(tmp_path):
+    root = tmp_path / "normal_images"
+    for i in range(6):
+        _normal(tmp_path, i)
+    out = root / "dataset"
+    prepare_dataset(import_classic(normal_images=root), out, copy=True, workers=1)
+    again = prepare_dataset(import_classic(normal_images=root), out, copy=True, workers=1)
+    assert again.images == 6 and again.kept_previous == 6
+    assert {p.reason for p in again.problems} == {"inside the output folder"}  # not even manifest.parquet
+    assert not any(p.reason == "duplicate" for p in again.problems)

@@ -307,14 +307,18 @@ def prepare_dataset(
     _check_out(out)
     previous = _previous_splits(out)
     workers = workers or default_workers()
-    n = len(listing.candidates)
+    problems = [p for p in listing.problems if not Path(p.file).is_relative_to(out)]  # our own files
+    candidates = []
+    for c in listing.candidates:  # e.g. --copy output under --normal-images: never import our own copies
+        if Path(c.image).is_relative_to(out):
+            problems.append(Problem(c.image, "inside the output folder", IGNORED, f"--out {out}"))
+        else:
+            candidates.append(c)
+    n = len(candidates)
     console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
     scanner = Scanner(max_pixels, verify_pixels)
-    scanned: list[Scanned] = parallel_map(
-        scanner, listing.candidates, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="scanned"
-    )
+    scanned: list[Scanned] = parallel_map(scanner, candidates, workers, PROCESS_MIN_ITEMS, 2, progress="scanned")
 
-    problems = list(listing.problems)
     kept: list[Scanned] = []
     first_by_sha: dict[str, Scanned] = {}
     for s in scanned:
