@@ -441,3 +441,15 @@ def test_an_output_folder_inside_the_input_is_never_imported(tmp_path):
     assert again.images == 6 and again.kept_previous == 6
     assert {p.reason for p in again.problems} == {"inside the output folder"}  # not even manifest.parquet
     assert not any(p.reason == "duplicate" for p in again.problems)
+
+
+def test_re_preparing_drops_copies_that_are_no_longer_referenced(tmp_path):
+    for i in range(6):
+        _normal(tmp_path, i)
+    out = tmp_path / "ds"
+    prepare_dataset(import_classic(normal_images=tmp_path / "normal_images"), out, copy=True, workers=1)
+    (tmp_path / "normal_images" / "normal_0.png").unlink()
+    prepare_dataset(import_classic(normal_images=tmp_path / "normal_images"), out, copy=True, workers=1)
+    assert len(list((out / "images").rglob("*.png"))) == 5 and len(load_dataset(out)) == 5
+    prepare_dataset(import_classic(normal_images=tmp_path / "normal_images"), out, workers=1)  # no --copy now
+    assert not (out / "images").exists() and load_dataset(out).info["paths"] == "absolute"

@@ -48,7 +48,7 @@ from raydefect.data.importers import (
 )
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
 from raydefect.data.pool import cpu_workers, parallel_map
-from raydefect.data.splits import SPLITS, assign_splits
+from raydefect.data.splits import SPLITS, assign_splits, parse_split
 from raydefect.errors import DataError, ImageError, ImageTooLargeError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, MASK_THRESHOLD, decode_image, decode_mask, encode_png, read_info
 
@@ -153,6 +153,7 @@ def default_workers() -> int:
 
 
 PROCESS_MIN_ITEMS = 1000  # below this, a thread pool (no start-up cost) scans
+COPY_IMAGES, COPY_MASKS = "images", "masks"  # where --copy puts files, under the dataset folder
 
 
 def _safe(name: str) -> str:
@@ -217,6 +218,21 @@ class PrepareReport:
 
     def problem_rows(self) -> list[dict[str, Any]]:
         return [{"problem": r, "action": a, "files": n} for (r, a), n in sorted(self.problems_by_reason.items())]
+
+
+def _remove_stale(out: Path, referenced: set[str]) -> None:
+    """Drop copies an earlier ``--copy`` run made that this manifest no longer references (only in our folders)."""
+    for folder in (COPY_IMAGES, COPY_MASKS):
+        root = out / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):
+            if path.is_file() and path.relative_to(out).as_posix() not in referenced:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if not any(root.iterdir()):
+            root.rmdir()
 
 
 def _check_out(out: Path) -> None:
@@ -303,6 +319,7 @@ def prepare_dataset(
     import pyarrow.parquet as pq
 
     start = time.perf_counter()
+    split = parse_split(split)
     out = Path(os.path.abspath(out))
     _check_out(out)
     previous = _previous_splits(out)
@@ -362,8 +379,8 @@ def prepare_dataset(
         if copy:
             stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
             cls = _safe(s.defect_class)
-            image = f"images/{cls}/{stem}{Path(image).suffix.lower()}"
-            mask = f"masks/{cls}/{stem}.png" if s.mask is not None else None
+            image = f"{COPY_IMAGES}/{cls}/{stem}{Path(image).suffix.lower()}"
+            mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
             copies.append((s, image, mask))
         rows.append(
             {
@@ -388,6 +405,7 @@ def prepare_dataset(
     if copies:
         console.info(f"copying {len(copies):,} images into {out}")
         parallel_map(_Copier(out, max_pixels), copies, workers, processes_from=None, threads_from=2, progress="copied")
+    _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
 
     counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
     for r in rows:
