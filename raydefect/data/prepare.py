@@ -404,7 +404,7 @@ def prepare_dataset(
         )
     if copies:
         console.info(f"copying {len(copies):,} images into {out}")
-        parallel_map(_Copier(out, max_pixels), copies, workers, processes_from=None, threads_from=2, progress="copied")
+        parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copied")
     _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
 
     counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
