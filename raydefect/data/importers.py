@@ -266,7 +266,13 @@ def import_generic(
     rx = _compile_class_regex(class_regex) if class_regex is not None else None
     listing = Listing(
         "generic",
-        {"images": patterns, "mask_template": mask_template, "class_regex": class_regex, "normal_class": normal_class},
+        {
+            "images": patterns,
+            "mask_template": mask_template,
+            "class_regex": class_regex,
+            "normal_class": normal_class,
+            "cwd": os.getcwd(),  # relative globs and templates resolve against it
+        },
     )
     files: list[str] = []
     seen: set[str] = set()
