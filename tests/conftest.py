@@ -74,3 +74,50 @@ def tiny_artifact(tmp_path_factory):
         extra={"note": "tiny random test model"},
     )
     return out
+
+
+# --- synthetic data (issue 2 §3/§4): small, fast, session-scoped; reuse them in training/scoring tests ---------------
+
+SYNTH_PER_CLASS = 8
+SYNTH_NORMAL = 24
+SYNTH_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory) -> dict:
+    """Raw classic layout: 8 images per defect class (scratch, spot, crack, missing_piece) + 24 normal, 64 px.
+
+    Returns `generate_raw`'s summary: keys out, defect_images, defect_masks, normal_images, images, ...
+    Read-only: copy it if a test must change files.
+    """
+    from raydefect.data.synth import generate_raw
+
+    return generate_raw(tmp_path_factory.mktemp("synth") / "raw", SYNTH_PER_CLASS, SYNTH_NORMAL, SYNTH_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(synth_raw, tmp_path_factory):
+    """`synth_raw` prepared (split 0.8/0.1/0.1, seed 0, absolute paths): a `raydefect.data.manifest.Dataset`.
+
+    56 images, classes [normal, crack, missing_piece, scratch, spot]; every class has train, val and test images.
+    """
+    from raydefect.data.importers import import_classic
+    from raydefect.data.manifest import load_dataset
+    from raydefect.data.prepare import prepare_dataset
+
+    listing = import_classic(synth_raw["defect_images"], synth_raw["defect_masks"], synth_raw["normal_images"])
+    out = tmp_path_factory.mktemp("synth") / "dataset"
+    prepare_dataset(listing, out, workers=1)
+    return load_dataset(out)
+
+
+@pytest.fixture(scope="session")
+def synth_archive(tmp_path_factory) -> dict:
+    """An unlabelled archive for scoring: 40 files in nested folders, PNG and JPEG, 3 corrupt, 64 px.
+
+    Returns `generate_archive`'s summary: keys out (the folder), truth_csv (path, kind, defect_class,
+    mask_pixels, corrupt_reason), files, corrupt, kinds.
+    """
+    from raydefect.data.synth import generate_archive
+
+    return generate_archive(tmp_path_factory.mktemp("synth") / "archive", 40, SYNTH_SIZE, seed=0, n_corrupt=3)

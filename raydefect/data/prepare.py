@@ -1,0 +1,448 @@
+"""`raydefect prepare`: candidates from an importer -> a checked, split, versioned dataset folder (DESIGN contract 1).
+
+Every candidate is scanned in parallel (read once: SHA-1 of the bytes, header size, full decode unless
+``verify_pixels=False``, mask decode, binarised at 128). Bad items are recorded in ``problems.csv`` with their
+reason and skipped (or, with ``strict``, the run fails and writes no manifest); odd-but-usable items (soft masks,
+empty masks in a defect class) are kept and flagged. Duplicates by content are kept once. Splits come from
+`raydefect.data.splits` and old assignments are read back from an existing manifest in the output folder.
+
+Outputs in ``out``: ``manifest.parquet``, ``dataset.yaml``, ``problems.csv`` and, with ``copy``, ``images/`` and
+``masks/`` (binarised), so the folder is self-contained and its manifest paths are relative. Source files are only
+ever read.
+
+Big scans run on forked worker processes (small images are CPU-bound Python work), small scans and copies on
+threads (`raydefect.data.pool`). DESIGN mentions a Ray scan for files on cluster storage; local folders do not
+need it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from raydefect import __version__, console
+from raydefect.data.importers import (
+    BINARISED,
+    IGNORED,
+    KEPT_FLAGGED,
+    LABEL_FROM_MASK,
+    NORMAL,
+    SKIPPED,
+    Candidate,
+    Listing,
+    Problem,
+)
+from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
+from raydefect.data.pool import cpu_workers, parallel_map
+from raydefect.data.splits import SPLITS, assign_splits, parse_split
+from raydefect.errors import DataError, ImageError, ImageTooLargeError
+from raydefect.imaging import DEFAULT_MAX_PIXELS, MASK_THRESHOLD, decode_image, decode_mask, encode_png, read_info
+
+
+@dataclass
+class Scanned:
+    """What scanning one candidate found. `ok` False: skipped (its problems say why)."""
+
+    candidate: Candidate
+    ok: bool = False
+    problems: list[Problem] = field(default_factory=list)
+    sha1: str = ""
+    size_bytes: int = 0
+    width: int = 0
+    height: int = 0
+    label: int = 0
+    defect_class: str = ""
+    mask: str | None = None
+    mask_fraction: float = 0.0
+    soft_pixels: int = 0
+    flags: list[str] = field(default_factory=list)
+
+
+def _image_problem(path: str, err: ImageError, what: str) -> Problem:
+    if isinstance(err, ImageTooLargeError):
+        return Problem(path, f"{what} too large", SKIPPED, err.reason)
+    return Problem(path, f"unreadable {what}", SKIPPED, err.reason)
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """Scans one candidate; a picklable callable so any executor can run it."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    verify_pixels: bool = True
+
+    def __call__(self, c: Candidate) -> Scanned:
+        s = Scanned(c)
+        try:
+            data = Path(c.image).read_bytes()
+        except OSError as e:
+            s.problems.append(Problem(c.image, "unreadable image", SKIPPED, e.strerror or str(e)))
+            return s
+        s.size_bytes = len(data)
+        s.sha1 = hashlib.sha1(data).hexdigest()
+        try:
+            if self.verify_pixels:  # headers survive truncation; only a full decode finds it
+                s.height, s.width = decode_image(data, mode="L", path=c.image, max_pixels=self.max_pixels).shape
+            else:
+                info = read_info(data, path=c.image, max_pixels=self.max_pixels)
+                s.width, s.height = info.width, info.height
+        except ImageError as e:
+            s.problems.append(_image_problem(c.image, e, "image"))
+            return s
+        s.label, s.defect_class = c.label, c.defect_class
+        if c.label == 0 or c.mask is None:
+            if c.label == 1:
+                s.problems.append(Problem(c.image, "missing mask", SKIPPED, "no mask file matches this image"))
+                return s
+            if c.label == LABEL_FROM_MASK:
+                s.label, s.defect_class = 0, NORMAL
+            s.ok = True
+            return s
+        if not os.path.isfile(c.mask):
+            if c.label == LABEL_FROM_MASK:  # generic importer without classes: no mask, no defect
+                s.label, s.defect_class, s.ok = 0, NORMAL, True
+                return s
+            s.problems.append(Problem(c.image, "missing mask", SKIPPED, f"expected {c.mask}"))
+            return s
+        try:
+            mask = decode_mask(c.mask, max_pixels=self.max_pixels)
+        except ImageError as e:
+            s.problems.append(_image_problem(c.mask, e, "mask"))
+            return s
+        mh, mw = mask.array.shape
+        if (mw, mh) != (s.width, s.height):
+            detail = f"mask {mw}x{mh}, image {s.width}x{s.height} ({c.mask})"
+            s.problems.append(Problem(c.image, "mask size mismatch", SKIPPED, detail))
+            return s
+        area = mask.area
+        if c.label == LABEL_FROM_MASK and area == 0:
+            s.label, s.defect_class, s.ok = 0, NORMAL, True
+            return s
+        s.label = 1
+        s.mask = c.mask
+        s.mask_fraction = mask.fraction
+        s.soft_pixels = mask.soft_pixels
+        if mask.soft_pixels:
+            s.flags.append("soft_mask")
+            detail = f"{mask.soft_pixels} pixels strictly between 0 and 255; defect = value >= {MASK_THRESHOLD}"
+            s.problems.append(Problem(c.mask, "soft mask", BINARISED, detail))
+        if area == 0:
+            s.flags.append("empty_mask")
+            s.problems.append(Problem(c.image, "empty mask", KEPT_FLAGGED, f"defect class {c.defect_class!r}"))
+        s.ok = True
+        return s
+
+
+def default_workers() -> int:
+    """One worker per core: small images are CPU-bound Python, big ones decode-bound."""
+    return cpu_workers()
+
+
+PROCESS_MIN_ITEMS = 1000  # below this, a thread pool (no start-up cost) scans
+COPY_IMAGES, COPY_MASKS = "images", "masks"  # where --copy puts files, under the dataset folder
+
+
+def _safe(name: str) -> str:
+    """A file-name component that cannot climb out of its folder."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned[:80] or "x"
+
+
+def _inside(root: Path, rel: str) -> Path:
+    dest = (root / rel).resolve()
+    if not dest.is_relative_to(root.resolve()):
+        raise DataError(f"refusing to write {rel!r} outside the dataset folder {root}")  # pragma: no cover
+    return dest
+
+
+@dataclass(frozen=True)
+class _Copier:
+    """Copy one kept item into the dataset folder (image bytes as they are, mask binarised)."""
+
+    root: Path
+    max_pixels: int
+
+    def __call__(self, item: tuple[Scanned, str, str | None]) -> None:
+        s, image_rel, mask_rel = item
+        dest = _inside(self.root, image_rel)
+        if not (dest.is_file() and dest.stat().st_size == s.size_bytes):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s.candidate.image, dest)
+        if mask_rel is not None and s.mask is not None:
+            mdest = _inside(self.root, mask_rel)
+            mdest.parent.mkdir(parents=True, exist_ok=True)
+            mask = decode_mask(s.mask, max_pixels=self.max_pixels).array
+            mdest.write_bytes(encode_png(mask.astype(np.uint8) * 255))
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare_dataset` did, for the CLI summary and for callers."""
+
+    out: Path
+    manifest: Path | None
+    dataset_yaml: Path | None
+    problems_csv: Path
+    images: int
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # class -> split -> n
+    problems: list[Problem]
+    problems_by_reason: dict[tuple[str, str], int]  # (reason, action) -> n
+    kept_previous: int
+    seconds: float
+    workers: int
+
+    def count_rows(self) -> list[dict[str, Any]]:
+        """Rows for a class x split table, with a total row."""
+        rows = [
+            {"class": c, **{s: self.counts[c][s] for s in SPLITS}, "total": sum(self.counts[c].values())}
+            for c in self.classes
+        ]
+        totals = {s: sum(self.counts[c][s] for c in self.classes) for s in SPLITS}
+        rows.append({"class": "total", **totals, "total": sum(totals.values())})
+        return rows
+
+    def problem_rows(self) -> list[dict[str, Any]]:
+        return [{"problem": r, "action": a, "files": n} for (r, a), n in sorted(self.problems_by_reason.items())]
+
+
+def _remove_stale(out: Path, referenced: set[str]) -> None:
+    """Drop copies an earlier ``--copy`` run made that this manifest no longer references (only in our folders)."""
+    for folder in (COPY_IMAGES, COPY_MASKS):
+        root = out / folder
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):
+            if path.is_file() and path.relative_to(out).as_posix() not in referenced:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if not any(root.iterdir()):
+            root.rmdir()
+
+
+def _check_out(out: Path) -> None:
+    """An output folder is new, empty, or an earlier dataset; anything else is refused (we never clobber)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DATASET_YAML).exists() and not (out / MANIFEST).exists():
+        raise DataError(f"--out {out} is not empty and holds no dataset; choose a new or empty folder")
+
+
+def _previous_splits(out: Path) -> dict[str, str]:
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["sha1", "split"])
+    except Exception as e:  # any Arrow error: a damaged manifest
+        raise DataError(f"{path}: cannot read the previous manifest ({e}); delete it or choose a new --out") from None
+    return dict(zip(table.column("sha1").to_pylist(), table.column("split").to_pylist(), strict=True))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_problems(path: Path, problems: list[Problem]) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "reason", "action", "detail"])
+            w.writerows([p.file, p.reason, p.action, p.detail] for p in problems)
+
+    _write_atomic(path, write)
+
+
+def _manifest_table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            ("image", pa.string()),
+            ("mask", pa.string()),
+            ("label", pa.int8()),
+            ("defect_class", pa.string()),
+            ("class_id", pa.int16()),
+            ("split", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("mask_fraction", pa.float64()),
+            ("mask_soft_pixels", pa.int64()),
+            ("sha1", pa.string()),
+            ("bytes", pa.int64()),
+            ("flags", pa.list_(pa.string())),
+            ("source", pa.string()),
+            ("original_image", pa.string()),
+            ("original_mask", pa.string()),
+        ],
+        metadata={"raydefect.dataset_schema_version": str(DATASET_SCHEMA_VERSION)},
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def prepare_dataset(
+    listing: Listing,
+    out: str | Path,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    copy: bool = False,
+    strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    verify_pixels: bool = True,
+    workers: int | None = None,
+) -> PrepareReport:
+    """Scan, check, de-duplicate, split and write the dataset folder. See the module docstring."""
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    split = parse_split(split)
+    out = Path(os.path.abspath(out))
+    _check_out(out)
+    previous = _previous_splits(out)
+    workers = workers or default_workers()
+    problems = [p for p in listing.problems if not Path(p.file).is_relative_to(out)]  # our own files
+    candidates = []
+    for c in listing.candidates:  # e.g. --copy output under --normal-images: never import our own copies
+        if Path(c.image).is_relative_to(out):
+            problems.append(Problem(c.image, "inside the output folder", IGNORED, f"--out {out}"))
+        else:
+            candidates.append(c)
+    n = len(candidates)
+    console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
+    scanner = Scanner(max_pixels, verify_pixels)
+    scanned: list[Scanned] = parallel_map(scanner, candidates, workers, PROCESS_MIN_ITEMS, 2, progress="scanned")
+
+    kept: list[Scanned] = []
+    first_by_sha: dict[str, Scanned] = {}
+    for s in scanned:
+        problems += s.problems
+        if not s.ok:
+            continue
+        first = first_by_sha.get(s.sha1)
+        if first is not None:
+            also = "" if first.defect_class == s.defect_class else f" (labelled {first.defect_class!r} there)"
+            detail = f"same content as {first.candidate.image}{also}"
+            problems.append(Problem(s.candidate.image, "duplicate", SKIPPED, detail))
+            continue
+        first_by_sha[s.sha1] = s
+        kept.append(s)
+
+    out.mkdir(parents=True, exist_ok=True)
+    problems_csv = out / PROBLEMS_CSV
+    _write_problems(problems_csv, problems)
+    by_reason = Counter((p.reason, p.action) for p in problems)
+    counted = [p for p in problems if p.action != IGNORED]
+    if strict and counted:
+        summary = ", ".join(f"{k} {r}" for (r, a), k in sorted(by_reason.items()) if a != IGNORED)
+        raise DataError(
+            f"prepare --strict: {len(counted)} problem(s) ({summary}); see {problems_csv}; "
+            "fix them, or run without --strict to skip bad items and keep flagged ones"
+        )
+    if not kept:
+        raise DataError(f"no usable images among {n} candidates; see {problems_csv} for the reasons")
+
+    defect_classes = sorted({s.defect_class for s in kept if s.defect_class != NORMAL})
+    classes = [NORMAL, *defect_classes]
+    class_id = {c: i for i, c in enumerate(classes)}
+    splits = assign_splits([(s.sha1, s.defect_class) for s in kept], split, seed, previous)
+    kept_previous = sum(1 for s in kept if s.sha1 in previous)
+    order = sorted(range(len(kept)), key=lambda i: (class_id[kept[i].defect_class], kept[i].candidate.image))
+
+    rows, copies = [], []
+    for i in order:
+        s = kept[i]
+        image, mask = s.candidate.image, s.mask
+        if copy:
+            stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
+            cls = _safe(s.defect_class)
+            image = f"{COPY_IMAGES}/{cls}/{stem}{Path(image).suffix.lower()}"
+            mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
+            copies.append((s, image, mask))
+        rows.append(
+            {
+                "image": image,
+                "mask": mask,
+                "label": s.label,
+                "defect_class": s.defect_class,
+                "class_id": class_id[s.defect_class],
+                "split": splits[i],
+                "width": s.width,
+                "height": s.height,
+                "mask_fraction": s.mask_fraction,
+                "mask_soft_pixels": s.soft_pixels,
+                "sha1": s.sha1,
+                "bytes": s.size_bytes,
+                "flags": s.flags,
+                "source": listing.importer,
+                "original_image": s.candidate.image,
+                "original_mask": s.mask,
+            }
+        )
+    if copies:
+        console.info(f"copying {len(copies):,} images into {out}")
+        parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copied")
+    _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
+
+    counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
+    for r in rows:
+        counts[r["defect_class"]][r["split"]] += 1
+    table = _manifest_table(rows)
+    manifest = out / MANIFEST
+    _write_atomic(manifest, lambda tmp: pq.write_table(table, tmp))
+    info = {
+        "schema_version": DATASET_SCHEMA_VERSION,
+        "kind": "raydefect-dataset",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "raydefect_version": __version__,
+        "importer": {"name": listing.importer, "arguments": listing.arguments},
+        "paths": "relative" if copy else "absolute",
+        "split": {"fractions": [float(f) for f in split], "seed": seed, "kept_previous": kept_previous},
+        "classes": classes,
+        "images": len(rows),
+        "counts": {c: {**counts[c], "total": sum(counts[c].values())} for c in classes},
+        "split_counts": {sp: sum(counts[c][sp] for c in classes) for sp in SPLITS},
+        "problems": {f"{r} ({a})": k for (r, a), k in sorted(by_reason.items())},
+        "mask_threshold": MASK_THRESHOLD,
+        "max_image_pixels": max_pixels,
+        "verify_pixels": verify_pixels,
+    }
+    dataset_yaml = out / DATASET_YAML
+    _write_atomic(dataset_yaml, lambda tmp: tmp.write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8"))
+    return PrepareReport(
+        out=out,
+        manifest=manifest,
+        dataset_yaml=dataset_yaml,
+        problems_csv=problems_csv,
+        images=len(rows),
+        classes=classes,
+        counts=counts,
+        problems=problems,
+        problems_by_reason=dict(by_reason),
+        kept_previous=kept_previous,
+        seconds=time.perf_counter() - start,
+        workers=workers,
+    )
