@@ -132,14 +132,15 @@ def _quiet_export() -> Iterator[None]:
 
 
 def onnx_available() -> tuple[bool, bool]:
-    """(can export: onnx + onnxscript importable, can check: onnxruntime importable)."""
-    import importlib.util
+    """(can export: onnx + onnxscript import, can check: onnxruntime imports)."""
+    import importlib
 
     def has(name: str) -> bool:
         try:
-            return importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
+            importlib.import_module(name)
+        except ImportError:
             return False
+        return True
 
     return has("onnx") and has("onnxscript"), has("onnxruntime")
 
