@@ -7,9 +7,11 @@ A random-init model of the given backbone (weights do not change the speed) is s
 temporary folder; the images are synthetic ones of --image-px (default: --size) written there too, or the files of
 --source (a glob; not copied). Side by side, as DESIGN's performance method asks:
 
-  ceiling    the bare model forward on pre-decoded, pre-normalised tensors (batch --batch-size)
+  ceiling    the bare model forward on pre-decoded, pre-normalised tensors (batch --batch-size), at 1 thread and at
+             PyTorch's default, the better of the two
   predict    `predict_images` with overlays (the command as people run it) and with --no-overlays (CSV only)
-  naive      one image at a time: decode, forward, postprocess, overlay, write (the obvious loop)
+  naive      one image at a time: decode, forward, postprocess, overlay, write (the obvious loop, PyTorch's default
+             threads)
 
 CPU seconds are reported too: on a shared machine they move much less than wall time.
 """
@@ -76,9 +78,15 @@ def main() -> None:
         sample = np.stack([pre(decode_image(f)) for f in files[: args.batch_size]])
         predictor.predict(sample)  # warm-up
 
-        reps = max(1, 64 // args.batch_size)
-        fwd_s, _ = _timed(lambda: [predictor.predict(sample) for _ in range(reps)])
-        ceiling = reps * len(sample) / fwd_s
+        reps = max(1, 256 // args.batch_size)
+        default_threads = torch.get_num_threads()
+        ceilings = {}
+        for threads in sorted({1, default_threads}):  # the forward's best setting is its ceiling
+            torch.set_num_threads(threads)
+            fwd_s, _ = _timed(lambda: [predictor.predict(sample) for _ in range(reps)])
+            ceilings[threads] = reps * len(sample) / fwd_s
+        torch.set_num_threads(default_threads)
+        ceiling = max(ceilings.values())
 
         with_s, with_cpu = _timed(
             lambda: predict_images(predictor, files, Path(tmp) / "out", batch_size=args.batch_size)
@@ -110,7 +118,8 @@ def main() -> None:
             "images": n,
             "image_px": f"{w}x{h}",
             "batch_size": args.batch_size,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads_default": default_threads,
+            "ceiling_images_per_s_by_threads": {str(k): round(v, 1) for k, v in ceilings.items()},
             "cpus": os.cpu_count(),
             "ceiling_images_per_s": round(ceiling, 1),
             "predict_images_per_s": round(n / with_s, 1),

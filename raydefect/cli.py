@@ -408,7 +408,7 @@ _MODEL_HELP = "Model artifact folder (runs/<name>/model, or the run folder holdi
 @click.option("--no-overlays", is_flag=True, help="Only write scores.csv (faster).")
 @click.option("--device", default="auto", show_default=True, help="'auto' (CUDA when present), 'cpu' or 'cuda[:N]'.")
 @click.option(
-    "--workers", type=click.IntRange(1), default=None, help="Decode/overlay threads [default: min(4, cores)]."
+    "--workers", type=click.IntRange(1), default=None, help="Decode/overlay threads [default: cores/2, 1 to 4]."
 )
 def predict_cmd(
     model: str,
