@@ -500,10 +500,12 @@ def evaluate_cmd(
     OUT/gallery/<kind>/    the worst false negatives, false positives, wrong classes and masks, as overlays
     """
     import os
+    import time
 
     from raydefect import console
     from raydefect.pipelines.evaluate import evaluate
 
+    start = time.perf_counter()
     evaluation = evaluate(
         model,
         data,
@@ -529,7 +531,7 @@ def evaluate_cmd(
     data_info = evaluation.metrics["data"]
     console.result(
         f"{data_info['evaluated']:,} images of the {split!r} split ({data_info['errors']:,} unreadable) at thresholds "
-        f"image {h['image_threshold']:.3g} / pixel {h['pixel_threshold']:.3g} in {evaluation.metrics['seconds']:.1f} s"
+        f"image {h['image_threshold']:.3g} / pixel {h['pixel_threshold']:.3g} in {time.perf_counter() - start:.1f} s"
     )
     console.result(f"report:  {os.path.join(out, 'report.html')}")
     console.result(f"metrics: {os.path.join(out, 'metrics.json')}")

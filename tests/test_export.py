@@ -22,6 +22,8 @@ from raydefect.export import (
 )
 from raydefect.inference import Predictor
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
 
 def _predictor_outputs(tiny_artifact, x: np.ndarray) -> dict[str, np.ndarray]:
     return Predictor(tiny_artifact, device="cpu", precision="fp32").predict(x)
