@@ -215,6 +215,8 @@ def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
         '<p class="what">Left: the image with the true mask outlined in white. Right: the prediction, filled in the '
         "colour of the predicted class. Green means the image was called normal.</p>"
     )
+    if not galleries:
+        parts.append('<p class="empty">not drawn (evaluate --gallery 0)</p>')
     for key, heading, what in GALLERIES:
         if key not in galleries:
             continue

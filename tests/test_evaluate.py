@@ -279,7 +279,15 @@ def test_cli_evaluate_on_the_tiny_artifact(tiny_artifact, synth_dataset, tmp_pat
     n_test = len(synth_dataset.split("test"))
     assert m["data"]["evaluated"] == n_test and m["image"]["n_images"] == n_test
     assert np.asarray(m["image"]["confusion"]).sum() == n_test and len(m["image"]["confusion"]) == 5
-    for entries in m["galleries"].values():
+    g = m["galleries"]
+    worst_first = {
+        "false_positives": [-e["defect_score"] for e in g["false_positives"]],
+        "false_negatives": [e["defect_score"] for e in g["false_negatives"]],
+        "worst_iou": [e["iou"] for e in g["worst_iou"]],
+    }
+    for key, values in worst_first.items():
+        assert values == sorted(values), key
+    for entries in g.values():
         assert len(entries) <= 2
         for e in entries:
             with Image.open(tmp_path / e["png"]) as im:
