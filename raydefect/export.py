@@ -380,6 +380,8 @@ def export_model(
         raise ExportError(f"--batch {batch}: must be >= 1")
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; pass a file name such as {out / ('model.' + fmt[:4])}")
+    if fmt == "torchscript" and (opset is not None or legacy):
+        console.warn("--opset and --legacy-exporter apply to ONNX only; ignored for TorchScript")
     can_export, can_check = (True, True) if fmt == "torchscript" else onnx_available()
     if not can_export:
         raise ExportError(f"exporting to ONNX needs the onnx and onnxscript packages: {_ONNX_INSTALL}")
