@@ -1,0 +1,568 @@
+"""`raydefect evaluate`, the core: score a labelled split with the model's STORED thresholds and write the report.
+
+The work is split so that Ray can run the heavy part and the rest stays plain Python:
+
+1. `Evaluator.evaluate_batch(records, image_acc, pixel_acc)` decodes images and masks, runs the model, upsamples
+   each mask probability to the image's own size and feeds the metric accumulators (`raydefect.metrics`); it
+   returns one row per image (scores, decision, IoU/Dice at the stored pixel threshold, or the error). It runs
+   locally (`evaluate_records`) or inside Ray Data actors (`raydefect.pipelines.evaluate`); accumulators pickle
+   and `merge`, so the driver combines what the workers collected.
+2. `summarize` turns merged accumulators and rows into the metrics dict written as ``metrics.json``.
+3. `write_evaluation` writes metrics.json, per_image.csv, the plots (`raydefect.plots`), the galleries of the
+   worst mistakes (overlays with the true mask outlined; the few images shown are predicted again, locally) and
+   one self-contained ``report.html`` (`raydefect.report`).
+
+Thresholds: the image decision is ``defect_score >= thresholds.image`` and pixels are ``prob >= thresholds.pixel``,
+both from the artifact (fixed-threshold mode: a test split must not choose its own thresholds). The F1-best image
+threshold and the best pixel threshold of this split are reported beside them as "what the data would have chosen".
+
+A dataset class the model does not know (a new defect type) is kept: it gets a zero-probability column, so its
+images count as wrong-class predictions in the confusion matrix, and a note says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raydefect import __version__, console
+from raydefect.errors import ImageError, OutputError
+from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
+from raydefect.inference import Predictor, Preprocessor, decide, postprocess, upsample_prob
+from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
+from raydefect.metrics._common import json_safe, nanmean, safe_div
+from raydefect.overlay import class_colour, render_overlay, save_png
+
+if TYPE_CHECKING:
+    from raydefect.data.manifest import Dataset
+    from raydefect.metrics import ImageMetrics, PixelMetrics
+    from raydefect.models.artifact import ArtifactMeta
+
+METRICS_JSON = "metrics.json"
+PER_IMAGE_CSV = "per_image.csv"
+REPORT_HTML = "report.html"
+GALLERY_DIR = "gallery"
+#: Record fields a worker needs from the manifest (the rest stays on the driver).
+RECORD_FIELDS = ("index", "image", "mask", "label", "defect_class")
+#: (key, title, what it shows) of every gallery, in report order.
+GALLERIES = (
+    ("false_negatives", "Worst false negatives", "defect images called normal, lowest defect score first"),
+    ("false_positives", "Worst false positives", "normal images called defects, highest defect score first"),
+    ("wrong_class", "Wrong defect class", "defects found but given another defect class, most confident first"),
+    ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
+)
+
+
+def evaluation_class_names(model_classes: Sequence[str], dataset_classes: Sequence[str]) -> tuple[str, ...]:
+    """The model's classes, then dataset classes the model does not know (they can never be predicted)."""
+    extra = [c for c in dataset_classes if c not in model_classes]
+    return (*model_classes, *extra)
+
+
+def split_records(frame: Any) -> list[dict[str, Any]]:
+    """Manifest rows (a pandas frame with absolute paths) -> plain dicts with `RECORD_FIELDS`, in manifest order."""
+    records = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        mask = getattr(row, "mask", None)
+        records.append(
+            {
+                "index": i,
+                "image": str(row.image),
+                "mask": None if mask is None or (isinstance(mask, float) and math.isnan(mask)) else str(mask),
+                "label": int(row.label),
+                "defect_class": str(row.defect_class),
+            }
+        )
+    return records
+
+
+def new_accumulators(
+    meta: ArtifactMeta, dataset_classes: Sequence[str], num_bins: int = 1000, fpr_limit: float = 0.3
+) -> tuple[ImageMetricAccumulator, PixelMetricAccumulator]:
+    """Empty accumulators for this model and dataset: the stored pixel threshold is the fixed one."""
+    return (
+        ImageMetricAccumulator(evaluation_class_names(meta.class_names, dataset_classes)),
+        PixelMetricAccumulator(meta.pixel_threshold, num_bins=num_bins, fpr_limit=fpr_limit),
+    )
+
+
+@dataclass
+class _Loaded:
+    record: dict[str, Any]
+    image: np.ndarray | None = None
+    truth: np.ndarray | None = None  # bool HxW; None when the image has no mask (normal, or unknown)
+    x: np.ndarray | None = None
+    error: str | None = None
+
+
+class Evaluator:
+    """Per-batch evaluation with one model; cheap to call many times (Ray actors keep one for their lifetime).
+
+    predictor: a `Predictor` or anything with its interface (``meta``, ``predict(batch) -> dict``): tests pass
+    stubs whose predictions they control.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor | Any,
+        dataset_classes: Sequence[str],
+        *,
+        num_bins: int = 1000,
+        fpr_limit: float = 0.3,
+        workers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.predictor = predictor
+        self.meta: ArtifactMeta = predictor.meta
+        self.class_names = evaluation_class_names(self.meta.class_names, dataset_classes)
+        self.class_index = {name: i for i, name in enumerate(self.class_names)}
+        self.pre = Preprocessor(self.meta)
+        self.num_bins = num_bins
+        self.fpr_limit = fpr_limit
+        self.max_pixels = max_pixels
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def new_accumulators(self) -> tuple[ImageMetricAccumulator, PixelMetricAccumulator]:
+        return new_accumulators(self.meta, self.class_names, self.num_bins, self.fpr_limit)
+
+    def _load(self, record: dict[str, Any]) -> _Loaded:
+        path = record["image"]
+        item = _Loaded(record)
+        try:
+            item.image = decode_image(path, mode="RGB", path=path, max_pixels=self.max_pixels)
+            if record["mask"] is not None:
+                item.truth = decode_mask(record["mask"], path=record["mask"], max_pixels=self.max_pixels).array
+        except ImageError as e:
+            item.error = str(e)
+            return item
+        except OSError as e:
+            item.error = f"{path}: cannot read ({e.strerror or e})"
+            return item
+        if item.truth is not None and item.truth.shape != item.image.shape[:2]:
+            h, w = item.image.shape[:2]
+            item.error = (
+                f"{record['mask']}: mask is {item.truth.shape[1]}x{item.truth.shape[0]}, the image is {w}x{h} "
+                "(re-run `raydefect prepare`, which checks this)"
+            )
+            return item
+        if record["defect_class"] not in self.class_index:
+            item.error = f"class {record['defect_class']!r} is not in the dataset's class list"
+            return item
+        item.x = self.pre(item.image)
+        return item
+
+    def load(self, records: Sequence[dict[str, Any]]) -> list[_Loaded]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="evaluate")
+        return list(self._pool.map(self._load, records))
+
+    def evaluate_batch(
+        self,
+        records: Sequence[dict[str, Any]],
+        image_acc: ImageMetricAccumulator,
+        pixel_acc: PixelMetricAccumulator,
+    ) -> list[dict[str, Any]]:
+        """Score one batch of records into the accumulators; one row per record (see `EvaluationRow` keys)."""
+        loaded = self.load(records)
+        ok = [item for item in loaded if item.error is None]
+        rows: list[dict[str, Any]] = []
+        if ok:
+            out = self.predictor.predict(np.stack([item.x for item in ok]))
+            n_extra = len(self.class_names) - self.meta.num_classes
+            probs = np.asarray(out["class_probs"], np.float64)
+            if n_extra:
+                probs = np.concatenate([probs, np.zeros((len(ok), n_extra))], axis=1)
+            scores = np.asarray(out["defect_score"], np.float64)
+            labels = np.array([item.record["label"] for item in ok], np.int64)
+            class_ids = np.array([self.class_index[item.record["defect_class"]] for item in ok], np.int64)
+            image_acc.update(scores, labels, probs, class_ids)
+            with_mask = [k for k, item in enumerate(ok) if item.truth is not None or item.record["label"] == 0]
+            prob_maps = [
+                upsample_prob(out["mask_prob"][k], ok[k].image.shape[1], ok[k].image.shape[0]) for k in with_mask
+            ]
+            truths = [ok[k].truth for k in with_mask]  # None (normal image) = empty truth
+            ious, dices = pixel_acc.update(prob_maps, truths) if with_mask else (np.zeros(0), np.zeros(0))
+            pixel_of = {k: j for j, k in enumerate(with_mask)}
+            for k, item in enumerate(ok):
+                is_defect, pred_class = decide(scores[k], out["class_probs"][k], self.meta)
+                j = pixel_of.get(k)
+                pred_area = int(np.count_nonzero(prob_maps[j] >= self.meta.pixel_threshold)) if j is not None else None
+                rows.append(
+                    {
+                        **item.record,
+                        "width": int(item.image.shape[1]),
+                        "height": int(item.image.shape[0]),
+                        "defect_score": float(scores[k]),
+                        "is_defect": bool(is_defect),
+                        "predicted_class": pred_class,
+                        "class_probs": [float(p) for p in probs[k]],
+                        "iou": float(ious[j]) if j is not None else math.nan,
+                        "dice": float(dices[j]) if j is not None else math.nan,
+                        "true_area_px": int(item.truth.sum()) if item.truth is not None else 0,
+                        "pred_area_px": pred_area,
+                        "error": None,
+                    }
+                )
+        for item in loaded:
+            if item.error is not None:
+                rows.append({**item.record, "error": item.error})
+        return rows
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def evaluate_records(
+    evaluator: Evaluator, records: Sequence[dict[str, Any]], batch_size: int = 16
+) -> tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator]:
+    """The local loop: every record through `evaluator`, in batches; (rows in record order, accumulators)."""
+    image_acc, pixel_acc = evaluator.new_accumulators()
+    rows: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(records), batch_size):
+            rows += evaluator.evaluate_batch(records[start : start + batch_size], image_acc, pixel_acc)
+            console.debug(f"evaluated {min(start + batch_size, len(records)):,}/{len(records):,} images")
+    finally:
+        evaluator.close()
+    rows.sort(key=lambda r: r["index"])
+    return rows, image_acc, pixel_acc
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+
+def per_class_table(image: ImageMetrics, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per class from the confusion matrix (rows true, columns predicted) and the per-image rows."""
+    m = np.asarray(image.confusion, np.int64)
+    table = []
+    scored = [r for r in rows if r.get("error") is None]
+    for i, name in enumerate(image.class_names):
+        support, predicted, correct = int(m[i].sum()), int(m[:, i].sum()), int(m[i, i])
+        precision = safe_div(correct, predicted)
+        recall = safe_div(correct, support)
+        mine = [r for r in scored if r["defect_class"] == name]
+        table.append(
+            {
+                "class": name,
+                "images": support,
+                "predicted": predicted,
+                "correct": correct,
+                "precision": precision,
+                "recall": recall,
+                "f1": safe_div(2 * precision * recall, precision + recall) if support and predicted else math.nan,
+                "mean_defect_score": nanmean([r["defect_score"] for r in mine]),
+                "mean_iou": nanmean([r["iou"] for r in mine]),
+                "mean_dice": nanmean([r["dice"] for r in mine]),
+            }
+        )
+    return table
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation found; `metrics` is what metrics.json holds."""
+
+    metrics: dict[str, Any]
+    image: ImageMetrics
+    pixel: PixelMetrics
+    rows: list[dict[str, Any]]
+    galleries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def summarize(
+    meta: ArtifactMeta,
+    rows: Sequence[dict[str, Any]],
+    image_acc: ImageMetricAccumulator,
+    pixel_acc: PixelMetricAccumulator,
+    *,
+    model_path: str = "",
+    data_path: str = "",
+    split: str = "",
+    engine: str = "local",
+    seconds: float = 0.0,
+    dataset_classes: Sequence[str] = (),
+) -> Evaluation:
+    """Compute every metric at the stored thresholds; `Evaluation.metrics` is JSON-ready (NaN -> null)."""
+    image = image_acc.compute(meta.image_threshold)
+    pixel = pixel_acc.compute("dice")
+    headline = validation_summary(
+        image, pixel, prefix="", image_threshold=meta.image_threshold, use_fixed_pixel_threshold=True
+    )
+    errors = [{"image": r["image"], "error": r["error"]} for r in rows if r.get("error")]
+    scored = [r for r in rows if not r.get("error")]
+    unknown = [c for c in dataset_classes if c not in meta.class_names]
+    no_mask = sum(1 for r in scored if r["label"] == 1 and r["mask"] is None)
+    notes = list(image.notes) + list(pixel.notes)
+    if unknown:
+        notes.append(
+            f"dataset classes unknown to the model: {', '.join(unknown)}; the model cannot predict them, so their "
+            "images count as wrong-class predictions"
+        )
+    if no_mask:
+        notes.append(f"{no_mask} defect images have no mask: left out of the pixel metrics")
+    if errors:
+        notes.append(f"{len(errors)} images could not be read and are left out of every metric (see 'errors')")
+    metrics = {
+        "raydefect_version": __version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "engine": engine,
+        "seconds": round(seconds, 3),
+        "model": {
+            "path": model_path,
+            "model_id": meta.model_id,
+            "backbone": meta.backbone,
+            "image_size": meta.image_size,
+            "class_names": list(meta.class_names),
+            "thresholds": {"image": meta.image_threshold, "pixel": meta.pixel_threshold},
+        },
+        "data": {
+            "path": data_path,
+            "split": split,
+            "images": len(rows),
+            "evaluated": len(scored),
+            "errors": len(errors),
+            "defect_images_without_mask": no_mask,
+            "class_names": list(dataset_classes),
+        },
+        "headline": headline,
+        "image": image.to_dict(),
+        "pixel": pixel.to_dict(),
+        "per_class": per_class_table(image, rows),
+        "notes": notes,
+        "errors": errors,
+    }
+    evaluation = Evaluation(json_safe(metrics), image, pixel, list(rows))
+    evaluation.galleries = select_galleries(rows)
+    return evaluation
+
+
+def select_galleries(rows: Sequence[dict[str, Any]], size: int = 8) -> dict[str, list[dict[str, Any]]]:
+    """The worst mistakes per gallery (see `GALLERIES`), at most `size` each; ties broken by manifest order."""
+    scored = [r for r in rows if not r.get("error")]
+    fn = sorted((r for r in scored if r["label"] == 1 and not r["is_defect"]), key=lambda r: r["defect_score"])
+    fp = sorted((r for r in scored if r["label"] == 0 and r["is_defect"]), key=lambda r: -r["defect_score"])
+    wrong = sorted(
+        (r for r in scored if r["label"] == 1 and r["is_defect"] and r["predicted_class"] != r["defect_class"]),
+        key=lambda r: -max(r["class_probs"][1:]),
+    )
+    masks = sorted(
+        (
+            r
+            for r in scored
+            if r["label"] == 1
+            and r["is_defect"]
+            and r["predicted_class"] == r["defect_class"]
+            and r["iou"] < 1.0  # a perfect mask is nobody's worst; NaN (no mask) fails this too
+        ),
+        key=lambda r: (r["iou"], -r["defect_score"]),
+    )
+    chosen = {"false_negatives": fn, "false_positives": fp, "wrong_class": wrong, "worst_iou": masks}
+    return {key: chosen[key][:size] for key, _, _ in GALLERIES}
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 6) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_per_image_csv(path: Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
+    from raydefect.predict import class_columns
+
+    columns = [
+        "image",
+        "mask",
+        "label",
+        "defect_class",
+        "defect_score",
+        "is_defect",
+        "predicted_class",
+        "iou",
+        "dice",
+        "true_area_px",
+        "pred_area_px",
+        "error",
+    ]
+    prob_columns = class_columns(class_names)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow([*columns, *prob_columns])
+        for r in rows:
+            probs = r.get("class_probs") or [None] * len(prob_columns)
+            values = [r.get(c) for c in columns]
+            values[columns.index("is_defect")] = "" if r.get("error") else int(r["is_defect"])
+            writer.writerow([_fmt(v) for v in values] + [_fmt(p) for p in probs])
+
+
+def _caption(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "image": row["image"],
+        "file": os.path.basename(row["image"]),
+        "defect_score": row["defect_score"],
+        "true_class": row["defect_class"],
+        "predicted_class": row["predicted_class"],
+        "iou": None if math.isnan(row["iou"]) else row["iou"],
+    }
+
+
+def render_galleries(
+    predictor: Predictor | Any,
+    galleries: dict[str, list[dict[str, Any]]],
+    out_dir: Path,
+    class_names: Sequence[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Predict the gallery images again (a few dozen at most) and write overlays with the truth outlined.
+
+    Returns {gallery: [caption dict + "png" (path relative to out_dir)]}.
+    """
+    meta = predictor.meta
+    pre = Preprocessor(meta)
+    evaluator = Evaluator(predictor, class_names)
+    unique = {r["index"]: r for rows in galleries.values() for r in rows}
+    loaded = {item.record["index"]: item for item in evaluator.load([unique[i] for i in sorted(unique)])}
+    evaluator.close()
+    ok = [i for i in sorted(loaded) if loaded[i].error is None]
+    predicted: dict[int, np.ndarray] = {}
+    if ok:
+        batch = np.stack([pre(loaded[i].image) for i in ok])
+        out = predictor.predict(batch)
+        predicted = {i: out["mask_prob"][k] for k, i in enumerate(ok)}
+    written: dict[str, list[dict[str, Any]]] = {}
+    for key, rows in galleries.items():
+        written[key] = []
+        for n, row in enumerate(rows, start=1):
+            item = loaded[row["index"]]
+            if item.error is not None:  # the file changed since it was scored
+                continue
+            h, w = item.image.shape[:2]
+            mask = postprocess(predicted[row["index"]], w, h, meta.pixel_threshold, encode=False).mask
+            truth = item.truth if item.truth is not None else np.zeros((h, w), bool)
+            cls = row["predicted_class"]
+            note = None if math.isnan(row["iou"]) else f"IoU {row['iou']:.3f}"
+            overlay = render_overlay(
+                item.image,
+                mask,
+                row["defect_score"],
+                cls,
+                colour=class_colour(list(class_names).index(cls)),
+                true_mask=truth,
+                true_text=f"truth: {row['defect_class']}",
+                note=note,
+            )
+            stem = os.path.splitext(os.path.basename(row["image"]))[0]
+            rel = f"{GALLERY_DIR}/{key}/{n:02d}_{stem}.png"
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            save_png(overlay, str(out_dir / rel))
+            written[key].append({**_caption(row), "png": rel})
+    return written
+
+
+def write_evaluation(
+    evaluation: Evaluation,
+    out: str | Path,
+    predictor: Predictor | Any | None = None,
+    *,
+    gallery_size: int = 8,
+) -> dict[str, Path]:
+    """metrics.json, per_image.csv, plots, galleries (needs `predictor`) and report.html into `out`."""
+    from raydefect.plots import write_metric_plots
+    from raydefect.report import write_report
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror or e}; choose a writable --out") from None
+    start = time.perf_counter()
+    plots = write_metric_plots(out, evaluation.image, evaluation.pixel)
+    galleries: dict[str, list[dict[str, Any]]] = {}
+    if predictor is not None and gallery_size > 0:
+        chosen = {k: rows[:gallery_size] for k, rows in evaluation.galleries.items()}
+        galleries = render_galleries(predictor, chosen, out, evaluation.image.class_names)
+    metrics = dict(evaluation.metrics)
+    metrics["files"] = {
+        "per_image": PER_IMAGE_CSV,
+        "report": REPORT_HTML,
+        "plots": {name: p.name for name, p in plots.items()},
+        "galleries": {k: [g["png"] for g in v] for k, v in galleries.items()},
+    }
+    metrics["galleries"] = json_safe(galleries)
+    evaluation.metrics = metrics
+    paths = {
+        "metrics": out / METRICS_JSON,
+        "per_image": out / PER_IMAGE_CSV,
+        "report": out / REPORT_HTML,
+        **plots,
+    }
+    try:
+        write_per_image_csv(paths["per_image"], evaluation.rows, evaluation.image.class_names)
+        with open(paths["metrics"], "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2, allow_nan=False)
+            f.write("\n")
+        write_report(paths["report"], metrics, out)
+    except OSError as e:
+        raise OutputError(f"cannot write the evaluation to {out}: {e.strerror or e}; choose a writable --out") from None
+    console.debug(f"report written in {time.perf_counter() - start:.1f} s")
+    return paths
+
+
+Scorer = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator]]
+
+
+def run_evaluation(
+    predictor: Predictor | Any,
+    dataset: Dataset,
+    split: str,
+    out: str | Path,
+    *,
+    model_path: str = "",
+    batch_size: int = 16,
+    gallery_size: int = 8,
+    scorer: Scorer | None = None,
+    engine: str = "local",
+) -> Evaluation:
+    """Evaluate one split and write every output into `out`.
+
+    scorer: records -> (rows, image accumulator, pixel accumulator); default the local loop with `predictor`
+    (`raydefect.pipelines.evaluate` passes a Ray Data one). `predictor` also renders the galleries.
+    """
+    start = time.perf_counter()
+    records = split_records(dataset.split(split))
+    if scorer is None:
+        console.info(f"evaluating {len(records):,} images of the {split!r} split locally")
+        rows, image_acc, pixel_acc = evaluate_records(Evaluator(predictor, dataset.class_names), records, batch_size)
+    else:
+        rows, image_acc, pixel_acc = scorer(records)
+    evaluation = summarize(
+        predictor.meta,
+        rows,
+        image_acc,
+        pixel_acc,
+        model_path=model_path,
+        data_path=str(dataset.root),
+        split=split,
+        engine=engine,
+        seconds=time.perf_counter() - start,
+        dataset_classes=dataset.class_names,
+    )
+    write_evaluation(evaluation, out, predictor, gallery_size=gallery_size)
+    return evaluation

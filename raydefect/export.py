@@ -1,0 +1,477 @@
+"""`raydefect export`: a model artifact -> one ONNX or TorchScript file with a dynamic batch size, checked for parity.
+
+The exported graph is `Predictor.predict` without Python around it::
+
+    input   image         float32 [N, 3, S, S]   RGB, resized whole to S x S, (x / 255 - mean) / std
+    output  defect_score  float32 [N]            1 - p(normal)
+            class_probs   float32 [N, C]         softmax over class_names (index 0 = normal)
+            mask_prob     float32 [N, S, S]      sigmoid of the mask logits at the model's input size
+
+Preprocessing and decision rules are not in the graph; they are written beside it in ``<file>.json`` (the
+sidecar: image size, mean/std, class names, thresholds, output names, how to decide), so any runtime can use it.
+
+After writing, the same inputs run through PyTorch and the exported file at batch 1 and at a batch larger than the
+one used for tracing (so a batch size baked into the graph is caught); the largest absolute difference per output
+must stay within `tolerance`, else the file is removed and `ExportError` says by how much it missed. ONNX parity
+needs ONNX Runtime (the ``onnx`` extra): with ``check=None`` a missing runtime leaves the file unchecked with a
+warning, ``check=True`` refuses to export without it, ``check=False`` skips the check.
+
+ONNX uses ``torch.onnx.export(dynamo=True)`` (torch.export, the supported exporter) by default, or the older
+TorchScript-based exporter with ``legacy=True`` (faster, a fallback for graphs torch.export cannot capture).
+TorchScript uses ``torch.jit.trace`` (deprecated by PyTorch in favour of torch.export, but still what C++ and
+older serving stacks load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raydefect import __version__, console
+from raydefect.errors import ModelError, OutputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from raydefect.models.artifact import ArtifactMeta, LoadedModel
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("defect_score", "class_probs", "mask_prob")
+#: Largest absolute difference allowed per output (all outputs are probabilities in [0, 1]).
+DEFAULT_TOLERANCE = 1e-4
+_ONNX_INSTALL = "pip install 'raydefect[onnx]' (onnx, onnxscript, onnxruntime)"
+#: ONNX protobufs cannot exceed 2 GiB; larger weights go to an external data file beside the model.
+_ONNX_INLINE_LIMIT = 1_800_000_000
+
+
+class ExportError(ModelError):
+    """The export failed, or the exported file does not reproduce the PyTorch model."""
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    p = Path(path)
+    return p.with_name(p.name + ".json")
+
+
+def default_format(path: str | Path) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}.get(suffix)
+
+
+def _wrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """DefectModel -> a module returning (defect_score, class_probs, mask_prob), as `Predictor.predict` does."""
+    import torch
+
+    class ExportWrapper(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.net(image)
+            class_probs = torch.softmax(out.class_logits.float(), dim=1)
+            mask_prob = torch.sigmoid(out.mask_logits.float())[:, 0]
+            return 1.0 - class_probs[:, 0], class_probs, mask_prob
+
+    return ExportWrapper(model).eval()
+
+
+def parity_inputs(meta: ArtifactMeta, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` preprocessed images that look like inputs: smooth random shading plus noise and a few dark blobs."""
+    from raydefect.inference import Preprocessor
+
+    rng = np.random.default_rng(seed)
+    s = meta.image_size
+    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
+    images = []
+    for _ in range(n):
+        base = 60 + 120 * (rng.random() * xx + rng.random() * yy) / 2
+        img = base[:, :, None] + rng.normal(0, 12, (s, s, 3))
+        for _ in range(rng.integers(1, 4)):  # dark spots: something defect-like for the mask head
+            cy, cx = rng.integers(0, s, 2).tolist()
+            r = max(1, int(rng.integers(1, max(2, s // 6))))
+            img[(yy * (s - 1) - cy) ** 2 + (xx * (s - 1) - cx) ** 2 <= r * r] *= 0.3
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    pre = Preprocessor(meta)
+    return np.stack([pre(im) for im in images]).astype(np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.onnx / jit.trace print progress and tracer warnings meant for PyTorch developers: keep them for -v."""
+    import io
+    import logging
+    from contextlib import redirect_stdout
+
+    if console.verbosity() >= 1:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def onnx_available() -> tuple[bool, bool]:
+    """(can export: onnx + onnxscript import, can check: onnxruntime imports)."""
+    import importlib
+
+    def has(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return False
+        return True
+
+    return has("onnx") and has("onnxscript"), has("onnxruntime")
+
+
+def _export_onnx(wrapper: Any, example: torch.Tensor, path: Path, opset: int | None, legacy: bool) -> None:
+    import torch
+
+    n_params = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    common: dict[str, Any] = {
+        "input_names": [INPUT_NAME],
+        "output_names": list(OUTPUT_NAMES),
+        "opset_version": opset,
+    }
+    if legacy:
+        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
+    else:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes={"image": {0: batch}},
+            external_data=n_params > _ONNX_INLINE_LIMIT,
+            **common,
+        )
+
+
+def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None:
+    import torch
+
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+    traced.save(str(path))
+
+
+class _Runner:
+    """Runs an exported file: ``run(float32 [N, 3, S, S]) -> {output name: numpy}``."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.fmt = fmt
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+                raise ExportError(
+                    f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {_short(e)}); the file is corrupt or "
+                    "not an ONNX model, export it again"
+                ) from None
+            names = [o.name for o in self.session.get_outputs()]
+            if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
+                raise ExportError(
+                    f"{path}: inputs/outputs are {[i.name for i in self.session.get_inputs()]} -> {names}, expected "
+                    f"[{INPUT_NAME}] -> {list(OUTPUT_NAMES)}; it was not written by raydefect export"
+                )
+        else:
+            import torch
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.module = torch.jit.load(str(path), map_location="cpu").eval()
+            except Exception as e:  # RuntimeError / zip errors for a damaged archive
+                raise ExportError(
+                    f"{path}: torch.jit.load cannot load it ({type(e).__name__}: {_short(e)}); the file is corrupt "
+                    "or not TorchScript, export it again"
+                ) from None
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.fmt == "onnx":
+            outs = self.session.run(None, {INPUT_NAME: x})
+        else:
+            import torch
+
+            with torch.inference_mode():
+                outs = [t.numpy() for t in self.module(torch.from_numpy(x))]
+        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _reference(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        outs = model(torch.from_numpy(x))
+    return {name: t.numpy() for name, t in zip(OUTPUT_NAMES, outs, strict=True)}
+
+
+def check_parity(
+    model: str | Path | LoadedModel,
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    batch_sizes: Sequence[int] = (1, 3),
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, dict[str, float]]:
+    """Run the same inputs through the artifact (PyTorch) and the exported file; raise `ExportError` past tolerance.
+
+    Returns {"batch_<n>": {output: largest absolute difference}}. The batch-1 input is the first image of every
+    larger batch, so a row's result must not depend on the batch around it either.
+    """
+    from raydefect.models.artifact import LoadedModel, load_artifact
+
+    path = Path(path)
+    fmt = fmt or default_format(path)
+    if fmt not in FORMATS:
+        raise ExportError(f"{path}: cannot tell the format from the name; pass --format {' or '.join(FORMATS)}")
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file; export it first with `raydefect export --out {path}`")
+    loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device="cpu")
+    reference = _wrapped(loaded.model.to("cpu").eval())
+    runner = _Runner(path, fmt)
+    inputs = parity_inputs(loaded.meta, max(batch_sizes))
+    diffs: dict[str, dict[str, float]] = {}
+    for n in batch_sizes:
+        x = inputs[:n]
+        want = _reference(reference, x)
+        try:
+            got = runner.run(x)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise ExportError(
+                f"{path}: running it on a batch of {n} failed ({type(e).__name__}: {_short(e)}); export it again"
+            ) from None
+        diffs[f"batch_{n}"] = {}
+        for name in OUTPUT_NAMES:
+            if got[name].shape != want[name].shape:
+                raise ExportError(
+                    f"{path}: output {name} has shape {tuple(got[name].shape)} for a batch of {n}, PyTorch gives "
+                    f"{tuple(want[name].shape)}; the batch size is not dynamic, export it again"
+                )
+            diffs[f"batch_{n}"][name] = float(np.abs(got[name].astype(np.float64) - want[name]).max())
+    worst = max(((d, b, o) for b, per in diffs.items() for o, d in per.items()), default=(0.0, "", ""))
+    if not worst[0] <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"{path}: the exported model differs from PyTorch by {worst[0]:.3g} on {worst[2]} ({worst[1]}), more "
+            f"than the tolerance {tolerance:g}; the file is corrupt or the export is wrong (export it again, try "
+            "--legacy-exporter for ONNX, or raise --tolerance if the gap is expected)"
+        )
+    return diffs
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    sidecar: Path
+    format: str
+    checked: bool
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)
+    reason_unchecked: str = ""
+    seconds: float = 0.0
+    size_bytes: int = 0
+    extra_files: list[Path] = field(default_factory=list)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def preprocessing_contract(meta: ArtifactMeta) -> dict[str, Any]:
+    """How to turn an image into the input, and outputs into decisions: everything a non-raydefect runtime needs."""
+    s = meta.image_size
+    return {
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", 3, s, s],
+            "layout": "NCHW",
+            "color": "RGB (grayscale replicated to 3 channels; alpha dropped; EXIF orientation applied)",
+            "resize": f"the whole image to {s}x{s} (no crop, aspect ratio not kept), bilinear with antialiasing "
+            "(PIL Image.resize(BILINEAR))",
+            "scale": "x / 255",
+            "mean": list(meta.mean),
+            "std": list(meta.std),
+            "normalize": "(x / 255 - mean) / std per channel",
+        },
+        "outputs": [
+            {"name": "defect_score", "shape": ["batch"], "meaning": "1 - p(normal)"},
+            {
+                "name": "class_probs",
+                "shape": ["batch", meta.num_classes],
+                "meaning": "softmax over class_names; index 0 is normal",
+            },
+            {
+                "name": "mask_prob",
+                "shape": ["batch", s, s],
+                "meaning": "per-pixel defect probability at the input size; resize bilinearly to the image's own size",
+            },
+        ],
+        "class_names": list(meta.class_names),
+        "thresholds": {"image": meta.image_threshold, "pixel": meta.pixel_threshold},
+        "decision": (
+            "defect when defect_score >= thresholds.image; its class is then the most probable of class_names[1:], "
+            "else 'normal'. A pixel is defect when mask_prob (resized to the image) >= thresholds.pixel."
+        ),
+    }
+
+
+def export_model(
+    model: str | Path,
+    out: str | Path,
+    fmt: str | None = None,
+    *,
+    opset: int | None = None,
+    batch: int = 2,
+    check: bool | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    legacy: bool = False,
+) -> ExportReport:
+    """Export the artifact at `model` to `out` (+ the ``.json`` sidecar) and check parity; see the module docstring.
+
+    batch: the example batch used for tracing; parity runs at batch 1 and ``batch + 1``.
+    """
+    import torch
+
+    from raydefect.models.artifact import load_artifact, resolve_artifact_dir
+
+    start = time.perf_counter()
+    out = Path(out)
+    fmt = fmt or default_format(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"--out {out}: cannot tell the format from the name; pass --format {' or '.join(FORMATS)}")
+    if batch < 1:
+        raise ExportError(f"--batch {batch}: must be >= 1")
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; pass a file name such as {out / ('model.' + fmt[:4])}")
+    if fmt == "torchscript" and (opset is not None or legacy):
+        console.warn("--opset and --legacy-exporter apply to ONNX only; ignored for TorchScript")
+    can_export, can_check = (True, True) if fmt == "torchscript" else onnx_available()
+    if not can_export:
+        raise ExportError(f"exporting to ONNX needs the onnx and onnxscript packages: {_ONNX_INSTALL}")
+    if check is True and not can_check:
+        raise ExportError(f"--check needs ONNX Runtime to compare outputs: {_ONNX_INSTALL}, or leave out --check")
+    folder = resolve_artifact_dir(model)
+    loaded = load_artifact(folder, device="cpu")
+    meta = loaded.meta
+    wrapper = _wrapped(loaded.model.to("cpu").eval())
+    example = torch.from_numpy(parity_inputs(meta, batch, seed=1))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    for stale in (out, sidecar_path(out), out.with_name(out.name + ".data")):
+        stale.unlink(missing_ok=True)
+    console.info(f"exporting model {meta.model_id} ({meta.backbone}, {meta.image_size} px) to {fmt}: {out}")
+    try:
+        with _quiet_export():
+            if fmt == "onnx":
+                _export_onnx(wrapper, example, out, opset, legacy)
+            else:
+                _export_torchscript(wrapper, example, out)
+    except OSError as e:
+        _remove(out)
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    except Exception as e:
+        _remove(out)
+        hint = "; try --legacy-exporter" if fmt == "onnx" and not legacy else ""
+        raise ExportError(f"exporting {meta.backbone} to {fmt} failed ({type(e).__name__}: {_short(e)}){hint}") from e
+    report = ExportReport(path=out, sidecar=sidecar_path(out), format=fmt, checked=False)
+    data_file = out.with_name(out.name + ".data")
+    if data_file.exists():
+        report.extra_files.append(data_file)
+    if check is False:
+        report.reason_unchecked = "--no-check"
+    elif not can_check:
+        report.reason_unchecked = f"ONNX Runtime is not installed ({_ONNX_INSTALL})"
+        console.warn(f"parity NOT checked: ONNX Runtime is not installed; {_ONNX_INSTALL}")
+    else:
+        try:
+            report.parity = check_parity(loaded, out, fmt, batch_sizes=(1, batch + 1), tolerance=tolerance)
+        except ExportError:
+            _remove(out)
+            raise
+        report.checked = True
+    contract = preprocessing_contract(meta)
+    opset_used = _onnx_opset(out) if fmt == "onnx" else None
+    sidecar = {
+        "format": fmt,
+        "file": out.name,
+        "sha256": _sha256(out),
+        "external_data": [p.name for p in report.extra_files],
+        "opset": opset_used,
+        "exporter": ("torch.onnx legacy" if legacy else "torch.onnx dynamo") if fmt == "onnx" else "torch.jit.trace",
+        "torch_version": torch.__version__,
+        "raydefect_version": __version__,
+        "model_id": meta.model_id,
+        "model_folder": str(folder),
+        "backbone": meta.backbone,
+        "image_size": meta.image_size,
+        "dynamic_batch": True,
+        **contract,
+        "parity": {
+            "checked": report.checked,
+            "reason_unchecked": report.reason_unchecked or None,
+            "tolerance": tolerance,
+            "max_abs_diff": report.parity,
+        },
+    }
+    try:
+        report.sidecar.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}") from None
+    report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _onnx_opset(path: Path) -> int | None:
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    except Exception:  # informational only
+        return None
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data"), sidecar_path(path)):
+        with contextlib.suppress(OSError):
+            os.remove(p)
