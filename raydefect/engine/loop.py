@@ -65,6 +65,7 @@ TRAIN_KEYS = (
     "seconds",
     "images_per_s",
     "best_epoch",
+    "finished_at",
 )
 _LOSS_PARTS = ("loss", "loss_cls", "loss_bce", "loss_dice")
 
@@ -433,6 +434,7 @@ class Trainer:
         metrics["best_epoch"] = self.state.best_epoch
         metrics["seconds"] = time.perf_counter() - start
         metrics["images_per_s"] = images / train_seconds if train_seconds > 0 else math.nan
+        metrics["finished_at"] = time.time()  # wall clock: epoch-to-epoch throughput including checkpoints
         self.state.epoch = epoch
         self.state.stage = stage.number
         self.state.scheduler = self.scheduler.state_dict()

@@ -66,6 +66,9 @@ from raydefect.errors import ConfigError, DataError, RaydefectError, TrainingErr
 #: Test hook: "EPOCH:MARKER_FILE" makes rank 0 raise once, after training epoch EPOCH and before reporting it, and
 #: create MARKER_FILE so the retry passes (the driver reads it and hands it to the workers).
 FAIL_ONCE_ENV = "RAYDEFECT_TEST_FAIL_ONCE"
+#: Reported with every epoch for `CheckpointConfig`: schedule.metric, made finite (Ray cannot rank NaN / None).
+SCORE_KEY = "checkpoint_score"
+_WORST = 1e30
 
 
 @dataclass
@@ -107,6 +110,13 @@ def _report_value(value: Any) -> Any:
     return value
 
 
+def _rank_value(value: Any, mode: str) -> float:
+    """The checkpoint ranking value: schedule.metric, or the worst number when it is undefined (NaN) this epoch."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return -_WORST if mode == "max" else _WORST
+
+
 def _maybe_fail(fail_once: str | None, epoch: int, rank: int) -> None:
     if not fail_once or rank != 0:
         return
@@ -143,6 +153,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics = trainer.run_epoch(epoch, _rows(shard), val_rows)
         _maybe_fail(config.get("fail_once"), epoch, rank)
         metrics = {k: _report_value(v) for k, v in metrics.items()}
+        metrics[SCORE_KEY] = _rank_value(metrics.get(cfg.schedule.metric), cfg.schedule.mode)
         with tempfile.TemporaryDirectory(prefix="raydefect-ckpt-") as tmp:
             saved = None
             if rank == 0:
@@ -162,7 +173,7 @@ class MetricsCsvCallback(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and metrics[0] and "epoch" in metrics[0]:
-            row = {k: (math.nan if v is None else v) for k, v in metrics[0].items()}
+            row = {k: (math.nan if v is None else v) for k, v in metrics[0].items() if k != SCORE_KEY}
             append_metrics_row(Path(self.run_dir) / METRICS_FILE, row)
 
 
@@ -276,8 +287,8 @@ def run_training(
     name = name or cfg.train.name or default_run_name(cfg)
     root = prepare_runs_dir(storage_path or cfg.train.runs_dir)
     run_dir = root / name
-    resumed = check_resumable(run_dir, cfg)
     cfg = cfg.replace(**{"train.name": name, "train.runs_dir": str(root)})
+    resumed = check_resumable(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
     done_before = max(list_checkpoints(run_dir), default=0)
@@ -315,7 +326,7 @@ def run_training(
             storage_path=str(root),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute=cfg.schedule.metric,
+                checkpoint_score_attribute=SCORE_KEY,
                 checkpoint_score_order=cfg.schedule.mode,
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
