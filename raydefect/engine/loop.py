@@ -63,6 +63,7 @@ TRAIN_KEYS = (
     "skipped_images",
     "train_seconds",
     "seconds",
+    "cpu_seconds",
     "images_per_s",
     "best_epoch",
     "finished_at",
@@ -364,7 +365,7 @@ class Trainer:
         """Train on ``train_rows`` (this rank's share), validate on ``val_rows`` (all of them; each rank takes its
         slice), update early stopping and the history; return the epoch's flat metrics."""
         cfg = self.cfg
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stage = stage_for_epoch(self.stages, epoch)
         bs = cfg.train.batch_size
         num_batches = math.ceil(len(train_rows) / bs)
@@ -433,6 +434,7 @@ class Trainer:
             self.state.stopped = True
         metrics["best_epoch"] = self.state.best_epoch
         metrics["seconds"] = time.perf_counter() - start
+        metrics["cpu_seconds"] = time.process_time() - cpu_start  # this process, all threads: robust to other load
         metrics["images_per_s"] = images / train_seconds if train_seconds > 0 else math.nan
         metrics["finished_at"] = time.time()  # wall clock: epoch-to-epoch throughput including checkpoints
         self.state.epoch = epoch
