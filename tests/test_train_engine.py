@@ -182,3 +182,43 @@ def test_trainer_reports_every_console_column(synth_dataset, make_train_config):
     row = console_row(metrics)
     assert len(row) == len(console_header()) and row.split()[0] == "1"
     yaml.safe_dump(metrics)  # plain Python numbers only
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_autocast_on_cuda(capsys):
+    from raydefect.engine.loop import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is None
+    assert "applies on GPUs" in capsys.readouterr().err
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+@pytest.mark.gpu
+def test_cuda_epoch_in_bf16(synth_dataset, make_train_config):
+    from raydefect.engine.fit import training_rows
+
+    cfg = make_train_config(synth_dataset.root)
+    train, val, counts = training_rows(cfg, synth_dataset)
+    trainer = Trainer(cfg, synth_dataset.class_names, counts, device="cuda")
+    assert trainer.amp_dtype is torch.bfloat16
+    metrics = trainer.run_epoch(1, train, val)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+
+
+def test_a_resumed_run_takes_its_weights_from_the_checkpoint(synth_dataset, make_train_config, tmp_path):
+    from raydefect.engine.run import check_resumable
+
+    cfg = make_train_config(
+        synth_dataset.root, tmp_path, "schedule.frozen_epochs=2", "schedule.partial_epochs=0", "schedule.full_epochs=0"
+    )
+
+    def crash(metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, synth_dataset, tmp_path / "run", device="cpu", export=False, on_epoch=crash)
+    # now the same run asks for pretrained weights that cannot be had (test-tiny has none): resuming must not care
+    again = cfg.replace(**{"model.pretrained": True})
+    assert check_resumable(tmp_path / "run", again)
+    assert fit(again, synth_dataset, tmp_path / "run", device="cpu", export=False).epochs_run == [2]

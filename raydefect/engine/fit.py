@@ -73,8 +73,8 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
-    trainer = Trainer(cfg, ds.class_names, counts, device=device)
     checkpoints = list_checkpoints(run_dir) if resume else {}
+    trainer = Trainer(cfg, ds.class_names, counts, device=device, load_weights=not checkpoints)
     if checkpoints:
         last = max(checkpoints)
         trainer.restore(checkpoints[last])

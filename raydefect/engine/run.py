@@ -82,8 +82,9 @@ def prepare_runs_dir(runs_dir: str | Path) -> Path:
     return root
 
 
-#: Keys that may change when a run is resumed: resources, patience, more epochs, I/O settings. Everything else
-#: (model, data, optimiser...) would make the checkpoint mean something else. tune/score sections do not matter.
+#: Keys that may change when a run is resumed: resources, patience, more epochs, I/O, where the initial weights came
+#: from. Everything else (model, data, optimiser...) would make the checkpoint mean something else; the tune and
+#: score sections do not matter to a training.
 RESUMABLE_CHANGES = (
     "resources.",
     "tune.",
@@ -96,6 +97,8 @@ RESUMABLE_CHANGES = (
     "schedule.partial_epochs",
     "schedule.full_epochs",
     "schedule.patience",
+    "model.pretrained",  # a resumed run loads its weights from the checkpoint
+    "model.weights",
 )
 
 

@@ -136,14 +136,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.from_dict(config["config"], source="train_loop_config")
     torch.set_num_threads(int(config["threads"]))
     rank = ray.train.get_context().get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
     trainer = Trainer(
         cfg,
         config["class_names"],
         config["class_counts"],
         device=get_device(),
         wrap_model=lambda m: prepare_model(m, move_to_device=False),
+        load_weights=checkpoint is None,  # resuming: the checkpoint has the weights, no need for the hub or file
     )
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.restore(folder)
@@ -278,7 +279,6 @@ def run_training(
     dataset = load_dataset(cfg.data.dataset)
     train_rows, val_rows, counts = training_rows(cfg, dataset)
     check_metric(cfg, dataset.class_names)
-    check_weights_available(cfg.model)
     if len(train_rows) < cfg.resources.num_workers:
         raise DataError(
             f"{dataset.root}: {len(train_rows)} training images for {cfg.resources.num_workers} workers; use fewer "
@@ -292,6 +292,8 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
     done_before = max(list_checkpoints(run_dir), default=0)
+    if not done_before:
+        check_weights_available(cfg.model)  # a resumed run takes its weights from the checkpoint
 
     if done_before and _finished(run_dir, done_before, cfg):
         return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, show_progress)
