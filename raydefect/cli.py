@@ -608,6 +608,156 @@ def export_cmd(
     console.result(f"contract: {report.sidecar}")
 
 
+# --- training (issue 3) ------------------------------------------------------------------------------------------
+
+
+def _parse_epochs(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """``8`` (total, spread over the stages) or ``2,2,4`` (per stage)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) not in (1, 3) or min(parts) < 0 or sum(parts) < 1:
+        raise click.BadParameter(f"{value!r}: expected a total like 8 or per-stage epochs like 2,2,4")
+    return parts
+
+
+def train_config(
+    ctx: click.Context,
+    config_name: str,
+    sets: tuple[str, ...],
+    options: dict[str, Any],
+    epochs: tuple[int, ...] | None = None,
+    freeze_backbone: bool = False,
+):
+    """The config of a training: a re-used --name starts from that run's saved config.yaml (so the same command,
+    or just --name, resumes it) unless --config is given; then explicit options, --epochs / --freeze-backbone,
+    and --set."""
+    from pathlib import Path
+
+    from raydefect.engine.run import CONFIG_FILE
+    from raydefect.engine.schedule import split_epochs
+
+    cfg = build_config(config_name, sets, **options)
+    explicit_config = ctx.get_parameter_source("config_name") is not click.core.ParameterSource.DEFAULT
+    if cfg.train.name and not explicit_config:
+        saved = Path(cfg.train.runs_dir).expanduser() / cfg.train.name / CONFIG_FILE
+        if saved.is_file():
+            config_name = str(saved)
+            cfg = build_config(config_name, sets, **options)
+    if epochs is None and not freeze_backbone:
+        return cfg
+    sched = cfg.schedule
+    if freeze_backbone:
+        total = epochs[0] if epochs and len(epochs) == 1 else (sched.frozen_epochs or sched.total_epochs)
+        if epochs and len(epochs) == 3:
+            raise click.BadParameter("with --freeze-backbone give one number of epochs", param_hint="--epochs")
+        stages = (total, 0, 0)
+    elif epochs is not None and len(epochs) == 3:
+        stages = epochs
+    else:
+        stages = split_epochs(epochs[0], sched)  # type: ignore[index]
+    keys = ("schedule.frozen_epochs", "schedule.partial_epochs", "schedule.full_epochs")
+    return build_config(config_name, sets, **options, **dict(zip(keys, stages, strict=True)))
+
+
+@cli.command("train")
+@config_options
+@click.option("--data", type=click.Path(), help="Prepared dataset folder (`raydefect prepare --out`).")
+@click.option("--name", help="Run name: output in <runs_dir>/<name>/; re-using a name resumes that run.")
+@click.option("--backbone", help="Backbone from `raydefect models`, e.g. dinov3-s, dinov3-b, dinov2-s.")
+@click.option(
+    "--epochs",
+    callback=_parse_epochs,
+    metavar="N|A,B,C",
+    help="Total epochs (spread over the three stages as configured) or epochs per stage: frozen,partial,full.",
+)
+@click.option("--freeze-backbone", is_flag=True, help="Stage 1 only: train the heads on a frozen backbone.")
+@click.option("--num-workers", type=click.IntRange(1), help="Data-parallel Ray Train workers [resources.num_workers].")
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(0, min_open=True),
+    help="GPUs per worker when the cluster has GPUs [resources.gpus_per_worker].",
+)
+@click.option(
+    "--cpus-per-worker",
+    type=click.FloatRange(0, min_open=True),
+    help="CPUs per worker; on CPU-only machines also torch's threads [resources.cpus_per_worker].",
+)
+@click.option("--batch-size", type=click.IntRange(1), help="Images per batch per worker [train.batch_size].")
+@click.option("--lr", type=float, help="Peak backbone learning rate [optim.lr].")
+@click.option("--image-size", type=click.IntRange(16), help="Side the model sees, a multiple of the patch size.")
+@click.pass_context
+def train_cmd(
+    ctx: click.Context,
+    config_name: str,
+    sets: tuple[str, ...],
+    data: str | None,
+    name: str | None,
+    backbone: str | None,
+    epochs: tuple[int, ...] | None,
+    freeze_backbone: bool,
+    num_workers: int | None,
+    gpus_per_worker: float | None,
+    cpus_per_worker: float | None,
+    batch_size: int | None,
+    lr: float | None,
+    image_size: int | None,
+) -> None:
+    """Fine-tune a defect model on a prepared dataset with Ray Train; write runs/<name>/ and its model/.
+
+    \b
+    Stages: 1 frozen backbone (heads only), 2 last blocks unfrozen, 3 full fine-tune (schedule.* epochs).
+    Output: config.yaml, metrics.csv, plots/, checkpoints, model/ (thresholds chosen on val), test_metrics.json.
+    Re-running the same --name resumes from its last checkpoint; --address runs it on a Ray cluster.
+    """
+    from pathlib import Path
+
+    from raydefect import console
+    from raydefect.pipelines.train import train
+
+    options = {
+        "data.dataset": str(Path(data).expanduser().absolute()) if data else None,
+        "train.name": name,
+        "model.backbone": backbone,
+        "resources.num_workers": num_workers,
+        "resources.gpus_per_worker": gpus_per_worker,
+        "resources.cpus_per_worker": cpus_per_worker,
+        "train.batch_size": batch_size,
+        "optim.lr": lr,
+        "data.image_size": image_size,
+    }
+    cfg = train_config(ctx, config_name, sets, options, epochs, freeze_backbone)
+    result = train(cfg, address=ctx.obj.address)
+    best = result.best_metrics
+    metric = cfg.schedule.metric
+
+    def f(value: Any) -> str:
+        return "-" if value is None or value != value else f"{value:.3f}"
+
+    console.result("")
+    console.result(
+        f"best epoch {result.best_epoch} of {len(result.history)}: {metric} {f(best.get(metric))} "
+        f"(val_f1 {f(best.get('val_f1'))}, val_iou {f(best.get('val_iou'))}, val_dice {f(best.get('val_dice'))})"
+        + ("; stopped early" if result.stopped_early else "")
+    )
+    export = result.export
+    if export is not None:
+        t = export.test_metrics
+        if t:
+            console.result(
+                f"test: f1 {f(t.get('test_f1'))}  ap {f(t.get('test_ap'))}  auroc {f(t.get('test_auroc'))}  "
+                f"iou {f(t.get('test_iou'))}  dice {f(t.get('test_dice'))}  at thresholds image "
+                f"{export.thresholds['image']:.3g}, pixel {export.thresholds['pixel']:.3g}"
+            )
+        console.result(f"model:   {export.model_dir} (id {export.model_id})")
+        if export.test_metrics_path is not None:
+            console.result(f"test:    {export.test_metrics_path}")
+    console.result(f"metrics: {result.run_dir / 'metrics.csv'} (plots in {result.run_dir / 'plots'})")
+
+
 def main() -> None:
     cli(prog_name="raydefect")
 

@@ -61,3 +61,7 @@ class StudyError(RaydefectError):
 
 class OutputError(RaydefectError):
     """An output location cannot be written (permissions, disk full, locked by another run)."""
+
+
+class TrainingError(RaydefectError):
+    """A training run failed on its workers beyond its retries; the message says how to resume."""

@@ -18,4 +18,8 @@ raydefect prepare \
   --split 0.8,0.1,0.1 --seed 0 \
   --out "$OUT/dataset"
 
+echo "== 3. train: a tiny random-init ViT from scratch on Ray Train (configs/demo.yaml: 64 px, 8 epochs, 3 stages)"
+raydefect train --config demo --data "$OUT/dataset" --set train.runs_dir="$OUT/runs"
+
 echo "== done: dataset in $OUT/dataset, archive to score in $OUT/raw/archive"
+echo "        model artifact in $OUT/runs/demo/model (metrics.csv, plots/ and test_metrics.json beside it)"

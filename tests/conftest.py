@@ -121,3 +121,42 @@ def synth_archive(tmp_path_factory) -> dict:
     from raydefect.data.synth import generate_archive
 
     return generate_archive(tmp_path_factory.mktemp("synth") / "archive", 40, SYNTH_SIZE, seed=0, n_corrupt=3)
+
+
+# --- training (issue 3 §3/§4): a tiny, fast training config for the synthetic data --------------------------------
+
+TINY_TRAIN_SETS = (
+    "model.backbone=test-tiny",
+    "model.pretrained=false",
+    "model.decoder_dim=32",
+    "model.head_hidden=32",
+    "model.drop_path_rate=0.0",
+    "data.image_size=32",
+    "data.loader_threads=1",
+    "optim.lr=0.003",
+    "optim.head_lr=0.003",
+    "schedule.frozen_epochs=1",
+    "schedule.partial_epochs=1",
+    "schedule.full_epochs=1",
+    "schedule.warmup_epochs=0",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+)
+
+
+def tiny_train_config(dataset=None, runs_dir=None, *sets: str):
+    """A `Config` that trains `test-tiny` at 32 px in seconds (3 epochs: one per stage); `sets` override it."""
+    from raydefect.config import load_config
+
+    extra = []
+    if dataset is not None:
+        extra.append(f"data.dataset={dataset}")
+    if runs_dir is not None:
+        extra.append(f"train.runs_dir={runs_dir}")
+    return load_config(None, sets=[*TINY_TRAIN_SETS, *extra, *sets])
+
+
+@pytest.fixture(scope="session")
+def make_train_config():
+    """`tiny_train_config(dataset=None, runs_dir=None, *sets)` as a fixture (training and tuning tests)."""
+    return tiny_train_config

@@ -233,3 +233,45 @@ def load_weights_file(model: nn.Module, path: str | Path, spec: BackboneSpec) ->
         )
     model.load_state_dict(converted, strict=True)
     console.debug(f"loaded {len(converted)} tensors from {p} into {spec.name}")
+
+
+def check_weights_available(model_cfg: Any) -> None:
+    """Cheap pre-flight on the driver, before workers start: the weights a `ModelConfig` asks for can be had.
+
+    ``model.weights``: the file exists and has a known extension (whether it fits is checked when loading).
+    ``model.pretrained``: the backbone has pretrained weights and, with ``HF_HUB_OFFLINE`` set, they are in the local
+    Hugging Face cache. Raises the same `WeightsError` the worker would, without reading tensors or downloading.
+    """
+    from raydefect.models.backbones import resolve_backbone
+
+    spec = resolve_backbone(model_cfg.backbone)
+    if model_cfg.weights:
+        p = Path(model_cfg.weights).expanduser()
+        if not p.exists():
+            raise WeightsError(f"model.weights: file not found: {p} (fix the path, or drop model.weights)")
+        if p.is_dir():
+            raise WeightsError(f"model.weights: {p} is a folder; point to the weights file inside it")
+        if p.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+            raise WeightsError(
+                f"model.weights: {p} has an unknown extension '{p.suffix}'; expected .safetensors (timm) or .pth (Meta)"
+            )
+        return
+    if not model_cfg.pretrained:
+        return
+    if not spec.has_pretrained:
+        raise WeightsError(
+            f"model.backbone '{spec.name}' is random-init only and has no pretrained weights; "
+            "set --set model.pretrained=false (or pick a DINOv3/DINOv2 backbone from `raydefect models`)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return  # online: the hub decides (a failure in the worker is reported with the same fix)
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = spec.hf_hub_id
+    if not any(
+        isinstance(try_to_load_from_cache(repo, name), str) for name in ("model.safetensors", "pytorch_model.bin")
+    ):
+        raise WeightsError(
+            f"cannot get pretrained weights for {spec.name} ({repo}): HF_HUB_OFFLINE is set and they are not in the "
+            f"local cache. Fix: {how_to_get(spec)}"
+        )

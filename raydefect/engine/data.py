@@ -1,0 +1,317 @@
+"""Manifest rows -> augmented, normalised tensor batches, the same way in plain PyTorch and in Ray Train workers.
+
+Rows are plain dicts (`ROW_COLUMNS`), cheap to ship through Ray Data. Each sample is decoded with
+`raydefect.imaging` and, for training, augmented with the mask alongside (random scale-crop, flips, 90-degree
+rotations: bilinear for the image, nearest for the mask; then brightness/contrast on the image only). Validation
+and test images go through `raydefect.inference.Preprocessor`, exactly what inference does (whole image resized to
+``data.image_size``), so validation thresholds hold at inference.
+
+Augmentation is deterministic: each draw uses its own RNG seeded by (seed, epoch, rank, position in the epoch), so a
+resumed run or a different number of loader threads sees the very same pixels. Decoding runs on a small thread pool
+(`iterate_batches`) that prefetches the next batches while the model computes: Pillow and numpy release the GIL,
+and unlike DataLoader worker processes, threads neither fork inside Ray workers nor compete with torch's own
+threads for the few cores of a CPU node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from raydefect import console
+from raydefect.config import DataConfig
+from raydefect.errors import DataError, ImageError
+from raydefect.imaging import decode_image, decode_mask
+from raydefect.inference import Preprocessor
+
+if TYPE_CHECKING:
+    import torch
+
+    from raydefect.data.manifest import Dataset
+
+#: The columns of a training row (what crosses Ray Data). ``key`` is a stable integer per image (from its SHA-1);
+#: ``mask_valid`` is False for a defect image whose mask is missing or empty (its pixels are unknown).
+ROW_COLUMNS = ("image", "mask", "label", "class_id", "key", "mask_valid")
+
+
+def _key(sha1: Any, path: str) -> int:
+    text = str(sha1) if isinstance(sha1, str) and sha1 else path
+    if len(text) >= 15 and all(c in "0123456789abcdef" for c in text[:15].lower()):
+        return int(text[:15], 16)
+    return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
+
+
+def manifest_rows(dataset: Dataset, split: str, *, required: bool = True) -> list[dict[str, Any]]:
+    """The rows of one split as training rows; ``required`` makes an empty split a `DataError` naming the fix."""
+    df = dataset.split(split) if required else dataset.frame(split)
+    names = dataset.class_names
+    index = {name: i for i, name in enumerate(names)}
+    rows = []
+    for rec in df.to_dict("records"):
+        cls = str(rec["defect_class"])
+        label = int(rec["label"])
+        if cls not in index:  # load_dataset checked this; keep the error clear anyway
+            raise DataError(f"{dataset.root}: class {cls!r} is not in dataset.yaml; re-run `raydefect prepare`")
+        class_id = index[cls]
+        if (class_id == 0) != (label == 0):
+            raise DataError(
+                f"{rec['image']}: label {label} disagrees with class {cls!r} in {dataset.root}; "
+                "re-run `raydefect prepare`"
+            )
+        mask = rec.get("mask")
+        mask = None if mask is None or (isinstance(mask, float) and math.isnan(mask)) else str(mask)
+        fraction = rec.get("mask_fraction")
+        has_pixels = fraction is None or not (isinstance(fraction, float) and fraction == 0.0)
+        rows.append(
+            {
+                "image": str(rec["image"]),
+                "mask": mask,
+                "label": label,
+                "class_id": class_id,
+                "key": _key(rec.get("sha1"), str(rec["image"])),
+                "mask_valid": label == 0 or (mask is not None and has_pixels),
+            }
+        )
+    return rows
+
+
+def subset_rows(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+    """A stratified, deterministic fraction of the rows (multi-fidelity tuning): per class, ``ceil(fraction * n)``
+    rows in the order of a hash of (seed, key), so a larger fraction keeps the smaller one's rows."""
+    if fraction >= 1.0:
+        return list(rows)
+    by_class: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_class.setdefault(int(row["class_id"]), []).append(row)
+    out: list[dict[str, Any]] = []
+    for _cls, members in sorted(by_class.items()):
+        members = sorted(members, key=lambda r: hashlib.sha1(f"{seed}:{r['key']}".encode()).digest())
+        out += members[: max(1, math.ceil(fraction * len(members)))]
+    return sorted(out, key=lambda r: r["key"])
+
+
+def class_counts(rows: Sequence[dict[str, Any]], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for row in rows:
+        counts[int(row["class_id"])] += 1
+    return counts
+
+
+def epoch_order(
+    rows: Sequence[dict[str, Any]], epoch: int, seed: int, rank: int = 0, balanced: bool = False
+) -> np.ndarray:
+    """Indices of one epoch: a permutation, or with ``balanced`` as many draws with replacement, each class equally
+    likely (defects are rare). Seeded by (seed, epoch, rank)."""
+    n = len(rows)
+    rng = np.random.default_rng([seed, epoch, rank, 11])
+    if not balanced or n == 0:
+        return rng.permutation(n)
+    ids = np.asarray([int(r["class_id"]) for r in rows])
+    counts = np.bincount(ids)
+    weights = 1.0 / counts[ids]
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+class Augmenter:
+    """Mask-aligned geometric augmentation plus photometric jitter, from `DataConfig`."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.size = cfg.image_size
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 HxWx3 and bool HxW -> float32 SxSx3 in [0, 255] and bool SxS."""
+        cfg, s = self.cfg, self.size
+        h, w = mask.shape
+        box = (0.0, 0.0, float(w), float(h))
+        if cfg.scale_min < 1.0:
+            side = rng.uniform(cfg.scale_min, 1.0)
+            cw, ch = w * side, h * side
+            x0, y0 = rng.uniform(0.0, w - cw), rng.uniform(0.0, h - ch)
+            box = (x0, y0, x0 + cw, y0 + ch)
+        img = np.asarray(Image.fromarray(image).resize((s, s), Image.Resampling.BILINEAR, box=box))
+        msk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((s, s), Image.Resampling.NEAREST, box=box))
+        msk = msk >= 128
+        if cfg.hflip and rng.random() < 0.5:
+            img, msk = img[:, ::-1], msk[:, ::-1]
+        if cfg.vflip and rng.random() < 0.5:
+            img, msk = img[::-1], msk[::-1]
+        if cfg.rot90:
+            k = int(rng.integers(4))
+            img, msk = np.rot90(img, k), np.rot90(msk, k)
+        out = img.astype(np.float32)
+        if cfg.contrast > 0 or cfg.brightness > 0:
+            c = rng.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast) if cfg.contrast > 0 else 1.0
+            b = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0 if cfg.brightness > 0 else 0.0
+            mean = float(out.mean())
+            out = np.clip((out - mean) * c + mean + b, 0.0, 255.0)
+        return np.ascontiguousarray(out), np.ascontiguousarray(msk)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool HxW -> bool size x size, nearest (labels are never interpolated)."""
+    if mask.shape == (size, size):
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(img) >= 128
+
+
+@dataclass
+class SampleSource:
+    """Decodes (and for training augments) one row into model inputs. Stateless apart from its settings."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    augment: DataConfig | None = None  # None: evaluation preprocessing (= inference)
+    max_pixels: int = 178_956_970
+    _pre: Preprocessor = field(init=False, repr=False)
+    _aug: Augmenter | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pre = Preprocessor(image_size=self.image_size, mean=self.mean, std=self.std)
+        self._aug = Augmenter(self.augment) if self.augment is not None and self.augment.augment else None
+
+    @classmethod
+    def for_config(cls, cfg: Any, train: bool) -> SampleSource:
+        """Training (augmenting) or evaluation source for a `Config`, normalised for its backbone."""
+        from raydefect.models.backbones import resolve_backbone
+
+        spec = resolve_backbone(cfg.model.backbone)
+        return cls(
+            cfg.data.image_size,
+            spec.mean,
+            spec.std,
+            augment=cfg.data if train else None,
+            max_pixels=cfg.data.max_image_pixels,
+        )
+
+    def load(self, row: dict[str, Any], seed: Sequence[int] = (0,)) -> dict[str, Any]:
+        """One sample: image float32 [3, S, S], mask bool [S, S], mask_valid, label, class_id.
+
+        Raises `ImageError` for an unreadable image or mask (the loader records it and goes on).
+        """
+        image = decode_image(row["image"], mode="RGB", max_pixels=self.max_pixels)
+        valid = bool(row["mask_valid"])
+        if row["mask"] is not None and valid:
+            mask = decode_mask(row["mask"], max_pixels=self.max_pixels).array
+            if mask.shape != image.shape[:2]:
+                raise ImageError(
+                    row["mask"],
+                    f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}",
+                    "re-run `raydefect prepare`",
+                )
+        else:
+            mask = np.zeros(image.shape[:2], dtype=bool)
+        if self._aug is not None:
+            img, msk = self._aug(image, mask, np.random.default_rng(list(seed)))
+            x = self._pre.normalize(img)
+        else:
+            x = self._pre(image)
+            msk = resize_mask(mask, self.image_size)
+        return {
+            "image": x,
+            "mask": msk,
+            "mask_valid": valid,
+            "label": int(row["label"]),
+            "class_id": int(row["class_id"]),
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples]).astype(np.float32, copy=False)),
+        "mask": torch.from_numpy(np.stack([s["mask"] for s in samples])[:, None].astype(np.float32)),
+        "mask_valid": torch.tensor([s["mask_valid"] for s in samples], dtype=torch.bool),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+    }
+
+
+@dataclass
+class LoadStats:
+    """What the loader skipped: (path, reason) per unreadable image, so a long run reports instead of dying."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, err: ImageError, row: dict[str, Any]) -> None:
+        path = err.path or row["image"]
+        if not any(p == path for p, _ in self.skipped):
+            console.warn(f"skipping {path}: {err.reason}")
+        self.skipped.append((path, err.reason))
+
+
+def iterate_batches(
+    source: SampleSource,
+    rows: Sequence[dict[str, Any]],
+    order: Sequence[int] | np.ndarray,
+    batch_size: int,
+    *,
+    threads: int = 2,
+    prefetch_batches: int = 2,
+    seed: Sequence[int] = (0,),
+    stats: LoadStats | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``rows[order]`` in order, decoded on ``threads`` threads (0: inline), prefetching ahead.
+
+    Sample ``j`` of the order draws its augmentation from ``seed + (j,)``. Unreadable images are skipped (recorded
+    in ``stats``); a batch whose every image fails raises `DataError`, since then the data are gone, not one file.
+    """
+    stats = stats if stats is not None else LoadStats()
+    order = [int(i) for i in order]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    offsets = list(range(0, len(order), batch_size))
+
+    def load(j: int, i: int) -> dict[str, Any] | None:
+        try:
+            return source.load(rows[i], (*seed, j))
+        except ImageError as e:
+            stats.add(e, rows[i])
+            return None
+
+    def assemble(samples: list[dict[str, Any] | None], idx: list[int]) -> dict[str, torch.Tensor]:
+        good = [s for s in samples if s is not None]
+        if not good:
+            first = stats.skipped[-1] if stats.skipped else ("?", "?")
+            raise DataError(
+                f"every image of a batch failed to load ({len(idx)} images, e.g. {first[0]}: {first[1]}); the dataset "
+                "files moved or changed since `raydefect prepare`: re-run it"
+            )
+        return collate(good)
+
+    if threads <= 0:
+        for off, idx in zip(offsets, batches, strict=True):
+            yield assemble([load(off + k, i) for k, i in enumerate(idx)], idx)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raydefect-load") as pool:
+        pending: deque[tuple[list[int], list[Future]]] = deque()
+        nxt = 0
+
+        def submit() -> None:
+            nonlocal nxt
+            if nxt < len(batches):
+                idx, off = batches[nxt], offsets[nxt]
+                pending.append((idx, [pool.submit(load, off + k, i) for k, i in enumerate(idx)]))
+                nxt += 1
+
+        for _ in range(max(1, prefetch_batches)):
+            submit()
+        try:
+            while pending:
+                idx, futures = pending.popleft()
+                submit()
+                yield assemble([f.result() for f in futures], idx)
+        finally:
+            for _, futures in pending:
+                for f in futures:
+                    f.cancel()
