@@ -105,7 +105,7 @@ def test_resolve_input_kinds_and_errors(tmp_path):
     assert manifest_column(["only"], "m.csv") == "only"
     with pytest.raises(DataError, match="name the column"):
         manifest_column(["a", "b"], "m.csv")
-    assert join_location("/data/m/list.txt".rsplit("/", 1)[0], "x/a.png") == "/data/m/x/a.png"
+    assert join_location("/data/m", "x/a.png") == "/data/m/x/a.png"
     assert join_location("s3://b/m", "x/a.png") == "s3://b/m/x/a.png"
     assert join_location("/data", "s3://b/a.png") == "s3://b/a.png"
 
@@ -301,10 +301,10 @@ def test_open_refuses_foreign_and_unwritable_folders(tmp_path):
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
     store = ScoreStore(str(tmp_path / "out"))
     store.open()
-    with store.lock("first"):
-        with pytest.raises(OutputError, match=r"locked by run first \(pid \d+ on host .+, started "):
-            with ScoreStore(str(tmp_path / "out")).lock("second"):
-                pass
+    second = ScoreStore(str(tmp_path / "out"))
+    busy = r"locked by run first \(pid \d+ on host .+, started "
+    with store.lock("first"), pytest.raises(OutputError, match=busy), second.lock("second"):
+        pass
     with store.lock("third"):  # released
         pass
     # a holder killed with SIGKILL releases the lock (the kernel drops the flock)
@@ -321,9 +321,8 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match="locked by run held"):
-            with store.lock("fourth"):
-                pass
+        with pytest.raises(OutputError, match="locked by run held"), store.lock("fourth"):
+            pass
     finally:
         proc.kill()
         proc.wait()
@@ -352,7 +351,7 @@ def test_read_scores_history_latest_summary_and_selection(tmp_path, scored_rows,
     current = read_scores(str(tmp_path / "out"))
     assert history.num_rows == first.num_rows + 1 and current.num_rows == first.num_rows
     path0 = first.column("path")[0].as_py()
-    row0 = [r for r in current.to_pylist() if r["path"] == path0][0]
+    row0 = next(r for r in current.to_pylist() if r["path"] == path0)
     assert row0["run_id"] == "r2" and row0["size"] == 123456
     s = summarize(str(tmp_path / "out"), top=3)
     n_err = synth_archive["corrupt"]
