@@ -410,6 +410,7 @@ def prepare_cmd(
     metavar="NAME",
     help="With --submit: copy this environment variable into the job's runtime_env (by name; repeatable).",
 )
+@click.option("--dry-run", is_flag=True, help="Only list the images a run would score now (new or changed).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the run summary as JSON.")
 @click.pass_obj
 def score_cmd(
@@ -426,6 +427,7 @@ def score_cmd(
     rows_per_file: int | None,
     submit: bool,
     env_names: tuple[str, ...],
+    dry_run: bool,
     json_path: str | None,
 ) -> None:
     """Score an archive of images into Parquet: one row per image with scores, class and mask (PNG).
@@ -452,6 +454,17 @@ def score_cmd(
         job_id = submit_job(state.address, argv, env_names)
         console.result(f"submitted job {job_id} to {state.address}")
         console.info(f"follow it with: ray job logs --address {state.address} --follow {job_id}")
+        return
+    if dry_run:
+        from raydefect.pipelines.score import list_pending
+
+        pending = list_pending(model, input_, out, cfg, rescore=rescore, address=state.address)
+        for path in pending.column("path").to_pylist()[:20]:
+            console.info(path)
+        more = pending.num_rows - 20
+        if more > 0:
+            console.info(f"... and {more:,} more")
+        console.result(f"{pending.num_rows:,} image(s) would be scored into {out}")
         return
     from raydefect.pipelines.score import run_score
 

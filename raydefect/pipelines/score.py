@@ -285,6 +285,84 @@ def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: st
     )
 
 
+@dataclass
+class _Setup:
+    meta: Any
+    storage: Storage
+    spec: InputSpec
+    store: ScoreStore
+    model: str
+
+
+def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
+    """Everything checked before Ray starts: model, input, output (clear errors, no cluster needed)."""
+    from raydefect.models.artifact import read_artifact_meta
+
+    storage = Storage(sc.endpoint_override)
+    if is_remote(model):
+        model = _fetch_model(model, storage)
+    meta = read_artifact_meta(model)
+    if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
+        meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
+    spec = resolve_input(input, storage)
+    return _Setup(meta, storage, spec, ScoreStore(out, storage), model)
+
+
+def _ray_data_quiet() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = console.verbosity() >= 1
+    ctx.print_on_execution_start = console.verbosity() >= 1
+    if console.verbosity() < 1:  # Ray Data's own INFO lines and progress-bar notes only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict[str, Any]:
+    """Forward credentials (score.forward_env, by name) to workers when a path is remote."""
+    env = {k: os.environ[k] for k in sc.forward_env if k in os.environ}
+    remote = is_remote(input) or is_remote(out) or spec.kind == "manifest"
+    return {"runtime_env": {"env_vars": env}} if env and remote else {}
+
+
+def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any) -> Any:
+    """listing -> drop what is already scored (stat key): the images a run will score."""
+    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args)
+    return ds.map_batches(
+        _filter_known,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"known": known_ref, "model_id": s.meta.model_id, "key_mode": sc.incremental_key,
+                   "counter": counter},
+        **remote_args,
+    )  # fmt: skip
+
+
+def list_pending(
+    model: str, input: str, out: str, cfg: Config | None = None, *, rescore: bool = False, address: str | None = None
+) -> pa.Table:
+    """Dry run: the images a run would score now (path, size, mtime_ns, error), without scoring or writing.
+
+    With ``score.incremental_key=hash`` files whose path is known are listed too: their content is compared only
+    when they are read during a run.
+    """
+    import ray
+
+    from raydefect.pipelines.cluster import connect
+
+    sc = (cfg or Config()).score
+    s = _setup(model, input, out, sc)
+    connect(address)
+    _ray_data_quiet()
+    known = KeySet()
+    if not rescore and s.store.exists():
+        known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
+    known_ref = [ray.put(known.array)] if len(known) else []
+    ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None)
+    parts = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    return pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
+
+
 def run_score(
     model: str,
     input: str,
@@ -298,34 +376,20 @@ def run_score(
     """Score every new or changed image of `input` with the model artifact `model` into the scores folder `out`."""
     import ray
 
-    from raydefect.models.artifact import read_artifact_meta
     from raydefect.pipelines.cluster import cluster_gpus, connect
 
     cfg = cfg or Config()
     sc = cfg.score
-    storage = Storage(sc.endpoint_override)
-    if is_remote(model):
-        model = _fetch_model(model, storage)
-    meta = read_artifact_meta(model)
-    if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
-        meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
-    spec = resolve_input(input, storage)
-    store = ScoreStore(out, storage)
+    s = _setup(model, input, out, sc)
+    meta, storage, store = s.meta, s.storage, s.store
     store.open()
     run_id = new_run_id()
     report = ScoreReport(run_id, meta.model_id, store.out, input)
     with store.lock(run_id):
         report.recovery = store.recover(run_id)
         connect(address)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = console.verbosity() >= 1
-        ctx.print_on_execution_start = console.verbosity() >= 1
-        if console.verbosity() < 1:  # Ray Data's own INFO lines and progress-bar notes only with -v
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
-        env = {k: os.environ[k] for k in sc.forward_env if k in os.environ}
-        remote = is_remote(input) or is_remote(out) or spec.kind == "manifest"
-        remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env and remote else {}
-
+        _ray_data_quiet()
+        remote_args = _remote_args(sc, input, out, s.spec)
         known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors)
         console.info(
             f"scoring {input} with model {meta.model_id} into {store.out} (run {run_id}; "
@@ -341,15 +405,7 @@ def run_score(
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 
-        ds = _listing_dataset(spec, storage, sc, out, remote_args)
-        ds = ds.map_batches(
-            _filter_known,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"known": known_ref, "model_id": meta.model_id, "key_mode": sc.incremental_key,
-                       "counter": counter},
-            **remote_args,
-        )  # fmt: skip
+        ds = _pending(s, sc, out, remote_args, known_ref, counter)
         ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
         ds = ds.map_batches(
             _decode,
@@ -373,7 +429,7 @@ def run_score(
             num_gpus=num_gpus,
             num_cpus=sc.actor_cpus,
             fn_constructor_kwargs={
-                "artifact": _artifact_files(model),
+                "artifact": _artifact_files(s.model),
                 "model_id": meta.model_id,
                 "device": "cuda" if num_gpus else "cpu",
                 "precision": sc.precision,
