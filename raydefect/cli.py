@@ -448,10 +448,11 @@ def score_cmd(
         **{"score.batch_size": batch_size, "score.model_actors": actors, "score.rows_per_file": rows_per_file},
     )
     if submit:
-        from raydefect.pipelines.submit import score_argv, submit_job
+        from raydefect.pipelines.submit import submit_score
 
-        argv = score_argv(model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors)
-        job_id = submit_job(state.address, argv, env_names)
+        job_id = submit_score(
+            state.address, model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, env_names=env_names
+        )
         console.result(f"submitted job {job_id} to {state.address}")
         console.info(f"follow it with: ray job logs --address {state.address} --follow {job_id}")
         return

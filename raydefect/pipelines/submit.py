@@ -49,8 +49,7 @@ def score_argv(
     return argv
 
 
-def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str] = ()) -> str:
-    """Submit `argv` as a Ray job at the dashboard `address` (http://head:8265); returns the job id."""
+def check_submission(address: str | None, env_names: Sequence[str] = ()) -> None:
     if not address or not address.startswith(("http://", "https://")):
         raise ClusterError(
             f"--submit needs the cluster's dashboard address, e.g. --address http://head:8265 (got {address!r})"
@@ -58,11 +57,33 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
     missing = [n for n in env_names if n not in os.environ]
     if missing:
         raise ConfigError(f"--env {', '.join(missing)}: not set in this environment; export it or drop --env")
+
+
+def submit_score(
+    address: str | None,
+    model: str,
+    input: str,
+    out: str,
+    cfg: Config,
+    *,
+    rescore: bool = False,
+    retry_errors: bool = False,
+    env_names: Sequence[str] = (),
+) -> str:
+    """`raydefect score ...` as a job on the cluster at `address`; returns the job id."""
+    check_submission(address, env_names)
+    argv = score_argv(model, input, out, cfg, rescore=rescore, retry_errors=retry_errors)
+    return submit_job(address, argv, env_names)
+
+
+def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str] = ()) -> str:
+    """Submit `argv` as a Ray job at the dashboard `address` (http://head:8265); returns the job id."""
+    check_submission(address, env_names)
     from ray.job_submission import JobSubmissionClient
 
     runtime_env = {"env_vars": {n: os.environ[n] for n in env_names}} if env_names else None
     try:
         client = JobSubmissionClient(address)
-        return client.submit_job(entrypoint=shlex.join(argv), runtime_env=runtime_env)
+        return client.submit_job(entrypoint=shlex.join(list(argv)), runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot submit to {address}: {e}; check the address and that the dashboard runs") from None

@@ -219,6 +219,8 @@ def resolve_input(text: str, storage: Storage) -> InputSpec:
     except OSError as e:
         raise DataError(f"--input {text}: cannot read it ({e}); check the path and the credentials") from None
     if info.type == pafs.FileType.Directory:
+        if not fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            raise DataError(f"--input {text} is an empty folder; pass the folder that holds the images")
         return InputSpec("dir", text, scheme, path.rstrip("/") or "/")
     if info.type == pafs.FileType.File:
         fmt = MANIFEST_SUFFIXES.get(Path(path).suffix.lower())
