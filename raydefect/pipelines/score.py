@@ -70,6 +70,7 @@ class ScoreReport:
     seconds: float = 0.0
     nodes: dict[str, int] = field(default_factory=dict)
     recovery: Recovery = field(default_factory=Recovery)
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
 
     @property
     def images_per_s(self) -> float:
@@ -457,7 +458,7 @@ def run_score(
         seen = KeySet() if rescore else known
         start = time.perf_counter()
         stop = threading.Event()
-        state = {"committed": 0}
+        state = {"committed": 0, "start": start}
         progress = threading.Thread(
             target=_progress, args=(counter, start, stop, state), daemon=True, name="raydefect-score-progress"
         )
@@ -514,6 +515,8 @@ def _commit(
         for n in f.nodes:
             report.nodes[n] = report.nodes.get(n, 0) + f.rows
     state["committed"] = report.scored
+    if done:
+        report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored))
     if done:
         console.debug(f"committed {len(done)} file(s), {sum(f.rows for f in done):,} rows")
 
