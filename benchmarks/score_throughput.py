@@ -7,10 +7,14 @@ Throughput, on the same random-init model artifact and the same synthetic images
 
 - (a) ceiling: the bare model forward (`Predictor.predict`) on pre-decoded, pre-normalised tensors, batched;
 - (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
-  Parquet, commit). Reported twice: over the whole run (``b_e2e``, includes Ray Data start-up and the model actor
-  loading torch) and in steady state (``b_steady``: images committed between the first and the last commit, over
-  that time), which is what a nightly run over millions of images sees;
+  Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
+  wall time (Ray Data start-up and the model actor loading torch included); ``b_steady = N / (wall(2N) - wall(N))``
+  removes that fixed start-up cost: the rate a nightly run over millions of images sees;
 - (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one, threshold, save a PNG mask.
+
+Besides wall-clock rates, images per CPU-second are reported (for (b): summed over every Ray process, sampled with
+psutil, steady state as for ``b_steady``): on a machine shared with other jobs, wall-clock rates move with their
+load, CPU seconds much less. A short warm-up run first starts Ray's worker pool.
 
 All three use every core for torch (a and c in this process; b in its model actor, while decoding and mask
 encoding run in other Ray workers on the same cores). The model must be compute-bound for the ratio to mean
@@ -59,7 +63,7 @@ def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
 
-def ceiling(model: str, files: list[str], batch_size: int) -> float:
+def ceiling(model: str, files: list[str], batch_size: int) -> dict:
     """(a) images/s of the bare forward on pre-decoded tensors."""
     import torch
 
@@ -71,13 +75,13 @@ def ceiling(model: str, files: list[str], batch_size: int) -> float:
     pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
     x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
     predictor.predict(x[:batch_size])  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     for i in range(0, len(x), batch_size):
         predictor.predict(x[i : i + batch_size])
-    return len(x) / (time.perf_counter() - start)
+    return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def naive(model: str, files: list[str], out: Path) -> float:
+def naive(model: str, files: list[str], out: Path) -> dict:
     """(c) images/s one image at a time, saving each mask as a PNG."""
     import torch
 
@@ -89,17 +93,18 @@ def naive(model: str, files: list[str], out: Path) -> float:
     loaded = load_artifact(model)
     pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    predictor.predict(pre(decode_image(files[0]))[None])  # warm-up
+    start, cpu = time.perf_counter(), _cpu()
     for i, f in enumerate(files):
         image = decode_image(f)
         result = predictor.predict(pre(image)[None])
         mask = postprocess(result["mask_prob"][0], image.shape[1], image.shape[0], loaded.meta.pixel_threshold)
         (out / f"{i:06d}.png").write_bytes(encode_png(mask.mask))
-    return len(files) / (time.perf_counter() - start)
+    return {"ips": len(files) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
 def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file: int) -> dict:
-    """(b) `run_score` end to end on an embedded local Ray."""
+    """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
     from raydefect.pipelines.cluster import connect
     from raydefect.pipelines.score import run_score
@@ -109,16 +114,17 @@ def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file:
         "default",
         sets=[f"score.batch_size={batch_size}", f"score.rows_per_file={rows_per_file}", "score.commit_interval_s=0"],
     )
-    start = time.perf_counter()
-    report = run_score(model, archive, out, cfg)
-    wall = time.perf_counter() - start
-    t = report.timeline
-    steady = (t[-1][1] - t[0][1]) / (t[-1][0] - t[0][0]) if len(t) >= 3 and t[-1][0] > t[0][0] else 0.0
-    return {"scored": report.scored, "e2e": report.scored / wall, "steady": steady, "wall_s": wall}
+    with ProcessTree() as tree:
+        start = time.perf_counter()
+        report = run_score(model, archive, out, cfg)
+        wall = time.perf_counter() - start
+    return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
+            "peak_pss": tree.peak}  # fmt: skip
 
 
-class PeakPss:
-    """Samples the summed PSS of this process and all its descendants in a thread; ``peak`` in bytes."""
+class ProcessTree:
+    """Samples this process and all its descendants every `interval` s in a thread: ``peak`` summed PSS in bytes
+    and ``cpu_s`` CPU seconds used while sampling (processes that end keep their last sample)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         import psutil
@@ -127,30 +133,48 @@ class PeakPss:
         self.interval = interval
         self.peak = 0
         self.samples = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    def _sample(self, first: bool = False) -> None:
         import psutil
 
         total = 0
         for p in [self.me, *self.me.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                total += p.memory_full_info().pss  # a process that ended between listing and reading
-        return total
+                t = p.cpu_times()
+                key = p.pid * 1_000_003 + int(p.create_time() * 1000)  # pids are reused
+                self._cpu_last[key] = t.user + t.system
+                if first:
+                    self._cpu_start[key] = t.user + t.system
+                total += p.memory_full_info().pss
+        self.peak = max(self.peak, total)
+        self.samples += 1
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._sample())
-            self.samples += 1
+            self._sample()
 
-    def __enter__(self) -> PeakPss:
+    def __enter__(self) -> ProcessTree:
+        self._sample(first=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def memory_run(images: int, workdir: str) -> dict:
@@ -163,9 +187,9 @@ def memory_run(images: int, workdir: str) -> dict:
     model = Path(workdir) / "tiny-model"
     if not model.exists():
         _model(model, "test-tiny", 32)
-    with PeakPss() as peak:
-        r = pipeline(str(model), str(archive), str(Path(workdir) / f"scores-{images}-{time.time_ns()}"), 64, 5000)
-    return {"images": images, "peak_pss_mb": round(peak.peak / 2**20, 1), "samples": peak.samples, **r}
+    r = pipeline(str(model), str(archive), str(Path(workdir) / f"scores-{images}-{time.time_ns()}"), 64, 5000)
+    r["peak_pss_mb"] = round(r.pop("peak_pss") / 2**20, 1)
+    return {"images": images, **r}
 
 
 def main() -> None:
@@ -214,32 +238,49 @@ def main() -> None:
             return
         from raydefect.data.synth import generate_archive
 
+        n = args.images
         archive = Path(tmp) / "archive"
-        generate_archive(archive, args.images, args.size, seed=0, n_corrupt=0, workers=os.cpu_count())
+        generate_archive(archive, 2 * n, args.size, seed=0, n_corrupt=0, workers=os.cpu_count())
         files = _files(str(archive))
+        half = Path(tmp) / "half.txt"  # the first n images, as a manifest
+        half.write_text("\n".join(files[:n]) + "\n")
         model = _model(Path(tmp) / "model", args.backbone, args.image_size)
-        a = ceiling(model, files, args.batch_size)
+        a = ceiling(model, files[:n], args.batch_size)
         c = naive(model, files[: args.naive_images], Path(tmp) / "naive")
-        b = pipeline(model, str(archive), str(Path(tmp) / "scores"), args.batch_size, 4 * args.batch_size)
+        rows = 4 * args.batch_size
+        warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
+        warm.write_text("\n".join(files[-4:]) + "\n")
+        pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows)
+        b1 = pipeline(model, str(half), str(Path(tmp) / "scores-n"), args.batch_size, rows)
+        b2 = pipeline(model, str(archive), str(Path(tmp) / "scores-2n"), args.batch_size, rows)
+        steady = n / (b2["wall_s"] - b1["wall_s"]) if b2["wall_s"] > b1["wall_s"] else float("nan")
+        per_cpu = {  # images per CPU-second: what contention from other jobs on the machine barely moves
+            "a": n / a["cpu_s"],
+            "b": n / (b2["cpu_s"] - b1["cpu_s"]),  # steady state, as for b_steady
+            "c": args.naive_images / c["cpu_s"],
+        }
         print(
             json.dumps(
                 {
                     "benchmark": "score_throughput",
                     "backbone": args.backbone,
                     "image_size": args.image_size,
-                    "images": len(files),
+                    "images": [n, 2 * n],
                     "image_px": args.size,
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
-                    "a_ceiling_ips": round(a, 2),
-                    "b_e2e_ips": round(b["e2e"], 2),
-                    "b_steady_ips": round(b["steady"], 2),
-                    "c_naive_ips": round(c, 2),
-                    "b_steady_over_a": round(b["steady"] / a, 3),
-                    "b_e2e_over_a": round(b["e2e"] / a, 3),
-                    "b_steady_over_c": round(b["steady"] / c, 3),
-                    "b_e2e_over_c": round(b["e2e"] / c, 3),
-                    "b_wall_s": round(b["wall_s"], 1),
+                    "a_ceiling_ips": round(a["ips"], 2),
+                    "b_e2e_ips": round(b2["ips"], 2),
+                    "b_steady_ips": round(steady, 2),
+                    "c_naive_ips": round(c["ips"], 2),
+                    "b_steady_over_a": round(steady / a["ips"], 3),
+                    "b_e2e_over_a": round(b2["ips"] / a["ips"], 3),
+                    "b_steady_over_c": round(steady / c["ips"], 3),
+                    "b_e2e_over_c": round(b2["ips"] / c["ips"], 3),
+                    "b_wall_s": [round(b1["wall_s"], 1), round(b2["wall_s"], 1)],
+                    "images_per_cpu_s": {k: round(v, 3) for k, v in per_cpu.items()},
+                    "b_over_a_per_cpu_s": round(per_cpu["b"] / per_cpu["a"], 3),
+                    "b_over_c_per_cpu_s": round(per_cpu["b"] / per_cpu["c"], 3),
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
             )
