@@ -87,6 +87,9 @@ def test_glob_regex():
 
 def test_resolve_input_kinds_and_errors(tmp_path):
     (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="empty folder"):
+        resolve_input(str(tmp_path / "d"), STORAGE)
+    (tmp_path / "d" / "a.png").write_bytes(b"x")
     (tmp_path / "list.txt").write_text("a.png\n")
     (tmp_path / "list.csv").write_text("path\na.png\n")
     (tmp_path / "note.md").write_text("x")
@@ -249,6 +252,8 @@ def test_commit_moves_files_writes_a_record_and_keeps_metadata(tmp_path, scored_
     store.commit(rec, [_stage(store, rows.slice(0, 5), "r1", meta)], seen)
     assert pq.read_table(str(tmp_path / "out")).num_rows == rows.num_rows
     assert store.load_keys(meta.model_id, "stat").contains(seen.array).all()
+    n_errors = sum(e is not None for e in rows.column("error").to_pylist())
+    assert len(store.load_keys(meta.model_id, "stat", retry_errors=True)) == rows.num_rows - n_errors
 
 
 def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_artifact):

@@ -71,6 +71,8 @@ class ScoreReport:
     nodes: dict[str, int] = field(default_factory=dict)
     recovery: Recovery = field(default_factory=Recovery)
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
+    device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
+    actors: int = 1
 
     @property
     def images_per_s(self) -> float:
@@ -84,6 +86,7 @@ class ScoreReport:
             f"defects:  {self.defects:,}",
             f"errors:   {self.errors:,} (rows with `error` set)",
             f"output:   {self.out} ({self.files} new file(s))",
+            f"model:    {self.actors} actor(s) on {self.device}",
         ]
         if len(self.nodes) > 1:
             lines.append("nodes:    " + ", ".join(f"{n[:8]}: {c:,}" for n, c in sorted(self.nodes.items())))
@@ -403,6 +406,7 @@ def run_score(
         num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
         nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
         threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
+        report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 
@@ -432,7 +436,7 @@ def run_score(
             fn_constructor_kwargs={
                 "artifact": _artifact_files(s.model),
                 "model_id": meta.model_id,
-                "device": "cuda" if num_gpus else "cpu",
+                "device": report.device,
                 "precision": sc.precision,
                 "threads": threads,
                 "counter": counter,
