@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,8 @@ def _decode(table: pa.Table, image_size: int, storage: Storage, max_pixels: int,
 
 
 class _ModelActor:
-    """A model replica: the artifact's files come through the object store, so nodes need no shared disk."""
+    """A model replica. The artifact's files come with the actor's arguments (through the object store), so the
+    nodes need no shared disk; they are written to a temporary folder only while loading."""
 
     def __init__(
         self, artifact: dict[str, bytes], model_id: str, device: str, precision: str, threads: int | None, counter: Any
@@ -160,11 +162,10 @@ class _ModelActor:
 
         import ray
 
-        files: dict[str, bytes] = artifact
-        folder = Path(tempfile.mkdtemp(prefix="raydefect-model-"))
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        self.step = ModelStep(str(folder), device=device, precision=precision, threads=threads)
+        with tempfile.TemporaryDirectory(prefix="raydefect-model-") as folder:  # gone once the weights are loaded
+            for name, data in artifact.items():
+                (Path(folder) / name).write_bytes(data)
+            self.step = ModelStep(folder, device=device, precision=precision, threads=threads)
         if self.step.meta.model_id != model_id:
             raise RuntimeError(f"model actor loaded model {self.step.meta.model_id}, expected {model_id}")
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -296,6 +297,11 @@ class _Setup:
     spec: InputSpec
     store: ScoreStore
     model: str
+    fetched: bool = False  # `model` is a temporary local copy of a remote artifact
+
+    def cleanup(self) -> None:
+        if self.fetched:
+            shutil.rmtree(self.model, ignore_errors=True)
 
 
 def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
@@ -303,13 +309,19 @@ def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
     from raydefect.models.artifact import read_artifact_meta
 
     storage = Storage(sc.endpoint_override)
-    if is_remote(model):
+    fetched = is_remote(model)
+    if fetched:
         model = _fetch_model(model, storage)
-    meta = read_artifact_meta(model)
-    if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
-        meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
-    spec = resolve_input(input, storage)
-    return _Setup(meta, storage, spec, ScoreStore(out, storage), model)
+    try:
+        meta = read_artifact_meta(model)
+        if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
+            meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
+        spec = resolve_input(input, storage)
+        return _Setup(meta, storage, spec, ScoreStore(out, storage), model, fetched)
+    except BaseException:
+        if fetched:
+            shutil.rmtree(model, ignore_errors=True)
+        raise
 
 
 def _ray_data_quiet() -> None:
@@ -350,12 +362,20 @@ def list_pending(
     With ``score.incremental_key=hash`` files whose path is known are listed too: their content is compared only
     when they are read during a run.
     """
+
+    sc = (cfg or Config()).score
+    s = _setup(model, input, out, sc)
+    try:
+        return _list_pending(s, sc, input, out, rescore, address)
+    finally:
+        s.cleanup()
+
+
+def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, address: str | None) -> pa.Table:
     import ray
 
     from raydefect.pipelines.cluster import connect
 
-    sc = (cfg or Config()).score
-    s = _setup(model, input, out, sc)
     connect(address)
     _ray_data_quiet()
     known = KeySet()
@@ -363,7 +383,7 @@ def list_pending(
         known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
     known_ref = [ray.put(known.array)] if len(known) else []
     ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None)
-    parts = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
 
 
@@ -378,13 +398,22 @@ def run_score(
     address: str | None = None,
 ) -> ScoreReport:
     """Score every new or changed image of `input` with the model artifact `model` into the scores folder `out`."""
+
+    sc = (cfg or Config()).score
+    s = _setup(model, input, out, sc)
+    try:
+        return _run(s, sc, input, out, rescore, retry_errors, address)
+    finally:
+        s.cleanup()
+
+
+def _run(
+    s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, retry_errors: bool, address: str | None
+) -> ScoreReport:
     import ray
 
     from raydefect.pipelines.cluster import cluster_gpus, connect
 
-    cfg = cfg or Config()
-    sc = cfg.score
-    s = _setup(model, input, out, sc)
     meta, storage, store = s.meta, s.storage, s.store
     store.open()
     run_id = new_run_id()

@@ -112,7 +112,7 @@ def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | Non
                 "scored": rows,
                 "defects": defects,
                 "errors": errors,
-                "defect rate": _rate(defects, rows - errors),
+                "defect %": round(100 * _rate(defects, rows - errors), 1),
                 "skipped": r.stats.get("skipped", ""),
             }
         )
@@ -130,7 +130,7 @@ def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | Non
                     "images": images,
                     "defects": int(row["defect_sum"]),
                     "errors": errs,
-                    "defect rate": _rate(int(row["defect_sum"]), images - errs),
+                    "defect %": round(100 * _rate(int(row["defect_sum"]), images - errs), 1),
                 }
             )
     scored = current.filter(ok)
@@ -140,7 +140,7 @@ def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | Non
         {
             "defect_score": r["defect_score"],
             "class": r["defect_class"],
-            "mask %": 100.0 * (r["mask_fraction"] or 0.0),
+            "mask %": round(100.0 * (r["mask_fraction"] or 0.0), 2),
             "path": r["path"],
         }
         for r in best.select(["defect_score", "defect_class", "mask_fraction", "path"]).to_pylist()
