@@ -103,7 +103,7 @@ def naive(model: str, files: list[str], out: Path) -> dict:
     return {"ips": len(files) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file: int) -> dict:
+def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False) -> dict:
     """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
     from raydefect.pipelines.cluster import connect
@@ -117,7 +117,7 @@ def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file:
         "default",
         sets=[f"score.batch_size={batch_size}", f"score.rows_per_file={rows_per_file}", "score.commit_interval_s=0"],
     )
-    with ProcessTree() as tree:
+    with ProcessTree(interval=0.5 if memory else 2.0, memory=memory) as tree:
         start = time.perf_counter()
         report = run_score(model, archive, out, cfg)
         wall = time.perf_counter() - start
@@ -129,11 +129,12 @@ class ProcessTree:
     """Samples this process and all its descendants every `interval` s in a thread: ``peak`` summed PSS in bytes
     and ``cpu_s`` CPU seconds used while sampling (processes that end keep their last sample)."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, memory: bool = True) -> None:
         import psutil
 
         self.me = psutil.Process()
         self.interval = interval
+        self.memory = memory  # PSS needs /proc/<pid>/smaps: costly, so only when memory is measured
         self.peak = 0
         self.samples = 0
         self._cpu_start: dict[int, float] = {}
@@ -156,7 +157,8 @@ class ProcessTree:
                 self._cpu_last[key] = t.user + t.system
                 if first:
                     self._cpu_start[key] = t.user + t.system
-                total += p.memory_full_info().pss
+                if self.memory:
+                    total += p.memory_full_info().pss
         self.peak = max(self.peak, total)
         self.samples += 1
 
@@ -184,7 +186,7 @@ def memory_run(images: int, workdir: str) -> dict:
     """One memory measurement in this (fresh) process: score `workdir`'s archive of `images` images (made by the
     parent, so that every measured process starts in the same state)."""
     archive, model = Path(workdir) / f"archive-{images}", Path(workdir) / "tiny-model"
-    r = pipeline(str(model), str(archive), str(Path(workdir) / f"scores-{images}-{time.time_ns()}"), 64, 5000)
+    r = pipeline(str(model), str(archive), str(Path(workdir) / f"scores-{images}-{time.time_ns()}"), 64, 5000, True)
     r["peak_pss_mb"] = round(r.pop("peak_pss") / 2**20, 1)
     return {"images": images, **r}
 
