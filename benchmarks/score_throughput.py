@@ -5,7 +5,8 @@
 
 Throughput, on the same random-init model artifact and the same synthetic images (JPEG/PNG mix):
 
-- (a) ceiling: the bare model forward (`Predictor.predict`) on pre-decoded, pre-normalised tensors, batched;
+- (a) ceiling: the bare model forward (`Predictor.predict`) on pre-decoded, pre-normalised tensors, batched; timed
+  in this process and in a Ray actor like the pipeline's model actor, and the faster of the two taken;
 - (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
   Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
   wall time (Ray Data start-up and the model actor loading torch included); ``b_steady = N / (wall(2N) - wall(N))``
@@ -81,6 +82,19 @@ def ceiling(model: str, files: list[str], batch_size: int) -> dict:
     return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
+def ceiling_in_actor(model: str, files: list[str], batch_size: int) -> dict:
+    """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
+    its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
+    import ray
+
+    from raydefect.pipelines.cluster import connect
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    connect(None, num_cpus=os.cpu_count())
+    remote = ray.remote(num_cpus=1)(ceiling)
+    return ray.get(remote.remote(model, files, batch_size))
+
+
 def naive(model: str, files: list[str], out: Path) -> dict:
     """(c) images/s one image at a time, saving each mask as a PNG."""
     import torch
@@ -122,7 +136,7 @@ def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file:
         report = run_score(model, archive, out, cfg)
         wall = time.perf_counter() - start
     return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
-            "peak_pss": tree.peak}  # fmt: skip
+            "peak_pss": tree.peak, "model_s": report.model_seconds}  # fmt: skip
 
 
 class ProcessTree:
@@ -248,7 +262,9 @@ def main() -> None:
         half = Path(tmp) / "half.txt"  # the first n images, as a manifest
         half.write_text("\n".join(files[:n]) + "\n")
         model = _model(Path(tmp) / "model", args.backbone, args.image_size)
-        a = ceiling(model, files[:n], args.batch_size)
+        a_here = ceiling(model, files[:n], args.batch_size)
+        a_actor = ceiling_in_actor(model, files[:n], args.batch_size)
+        a = max(a_here, a_actor, key=lambda r: r["ips"])
         c = naive(model, files[: args.naive_images], Path(tmp) / "naive")
         rows = 4 * args.batch_size
         warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
@@ -273,6 +289,8 @@ def main() -> None:
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
                     "a_ceiling_ips": round(a["ips"], 2),
+                    "a_in_process_ips": round(a_here["ips"], 2),
+                    "a_in_actor_ips": round(a_actor["ips"], 2),
                     "b_e2e_ips": round(b2["ips"], 2),
                     "b_steady_ips": round(steady, 2),
                     "c_naive_ips": round(c["ips"], 2),
@@ -281,6 +299,8 @@ def main() -> None:
                     "b_steady_over_c": round(steady / c["ips"], 3),
                     "b_e2e_over_c": round(b2["ips"] / c["ips"], 3),
                     "b_wall_s": [round(b1["wall_s"], 1), round(b2["wall_s"], 1)],
+                    "b_actor_busy": round(b2["model_s"] / b2["wall_s"], 3),  # share of the run in model batches
+                    "b_actor_ips": round(b2["scored"] / b2["model_s"], 2) if b2["model_s"] else None,
                     "images_per_cpu_s": {k: round(v, 3) for k, v in per_cpu.items()},
                     "b_over_a_per_cpu_s": round(per_cpu["b"] / per_cpu["a"], 3),
                     "b_over_c_per_cpu_s": round(per_cpu["b"] / per_cpu["c"], 3),

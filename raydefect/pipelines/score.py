@@ -74,6 +74,7 @@ class ScoreReport:
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
     device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
     actors: int = 1
+    model_seconds: float = 0.0  # time the model actors spent in their batches (all actors summed)
 
     @property
     def images_per_s(self) -> float:
@@ -172,9 +173,10 @@ class _ModelActor:
         self.counter = counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         out = self.step(batch)
         out["node_id"] = np.asarray([self.node_id] * len(out["path"]), dtype=object)
-        _count(self.counter, scored=len(out["path"]))
+        _count(self.counter, scored=len(out["path"]), model_ms=int(1000 * (time.perf_counter() - start)))
         return out
 
 
@@ -514,6 +516,7 @@ def _run(
             report.seconds = time.perf_counter() - start
             counts = _snapshot(counter)
             report.listed, report.skipped = counts.get("listed", 0), counts.get("skipped", 0)
+            report.model_seconds = counts.get("model_ms", 0) / 1000.0
             record.stats = {
                 "listed": report.listed,
                 "skipped": report.skipped,
