@@ -758,6 +758,171 @@ def train_cmd(
     console.result(f"metrics: {result.run_dir / 'metrics.csv'} (plots in {result.run_dir / 'plots'})")
 
 
+# --- scoring (issue 5) ---------------------------------------------------------------------------------------------
+
+
+@cli.command("score")
+@config_options
+@click.option("--model", required=True, metavar="MODEL_DIR", help="Model artifact folder (runs/<name>/model) or URI.")
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    metavar="DIR|GLOB|MANIFEST",
+    help="A folder (recursive, by score.extensions), a quoted glob, or a .txt/.csv/.parquet list of paths; "
+    "local or s3:// / gs://.",
+)
+@click.option("--out", required=True, metavar="OUT", help="Scores folder (local or s3://); created if missing.")
+@click.option("--rescore", is_flag=True, help="Score every image again, even those this model already scored.")
+@click.option("--retry-errors", is_flag=True, help="Score again images whose last row has an error.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per model batch [score.batch_size].")
+@click.option("--actors", type=click.IntRange(1), default=None, help="Model replicas [score.model_actors].")
+@click.option(
+    "--rows-per-file", type=click.IntRange(1), default=None, help="Most rows per Parquet file [score.rows_per_file]."
+)
+@click.option(
+    "--submit",
+    is_flag=True,
+    help="Submit the run to the cluster's Jobs API (--address http://head:8265) and print the job id.",
+)
+@click.option(
+    "--env",
+    "env_names",
+    multiple=True,
+    metavar="NAME",
+    help="With --submit: copy this environment variable into the job's runtime_env (by name; repeatable).",
+)
+@click.option("--dry-run", is_flag=True, help="Only list the images a run would score now (new or changed).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the run summary as JSON.")
+@click.pass_obj
+def score_cmd(
+    state: State,
+    config_name: str,
+    sets: tuple[str, ...],
+    model: str,
+    input_: str,
+    out: str,
+    rescore: bool,
+    retry_errors: bool,
+    batch_size: int | None,
+    actors: int | None,
+    rows_per_file: int | None,
+    submit: bool,
+    env_names: tuple[str, ...],
+    dry_run: bool,
+    json_path: str | None,
+) -> None:
+    """Score an archive of images into Parquet: one row per image with scores, class and mask (PNG).
+
+    \b
+    Nightly and incremental: only new or changed images are scored (score.incremental_key: stat = path + size +
+    mtime, hash = content); a new model scores everything again. A killed run, started again, ends with exactly
+    one row per image. Read the results with `raydefect scores summarize OUT`, pandas, pyarrow or DuckDB:
+      SELECT path, defect_score FROM read_parquet('OUT/*/*/*.parquet') ORDER BY defect_score DESC
+    """
+    import json
+
+    from raydefect import console
+
+    cfg = build_config(
+        config_name,
+        sets,
+        **{"score.batch_size": batch_size, "score.model_actors": actors, "score.rows_per_file": rows_per_file},
+    )
+    if submit:
+        from raydefect.pipelines.submit import submit_score
+
+        job_id = submit_score(
+            state.address, model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, env_names=env_names
+        )
+        console.result(f"submitted job {job_id} to {state.address}")
+        console.info(f"follow it with: ray job logs --address {state.address} --follow {job_id}")
+        return
+    if dry_run:
+        from raydefect.pipelines.score import list_pending
+
+        pending = list_pending(model, input_, out, cfg, rescore=rescore, address=state.address)
+        for path in pending.column("path").to_pylist()[:20]:
+            console.info(path)
+        more = pending.num_rows - 20
+        if more > 0:
+            console.info(f"... and {more:,} more")
+        console.result(f"{pending.num_rows:,} image(s) would be scored into {out}")
+        return
+    from raydefect.pipelines.score import run_score
+
+    report = run_score(model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, address=state.address)
+    for line in report.summary_lines():
+        console.result(line)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1, default=str)
+
+
+@cli.group("scores", cls=RaydefectGroup)
+def scores_group() -> None:
+    """Read a scores folder: summarize it, or write chosen masks and overlays as PNGs."""
+
+
+@scores_group.command("summarize")
+@click.argument("out", metavar="OUT")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Top-scoring images to list.")
+@click.option("--folders", default=20, show_default=True, type=click.IntRange(0), help="Folders to list (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
+def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool) -> None:
+    """Counts, the defect rate per run and per folder, and the top-scoring images (newest row per image)."""
+    import json
+
+    from raydefect import console
+    from raydefect.scoring.results import summarize
+
+    s = summarize(out, top=top, folders=folders)
+    if as_json:
+        click.echo(json.dumps(s, indent=1, default=str))
+        return
+    console.result(
+        f"{s['out']}: {s['images']:,} images, {s['defects']:,} defects ({100 * s['defect_rate']:.1f}% of scored), "
+        f"{s['errors']:,} errors; {len(s['runs'])} run(s), {s['history_rows']:,} rows in all, "
+        f"model(s) {', '.join(s['models']) or '-'}"
+    )
+    console.result("\nruns")
+    console.result(console.table(s["runs"]))
+    console.result(f"\nfolders ({len(s['folders'])} of {s['folders_total']})")
+    console.result(console.table(s["folders"]))
+    if top:
+        console.result("\ntop-scoring images")
+        console.result(console.table(s["top"]))
+
+
+@scores_group.command("extract")
+@click.argument("scores_dir", metavar="OUT")
+@click.option("--out", "dest", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--top", type=click.IntRange(1), default=None, help="The N highest defect scores (after filters).")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="EXPR",
+    help="Filter like 'defect_class=crack' or 'defect_score>=0.9' (repeatable, all must hold).",
+)
+@click.option("--paths", multiple=True, metavar="PATH", help="These images (repeatable).")
+def scores_extract_cmd(
+    scores_dir: str, dest: str, top: int | None, where: tuple[str, ...], paths: tuple[str, ...]
+) -> None:
+    """Write chosen masks (0/255 PNG at the image's size) and overlays on the original images, with index.csv.
+
+    Without --top, --where or --paths: the 20 highest-scoring images.
+    """
+    from raydefect import console
+    from raydefect.scoring.results import extract
+
+    if top is None and not where and not paths:
+        top = 20
+    r = extract(scores_dir, dest, top=top, where=where, paths=paths)
+    console.result(f"wrote {r['masks']} mask(s) and {r['overlays']} overlay(s) to {dest}; index: {r['index']}")
+    for p in r["missing"]:
+        console.warn(f"{p}: not in the scores (or scored with an error)")
+
+
 def main() -> None:
     cli(prog_name="raydefect")
 

@@ -233,9 +233,34 @@ class ScoreConfig:
     incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
     max_image_pixels: int = _f(178_956_970, "Larger images are recorded as errors (decompression bombs).")
+    commit_interval_s: float = _f(
+        30.0, "Commit written files at least this often (seconds): a killed run loses at most this much work."
+    )
+    actor_cpus: float = _f(1.0, "CPUs reserved per model actor (decode tasks use the rest).")
+    model_threads: int | None = _f(
+        None, "torch threads per model actor on CPU; default: the node's CPUs divided by the actors (at least 1)."
+    )
+    endpoint_override: str | None = _f(
+        None, "S3-compatible endpoint for s3:// paths, e.g. http://minio:9000 (AWS_ENDPOINT_URL works too)."
+    )
+    forward_env: tuple[str, ...] = _f(
+        (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        ),
+        "Variables copied from the driver's environment to Ray workers when a path is remote (names only here).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.commit_interval_s >= 0, "score.commit_interval_s", "must be >= 0 (0 commits every file)")
+        _check(self.actor_cpus > 0, "score.actor_cpus", "must be > 0")
+        _check(self.model_threads is None or self.model_threads >= 1, "score.model_threads", "must be >= 1")
         _check(self.rows_per_file >= 1, "score.rows_per_file", "must be >= 1")
         _check(self.model_actors is None or self.model_actors >= 1, "score.model_actors", "must be >= 1")
         _check(self.decode_tasks is None or self.decode_tasks >= 1, "score.decode_tasks", "must be >= 1")

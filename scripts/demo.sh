@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on an embedded local Ray, on synthetic data: `make demo` runs it.
 #   usage: scripts/demo.sh [OUT_DIR]     (default: demo)
-# Steps so far: synth -> prepare -> summary. Later steps (tune, train --best, score) are appended below.
+# synth -> prepare -> train -> score (twice: incremental) -> summarize; then evaluate, predict, export.
 set -euo pipefail
 
 OUT="${1:-demo}"
@@ -20,6 +20,27 @@ raydefect prepare \
 
 echo "== 3. train: a tiny random-init ViT from scratch on Ray Train (configs/demo.yaml: 64 px, 8 epochs, 3 stages)"
 raydefect train --config demo --data "$OUT/dataset" --set train.runs_dir="$OUT/runs"
+MODEL="$OUT/runs/demo/model"
 
-echo "== done: dataset in $OUT/dataset, archive to score in $OUT/raw/archive"
-echo "        model artifact in $OUT/runs/demo/model (metrics.csv, plots/ and test_metrics.json beside it)"
+echo "== 4. score: $OUT/raw/archive -> $OUT/scores (one row per image: scores, class, mask PNG; corrupt files -> error rows)"
+raydefect score --model "$MODEL" --input "$OUT/raw/archive" --out "$OUT/scores"
+
+echo "== 5. score again: nightly runs are incremental, only new or changed images are scored (none here)"
+raydefect score --model "$MODEL" --input "$OUT/raw/archive" --out "$OUT/scores"
+
+echo "== 6. what was found"
+raydefect scores summarize "$OUT/scores" --top 5 --folders 5
+raydefect scores extract "$OUT/scores" --out "$OUT/score-masks" --top 8
+
+echo "== 7. for people: a report on the test split, overlays for a folder, an ONNX file"
+raydefect evaluate --model "$MODEL" --data "$OUT/dataset" --split test --out "$OUT/report"
+raydefect predict --model "$MODEL" --images "$OUT/raw/defect_images" --out "$OUT/predict"
+raydefect export --model "$MODEL" --out "$OUT/model.onnx"
+
+echo "== done"
+echo "   dataset      $OUT/dataset"
+echo "   model        $MODEL (metrics.csv, plots/ and test_metrics.json beside it)"
+echo "   scores       $OUT/scores/ (Parquet: pandas, pyarrow, DuckDB and Spark read it as it is)"
+echo "   report       $OUT/report/report.html"
+echo "   overlays     $OUT/predict/overlays/ and $OUT/score-masks/"
+echo "   ONNX         $OUT/model.onnx (+ .json contract)"

@@ -1,0 +1,314 @@
+"""How fast `raydefect score` runs against its ceiling and the naive way, and whether its memory stays flat.
+
+    python benchmarks/score_throughput.py                       # throughput: (a) (b) (c), one JSON line
+    python benchmarks/score_throughput.py --memory              # peak memory: 2,000 vs 20,000 images
+
+Throughput, on the same random-init model artifact and the same synthetic images (JPEG/PNG mix):
+
+- (a) ceiling: the bare model forward (`Predictor.predict`) on pre-decoded, pre-normalised tensors, batched; timed
+  in this process and in a Ray actor like the pipeline's model actor, and the faster of the two taken;
+- (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
+  Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
+  wall time (Ray Data start-up and the model actor loading torch included); ``b_steady = N / (wall(2N) - wall(N))``
+  removes that fixed start-up cost: the rate a nightly run over millions of images sees;
+- (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one, threshold, save a PNG mask.
+
+Besides wall-clock rates, images per CPU-second are reported (for (b): summed over every Ray process, sampled with
+psutil, steady state as for ``b_steady``): on a machine shared with other jobs, wall-clock rates move with their
+load, CPU seconds much less. A short warm-up run first starts Ray's worker pool.
+
+All three use every core for torch (a and c in this process; b in its model actor, while decoding and mask
+encoding run in other Ray workers on the same cores). The model must be compute-bound for the ratio to mean
+anything: a ViT-S/16 (`dinov3-s` architecture, random weights) at 224 px by default.
+
+Memory (``--memory``): `run_score` with a small model (``test-tiny`` at 32 px on 64 px images, so that 20,000 images
+take minutes, not hours) over 2,000 and over 20,000 images, each in a fresh process with its own embedded Ray. Peak
+memory is the largest sum of PSS (proportional set size: shared pages such as Ray's object store are split between
+the processes that map them, so nothing is counted twice) over the driver and all its descendants (GCS, raylet,
+workers, model actor), sampled every 0.5 s with psutil.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raydefect import console
+
+
+def _model(out: Path, backbone: str, image_size: int) -> str:
+    import torch
+
+    from raydefect.config import ModelConfig
+    from raydefect.models.artifact import save_artifact
+    from raydefect.models.model import DefectModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, pretrained=False)
+    net = DefectModel(cfg, image_size, ("normal", "scratch", "spot", "crack")).eval()
+    save_artifact(net, out, thresholds={"image": 0.5, "pixel": 0.5}, extra={"note": "benchmark, random weights"})
+    return str(out)
+
+
+def _files(root: str) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
+
+
+def ceiling(model: str, files: list[str], batch_size: int) -> dict:
+    """(a) images/s of the bare forward on pre-decoded tensors."""
+    import torch
+
+    from raydefect.inference import Predictor, Preprocessor
+    from raydefect.models.artifact import load_artifact
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    loaded = load_artifact(model)
+    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
+    x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
+    predictor.predict(x[:batch_size])  # warm-up
+    start, cpu = time.perf_counter(), _cpu()
+    for i in range(0, len(x), batch_size):
+        predictor.predict(x[i : i + batch_size])
+    return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
+
+
+def ceiling_in_actor(model: str, files: list[str], batch_size: int) -> dict:
+    """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
+    its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
+    import ray
+
+    from raydefect.pipelines.cluster import connect
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    connect(None, num_cpus=os.cpu_count())
+    remote = ray.remote(num_cpus=1)(ceiling)
+    return ray.get(remote.remote(model, files, batch_size))
+
+
+def naive(model: str, files: list[str], out: Path) -> dict:
+    """(c) images/s one image at a time, saving each mask as a PNG."""
+    import torch
+
+    from raydefect.imaging import decode_image, encode_png
+    from raydefect.inference import Predictor, Preprocessor, postprocess
+    from raydefect.models.artifact import load_artifact
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    loaded = load_artifact(model)
+    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    predictor.predict(pre(decode_image(files[0]))[None])  # warm-up
+    start, cpu = time.perf_counter(), _cpu()
+    for i, f in enumerate(files):
+        image = decode_image(f)
+        result = predictor.predict(pre(image)[None])
+        mask = postprocess(result["mask_prob"][0], image.shape[1], image.shape[0], loaded.meta.pixel_threshold)
+        (out / f"{i:06d}.png").write_bytes(encode_png(mask.mask))
+    return {"ips": len(files) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
+
+
+def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False) -> dict:
+    """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
+    from raydefect.config import load_config
+    from raydefect.pipelines.cluster import connect
+    from raydefect.pipelines.score import run_score
+
+    # Ray starts its workers at niceness 15; (a) and (c) run at 0. On a machine shared with other jobs that alone
+    # would decide who gets the cores, so the benchmark's Ray workers start at 0 too (Ray's own setting).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    connect(None, num_cpus=os.cpu_count())
+    cfg = load_config(
+        "default",
+        sets=[f"score.batch_size={batch_size}", f"score.rows_per_file={rows_per_file}", "score.commit_interval_s=0"],
+    )
+    with ProcessTree(interval=0.5 if memory else 2.0, memory=memory) as tree:
+        start = time.perf_counter()
+        report = run_score(model, archive, out, cfg)
+        wall = time.perf_counter() - start
+    return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
+            "peak_pss": tree.peak, "model_s": report.model_seconds}  # fmt: skip
+
+
+class ProcessTree:
+    """Samples this process and all its descendants every `interval` s in a thread: ``peak`` summed PSS in bytes
+    and ``cpu_s`` CPU seconds used while sampling (processes that end keep their last sample)."""
+
+    def __init__(self, interval: float = 0.5, memory: bool = True) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.interval = interval
+        self.memory = memory  # PSS needs /proc/<pid>/smaps: costly, so only when memory is measured
+        self.peak = 0
+        self.samples = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    def _sample(self, first: bool = False) -> None:
+        import psutil
+
+        total = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                t = p.cpu_times()
+                key = p.pid * 1_000_003 + int(p.create_time() * 1000)  # pids are reused
+                self._cpu_last[key] = t.user + t.system
+                if first:
+                    self._cpu_start[key] = t.user + t.system
+                if self.memory:
+                    total += p.memory_full_info().pss
+        self.peak = max(self.peak, total)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ProcessTree:
+        self._sample(first=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def memory_run(images: int, workdir: str) -> dict:
+    """One memory measurement in this (fresh) process: score `workdir`'s archive of `images` images (made by the
+    parent, so that every measured process starts in the same state)."""
+    archive, model = Path(workdir) / f"archive-{images}", Path(workdir) / "tiny-model"
+    r = pipeline(str(model), str(archive), str(Path(workdir) / f"scores-{images}-{time.time_ns()}"), 64, 5000, True)
+    r["peak_pss_mb"] = round(r.pop("peak_pss") / 2**20, 1)
+    return {"images": images, **r}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=384, help="images for (a) and (b)")
+    p.add_argument("--naive-images", type=int, default=96, help="images for (c), a subset (it is slow)")
+    p.add_argument("--size", type=int, default=256, help="side of the synthetic images in pixels")
+    p.add_argument("--backbone", default="dinov3-s", help="backbone architecture (random weights)")
+    p.add_argument("--image-size", type=int, default=224, help="model input side")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--memory", action="store_true", help="measure peak memory at 2,000 and 20,000 images instead")
+    p.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    console.set_verbosity(-1)
+
+    if args.memory_run:
+        print("RESULT " + json.dumps(memory_run(args.memory_run, args.workdir)), flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="raydefect-bench-") as tmp:
+        if args.memory:
+            from raydefect.data.synth import generate_archive
+
+            _model(Path(tmp) / "tiny-model", "test-tiny", 32)
+            results = []
+            for n in (2_000, 20_000):
+                generate_archive(Path(tmp) / f"archive-{n}", n, 64, seed=0, n_corrupt=0, workers=os.cpu_count())
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--memory-run", str(n), "--workdir", tmp],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    raise SystemExit(f"memory run {n} failed:\n{proc.stderr[-3000:]}")
+                results.append(json.loads(line[7:]))
+            small, big = results
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "score_memory",
+                        "model": "test-tiny 32 px, 64 px images",
+                        "runs": results,
+                        "peak_ratio_20k_over_2k": round(big["peak_pss_mb"] / small["peak_pss_mb"], 3),
+                        "cpus": os.cpu_count(),
+                    }
+                )
+            )
+            return
+        from raydefect.data.synth import generate_archive
+
+        n = args.images
+        archive = Path(tmp) / "archive"
+        generate_archive(archive, 2 * n, args.size, seed=0, n_corrupt=0, workers=os.cpu_count())
+        files = _files(str(archive))
+        half = Path(tmp) / "half.txt"  # the first n images, as a manifest
+        half.write_text("\n".join(files[:n]) + "\n")
+        model = _model(Path(tmp) / "model", args.backbone, args.image_size)
+        a_here = ceiling(model, files[:n], args.batch_size)
+        a_actor = ceiling_in_actor(model, files[:n], args.batch_size)
+        a = max(a_here, a_actor, key=lambda r: r["ips"])
+        c = naive(model, files[: args.naive_images], Path(tmp) / "naive")
+        rows = 4 * args.batch_size
+        warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
+        warm.write_text("\n".join(files[-4:]) + "\n")
+        pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows)
+        b1 = pipeline(model, str(half), str(Path(tmp) / "scores-n"), args.batch_size, rows)
+        b2 = pipeline(model, str(archive), str(Path(tmp) / "scores-2n"), args.batch_size, rows)
+        steady = n / (b2["wall_s"] - b1["wall_s"]) if b2["wall_s"] > b1["wall_s"] else float("nan")
+        per_cpu = {  # images per CPU-second: what contention from other jobs on the machine barely moves
+            "a": n / a["cpu_s"],
+            "b": n / (b2["cpu_s"] - b1["cpu_s"]),  # steady state, as for b_steady
+            "c": args.naive_images / c["cpu_s"],
+        }
+        print(
+            json.dumps(
+                {
+                    "benchmark": "score_throughput",
+                    "backbone": args.backbone,
+                    "image_size": args.image_size,
+                    "images": [n, 2 * n],
+                    "image_px": args.size,
+                    "batch_size": args.batch_size,
+                    "cpus": os.cpu_count(),
+                    "a_ceiling_ips": round(a["ips"], 2),
+                    "a_in_process_ips": round(a_here["ips"], 2),
+                    "a_in_actor_ips": round(a_actor["ips"], 2),
+                    "b_e2e_ips": round(b2["ips"], 2),
+                    "b_steady_ips": round(steady, 2),
+                    "c_naive_ips": round(c["ips"], 2),
+                    "b_steady_over_a": round(steady / a["ips"], 3),
+                    "b_e2e_over_a": round(b2["ips"] / a["ips"], 3),
+                    "b_steady_over_c": round(steady / c["ips"], 3),
+                    "b_e2e_over_c": round(b2["ips"] / c["ips"], 3),
+                    "b_wall_s": [round(b1["wall_s"], 1), round(b2["wall_s"], 1)],
+                    "b_actor_busy": round(b2["model_s"] / b2["wall_s"], 3),  # share of the run in model batches
+                    "b_actor_ips": round(b2["scored"] / b2["model_s"], 2) if b2["model_s"] else None,
+                    "images_per_cpu_s": {k: round(v, 3) for k, v in per_cpu.items()},
+                    "b_over_a_per_cpu_s": round(per_cpu["b"] / per_cpu["a"], 3),
+                    "b_over_c_per_cpu_s": round(per_cpu["b"] / per_cpu["c"], 3),
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

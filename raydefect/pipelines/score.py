@@ -1,0 +1,577 @@
+"""`raydefect score`: nightly bulk scoring with Ray Data -> masks and scores in Parquet (DESIGN.md contract 3).
+
+The stages (each a function or class from `raydefect.scoring`, which knows nothing of Ray)::
+
+    listing parts (driver lists the top levels only)  or  the manifest (Ray Data reader, streamed)
+      -> list / stat in parallel tasks -> drop what this model already scored (stat key)
+      -> streaming repartition (decode parallelism does not depend on the folder layout)
+      -> read bytes, sha1, decode, resize           CPU tasks
+      -> model                                      actor pool: one per GPU (num_gpus=1, bf16), else CPU actors
+      -> masks at each image's size, PNG, bbox      CPU tasks
+      -> staged Parquet files, <= rows_per_file     CPU tasks; each hands back name, counts, key digests
+    driver: commits the staged files every score.commit_interval_s (see `raydefect.scoring.store`)
+
+Memory stays bounded whatever the input size: Ray Data streams with backpressure, listing yields bounded batches,
+and the driver holds only the key digests (16 bytes per image) and the files not yet committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raydefect import console
+from raydefect.config import Config, ScoreConfig
+from raydefect.errors import DataError
+from raydefect.scoring.keys import KeySet
+from raydefect.scoring.schema import file_metadata
+from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
+from raydefect.scoring.sources import (
+    InputSpec,
+    ListFilter,
+    ListPart,
+    Storage,
+    is_remote,
+    join_location,
+    manifest_column,
+    plan_listing,
+    resolve_input,
+    walk,
+)
+from raydefect.scoring.store import Recovery, RunRecord, ScoreStore, StagedFile, new_run_id, write_staged
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class ScoreReport:
+    """What one run did; `summary_lines` is what the CLI prints."""
+
+    run_id: str
+    model_id: str
+    out: str
+    input: str
+    listed: int = 0
+    skipped: int = 0
+    scored: int = 0
+    errors: int = 0
+    defects: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    nodes: dict[str, int] = field(default_factory=dict)
+    recovery: Recovery = field(default_factory=Recovery)
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
+    device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
+    actors: int = 1
+    model_seconds: float = 0.0  # time the model actors spent in their batches (all actors summed)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"run {self.run_id}  model {self.model_id}",
+            f"images:   {self.scored:,} scored ({self.images_per_s:,.1f} images/s in {self.seconds:.1f} s), "
+            f"{self.skipped:,} already scored, {self.listed:,} listed",
+            f"defects:  {self.defects:,}",
+            f"errors:   {self.errors:,} (rows with `error` set)",
+            f"output:   {self.out} ({self.files} new file(s))",
+            f"model:    {self.actors} actor(s) on {self.device}",
+        ]
+        if len(self.nodes) > 1:
+            lines.append("nodes:    " + ", ".join(f"{n[:8]}: {c:,}" for n, c in sorted(self.nodes.items())))
+        r = self.recovery
+        if r.adopted_files or r.recovered_rows or r.interrupted_runs:
+            lines.append(
+                f"recovered: {len(r.interrupted_runs)} interrupted run(s), {r.recovered_rows:,} staged rows kept, "
+                f"{r.dropped_rows:,} duplicates dropped, {r.adopted_files} file(s) adopted"
+            )
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["images_per_s"] = round(self.images_per_s, 2)
+        return d
+
+
+# --- stage functions (run on Ray workers) --------------------------------------------------------------------
+
+
+def _count(counter: Any, **values: int) -> None:
+    if counter is not None:
+        counter.add.remote(values)
+
+
+def _list_part(batch: dict[str, np.ndarray], spec: InputSpec, storage: Storage, filt: ListFilter):
+    for raw in batch["part"]:
+        d = json.loads(raw)
+        part = ListPart(walk=d["walk"], files=tuple(tuple(f) for f in d["files"]))
+        for rows in walk(part, spec, storage, filt):
+            yield listing_table(rows)
+
+
+def _manifest_rows(table: pa.Table, column: str, base: str, storage: Storage) -> pa.Table:
+    entries = []
+    for value in table.column(column).to_pylist():
+        text = (str(value) if value is not None else "").strip()
+        if text and not text.startswith("#"):
+            entries.append(join_location(base, text))
+    return stat_locations(entries, storage)
+
+
+def _filter_known(table: pa.Table, known: list, model_id: str, key_mode: str, counter: Any) -> pa.Table:
+    import ray
+
+    n = table.num_rows
+    if key_mode == "stat":
+        table = drop_known(table, ray.get(known[0]) if known else None, model_id)
+    _count(counter, listed=n, skipped=n - table.num_rows)
+    return table
+
+
+def _decode(table: pa.Table, image_size: int, storage: Storage, max_pixels: int, key_mode: str, model_id: str,
+            known: list, counter: Any) -> dict[str, np.ndarray]:  # fmt: skip
+    import ray
+
+    known_arr = ray.get(known[0]) if known and key_mode == "hash" else None
+    out = Decoder(image_size, storage, max_pixels, key_mode, model_id, known_arr)(table)
+    if key_mode == "hash":
+        _count(counter, skipped=table.num_rows - len(out["path"]))
+    return out
+
+
+class _ModelActor:
+    """A model replica. The artifact's files come with the actor's arguments (through the object store), so the
+    nodes need no shared disk; they are written to a temporary folder only while loading."""
+
+    def __init__(
+        self, artifact: dict[str, bytes], model_id: str, device: str, precision: str, threads: int | None, counter: Any
+    ):
+        import tempfile
+
+        import ray
+
+        with tempfile.TemporaryDirectory(prefix="raydefect-model-") as folder:  # gone once the weights are loaded
+            for name, data in artifact.items():
+                (Path(folder) / name).write_bytes(data)
+            self.step = ModelStep(folder, device=device, precision=precision, threads=threads)
+        if self.step.meta.model_id != model_id:
+            raise RuntimeError(f"model actor loaded model {self.step.meta.model_id}, expected {model_id}")
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = self.step(batch)
+        out["node_id"] = np.asarray([self.node_id] * len(out["path"]), dtype=object)
+        _count(self.counter, scored=len(out["path"]), model_ms=int(1000 * (time.perf_counter() - start)))
+        return out
+
+
+def _finish(batch: dict[str, np.ndarray], meta: Any, run_id: str) -> pa.Table:
+    return finish(batch, meta, run_id)
+
+
+def _write(table: pa.Table, staging: str, storage: Storage, metadata: dict[str, str], key_mode: str) -> pa.Table:
+    import ray
+
+    info = write_staged(table, staging, storage, metadata, key_mode, ray.get_runtime_context().get_node_id())
+    return pa.table({k: [v] for k, v in info.items()})
+
+
+def _make_counter() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Counter:
+        def __init__(self) -> None:
+            self.values: dict[str, int] = {}
+
+        def add(self, values: dict[str, int]) -> None:
+            for k, v in values.items():
+                self.values[k] = self.values.get(k, 0) + int(v)
+
+        def snapshot(self) -> dict[str, int]:
+            return dict(self.values)
+
+    return Counter.remote()
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------------
+
+
+def _artifact_files(model: str) -> dict[str, bytes]:
+    from raydefect.models.artifact import META_FILE, WEIGHTS_FILE, resolve_artifact_dir
+
+    folder = resolve_artifact_dir(model)
+    return {name: (folder / name).read_bytes() for name in (META_FILE, WEIGHTS_FILE) if (folder / name).exists()}
+
+
+def _fetch_model(location: str, storage: Storage) -> str:
+    """A model artifact on object storage -> a local temporary copy (the driver reads it; actors get the bytes)."""
+    import tempfile
+
+    from raydefect.errors import ArtifactError
+    from raydefect.models.artifact import META_FILE, WEIGHTS_FILE
+
+    folder = Path(tempfile.mkdtemp(prefix="raydefect-model-"))
+    for name in (META_FILE, WEIGHTS_FILE):
+        try:
+            (folder / name).write_bytes(storage.read_bytes(location.rstrip("/") + "/" + name))
+        except OSError as e:
+            raise ArtifactError(f"--model {location}: cannot read {name} ({e}); pass the model folder's URI") from None
+    return str(folder)
+
+
+def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict) -> Any:
+    import ray
+
+    if spec.kind == "manifest":
+        loc = spec.location(spec.root)
+        fs, path = storage.resolve(loc)
+        base = spec.location(spec.root.rsplit("/", 1)[0] if "/" in spec.root else ".")
+        if spec.manifest_format == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open_input_file(path) as f:
+                names = pq.read_schema(f).names
+            column = manifest_column(names, loc)
+            ds = ray.data.read_parquet(path, filesystem=fs, columns=[column], **remote_args)
+        elif spec.manifest_format == "csv":
+            with fs.open_input_stream(path) as f:
+                header = f.read(64 * 1024).decode("utf-8", "replace").splitlines()[:1]
+            names = [h.strip() for h in header[0].split(",")] if header else []
+            if not names:
+                raise DataError(f"{loc}: empty CSV manifest; write a header line 'path' and one path per line")
+            column = manifest_column(names, loc)
+            ds = ray.data.read_csv(path, filesystem=fs, **remote_args).select_columns([column])
+        else:
+            column = "text"
+            ds = ray.data.read_text(path, filesystem=fs, **remote_args)
+        return ds.map_batches(
+            _manifest_rows,
+            batch_format="pyarrow",
+            batch_size=1000,
+            fn_kwargs={"column": column, "base": base, "storage": storage},
+            **remote_args,
+        )
+    exclude = None
+    if not is_remote(out) and not spec.scheme:
+        exclude = os.path.abspath(os.path.expanduser(out))
+    filt = ListFilter(
+        spec.root,
+        extensions=sc.extensions if spec.kind == "dir" else (),
+        pattern=spec.pattern,
+        exclude=exclude,
+    )
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    parts = plan_listing(spec, storage, filt, min_parts=max(8, 2 * cpus))
+    if not parts:
+        what = f"files matching {spec.pattern}" if spec.pattern else f"images ({', '.join(sc.extensions)})"
+        raise DataError(f"--input {spec.text}: no {what} found; check the path (and score.extensions)")
+    items = [{"part": json.dumps({"walk": p.walk, "files": [list(f) for f in p.files]})} for p in parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        _list_part,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"spec": spec, "storage": storage, "filt": filt},
+        **remote_args,
+    )
+
+
+@dataclass
+class _Setup:
+    meta: Any
+    storage: Storage
+    spec: InputSpec
+    store: ScoreStore
+    model: str
+    fetched: bool = False  # `model` is a temporary local copy of a remote artifact
+
+    def cleanup(self) -> None:
+        if self.fetched:
+            shutil.rmtree(self.model, ignore_errors=True)
+
+
+def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
+    """Everything checked before Ray starts: model, input, output (clear errors, no cluster needed)."""
+    from raydefect.models.artifact import read_artifact_meta
+
+    storage = Storage(sc.endpoint_override)
+    fetched = is_remote(model)
+    if fetched:
+        model = _fetch_model(model, storage)
+    try:
+        meta = read_artifact_meta(model)
+        if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
+            meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
+        spec = resolve_input(input, storage)
+        return _Setup(meta, storage, spec, ScoreStore(out, storage), model, fetched)
+    except BaseException:
+        if fetched:
+            shutil.rmtree(model, ignore_errors=True)
+        raise
+
+
+def _ray_data_quiet() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = console.verbosity() >= 1
+    ctx.print_on_execution_start = console.verbosity() >= 1
+    if console.verbosity() < 1:  # Ray Data's own INFO lines and progress-bar notes only with -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict[str, Any]:
+    """Forward credentials (score.forward_env, by name) to workers when a path is remote."""
+    env = {k: os.environ[k] for k in sc.forward_env if k in os.environ}
+    remote = is_remote(input) or is_remote(out) or spec.kind == "manifest"
+    return {"runtime_env": {"env_vars": env}} if env and remote else {}
+
+
+def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any) -> Any:
+    """listing -> drop what is already scored (stat key): the images a run will score."""
+    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args)
+    return ds.map_batches(
+        _filter_known,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"known": known_ref, "model_id": s.meta.model_id, "key_mode": sc.incremental_key,
+                   "counter": counter},
+        **remote_args,
+    )  # fmt: skip
+
+
+def list_pending(
+    model: str, input: str, out: str, cfg: Config | None = None, *, rescore: bool = False, address: str | None = None
+) -> pa.Table:
+    """Dry run: the images a run would score now (path, size, mtime_ns, error), without scoring or writing.
+
+    With ``score.incremental_key=hash`` files whose path is known are listed too: their content is compared only
+    when they are read during a run.
+    """
+
+    sc = (cfg or Config()).score
+    s = _setup(model, input, out, sc)
+    try:
+        return _list_pending(s, sc, input, out, rescore, address)
+    finally:
+        s.cleanup()
+
+
+def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, address: str | None) -> pa.Table:
+    import ray
+
+    from raydefect.pipelines.cluster import connect
+
+    connect(address)
+    _ray_data_quiet()
+    known = KeySet()
+    if not rescore and s.store.exists():
+        known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
+    known_ref = [ray.put(known.array)] if len(known) else []
+    ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None)
+    parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
+
+
+def run_score(
+    model: str,
+    input: str,
+    out: str,
+    cfg: Config | None = None,
+    *,
+    rescore: bool = False,
+    retry_errors: bool = False,
+    address: str | None = None,
+) -> ScoreReport:
+    """Score every new or changed image of `input` with the model artifact `model` into the scores folder `out`."""
+
+    sc = (cfg or Config()).score
+    s = _setup(model, input, out, sc)
+    try:
+        return _run(s, sc, input, out, rescore, retry_errors, address)
+    finally:
+        s.cleanup()
+
+
+def _run(
+    s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, retry_errors: bool, address: str | None
+) -> ScoreReport:
+    import ray
+
+    from raydefect.pipelines.cluster import cluster_gpus, connect
+
+    meta, storage, store = s.meta, s.storage, s.store
+    store.open()
+    run_id = new_run_id()
+    report = ScoreReport(run_id, meta.model_id, store.out, input)
+    with store.lock(run_id):
+        report.recovery = store.recover(run_id)
+        connect(address)
+        _ray_data_quiet()
+        remote_args = _remote_args(sc, input, out, s.spec)
+        known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors)
+        console.info(
+            f"scoring {input} with model {meta.model_id} into {store.out} (run {run_id}; "
+            f"{len(known):,} image(s) already scored by this model{', ignored: --rescore' if rescore else ''})"
+        )
+        known_ref = [ray.put(known.array)] if len(known) else []
+        counter = _make_counter()
+        gpus = cluster_gpus()
+        actors = sc.model_actors or (max(1, int(gpus)) if gpus else 1)
+        num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
+        nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
+        report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
+        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
+        store.write_record(record)
+
+        ds = _pending(s, sc, out, remote_args, known_ref, counter)
+        ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
+        ds = ds.map_batches(
+            _decode,
+            batch_format="pyarrow",
+            batch_size=sc.batch_size,
+            concurrency=sc.decode_tasks,
+            fn_kwargs={"image_size": meta.image_size, "storage": storage, "max_pixels": sc.max_image_pixels,
+                       "key_mode": sc.incremental_key, "model_id": meta.model_id, "known": known_ref,
+                       "counter": counter},
+            **remote_args,
+        )  # fmt: skip
+        # A streaming repartition between stages keeps Ray Data from fusing them: decoding stays in parallel CPU
+        # tasks instead of running inside the model actor, and masks are finished batch by batch instead of
+        # piling up model outputs until a whole output file's worth of rows is there.
+        ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
+        ds = ds.map_batches(
+            _ModelActor,
+            batch_format="numpy",
+            batch_size=sc.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=num_gpus,
+            num_cpus=sc.actor_cpus,
+            fn_constructor_kwargs={
+                "artifact": _artifact_files(s.model),
+                "model_id": meta.model_id,
+                "device": report.device,
+                "precision": sc.precision,
+                "threads": threads,
+                "counter": counter,
+            },
+            **remote_args,
+        )
+        ds = ds.map_batches(
+            _finish, batch_format="numpy", batch_size=sc.batch_size, fn_kwargs={"meta": meta, "run_id": run_id}
+        )
+        ds = ds.repartition(target_num_rows_per_block=min(sc.rows_per_file, 1024))
+        ds = ds.map_batches(
+            _write,
+            batch_format="pyarrow",
+            batch_size=sc.rows_per_file,
+            fn_kwargs={
+                "staging": store.staging(run_id),
+                "storage": storage,
+                "metadata": file_metadata(meta, run_id, sc.incremental_key),
+                "key_mode": sc.incremental_key,
+            },
+            **remote_args,
+        )
+        seen = KeySet() if rescore else known
+        start = time.perf_counter()
+        stop = threading.Event()
+        state = {"committed": 0, "start": start}
+        progress = threading.Thread(
+            target=_progress, args=(counter, start, stop, state), daemon=True, name="raydefect-score-progress"
+        )
+        progress.start()
+        pending: list[StagedFile] = []
+        last_commit = time.monotonic()
+        record.stats = {"listed": 0}
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                pending.extend(StagedFile.from_row(row) for row in batch.to_pylist())
+                if time.monotonic() - last_commit >= sc.commit_interval_s:
+                    _commit(store, record, pending, seen, report, state)
+                    pending, last_commit = [], time.monotonic()
+            record.state = "finished"
+        except BaseException:
+            record.state = "failed"
+            raise
+        finally:
+            stop.set()
+            report.seconds = time.perf_counter() - start
+            counts = _snapshot(counter)
+            report.listed, report.skipped = counts.get("listed", 0), counts.get("skipped", 0)
+            report.model_seconds = counts.get("model_ms", 0) / 1000.0
+            record.stats = {
+                "listed": report.listed,
+                "skipped": report.skipped,
+                "seconds": round(report.seconds, 3),
+                "rescore": rescore,
+            }
+            try:
+                _commit(store, record, pending, seen, report, state)
+            finally:
+                store.remove_staging(run_id)
+                ray.kill(counter)
+        if report.listed == 0:
+            raise DataError(f"--input {input}: no images found; check the path and score.extensions")
+    return report
+
+
+def _commit(
+    store: ScoreStore,
+    record: RunRecord,
+    pending: list[StagedFile],
+    seen: KeySet,
+    report: ScoreReport,
+    state: dict,
+) -> None:
+    done = store.commit(record, pending, seen)
+    store.heartbeat()
+    for f in done:
+        report.scored += f.rows
+        report.errors += f.errors
+        report.defects += f.defects
+        report.files += 1
+        for n in f.nodes:
+            report.nodes[n] = report.nodes.get(n, 0) + f.rows
+    state["committed"] = report.scored
+    if done:
+        report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored))
+    if done:
+        console.debug(f"committed {len(done)} file(s), {sum(f.rows for f in done):,} rows")
+
+
+def _snapshot(counter: Any) -> dict[str, int]:
+    import ray
+
+    try:
+        return ray.get(counter.snapshot.remote(), timeout=30)
+    except Exception:  # progress figures must never fail a run
+        return {}
+
+
+def _progress(counter: Any, start: float, stop: threading.Event, state: dict) -> None:
+    while not stop.wait(PROGRESS_EVERY_S):
+        c = _snapshot(counter)
+        elapsed = time.perf_counter() - start
+        scored = c.get("scored", 0)
+        console.info(
+            f"  {elapsed:6.0f} s  listed {c.get('listed', 0):,}  already scored {c.get('skipped', 0):,}  "
+            f"scored {scored:,} ({scored / elapsed:,.1f}/s)  committed {state['committed']:,}"
+        )

@@ -1,0 +1,89 @@
+"""`raydefect score --submit`: run the scoring job on a cluster through Ray's Jobs API.
+
+The job runs ``raydefect score ...`` on the cluster (raydefect must be installed in its image). The entrypoint is
+built from an argv list and quoted with `shlex.join`, so no path or value can inject shell syntax. The resolved
+``score.*`` settings travel as ``--set`` options, so a local ``--config`` file need not exist on the cluster.
+Secrets never appear in the entrypoint: ``--env NAME`` copies the variable's value from this environment into the
+job's ``runtime_env`` (the entrypoint and the CLI line only ever carry the name).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+
+from raydefect import console
+from raydefect.config import Config, ScoreConfig
+from raydefect.errors import ClusterError, ConfigError
+from raydefect.scoring.sources import is_remote
+
+
+def _value(v: object) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def score_argv(
+    model: str, input: str, out: str, cfg: Config, *, rescore: bool = False, retry_errors: bool = False
+) -> list[str]:
+    """The ``raydefect score`` command line the job runs (score settings that differ from the defaults as --set)."""
+    argv = ["raydefect", "score", "--model", model, "--input", input, "--out", out]
+    defaults = ScoreConfig()
+    for name, value in cfg.to_dict()["score"].items():
+        default = getattr(defaults, name)
+        if (list(default) if isinstance(default, tuple) else default) != value:
+            argv += ["--set", f"score.{name}={_value(value)}"]
+    if rescore:
+        argv.append("--rescore")
+    if retry_errors:
+        argv.append("--retry-errors")
+    for name, path in (("--model", model), ("--input", input), ("--out", out)):
+        if not is_remote(path):
+            console.warn(f"{name} {path} is a local path: it must exist on the cluster's head node (shared storage)")
+    return argv
+
+
+def check_submission(address: str | None, env_names: Sequence[str] = ()) -> None:
+    if not address or not address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"--submit needs the cluster's dashboard address, e.g. --address http://head:8265 (got {address!r})"
+        )
+    missing = [n for n in env_names if n not in os.environ]
+    if missing:
+        raise ConfigError(f"--env {', '.join(missing)}: not set in this environment; export it or drop --env")
+
+
+def submit_score(
+    address: str | None,
+    model: str,
+    input: str,
+    out: str,
+    cfg: Config,
+    *,
+    rescore: bool = False,
+    retry_errors: bool = False,
+    env_names: Sequence[str] = (),
+) -> str:
+    """`raydefect score ...` as a job on the cluster at `address`; returns the job id."""
+    check_submission(address, env_names)
+    argv = score_argv(model, input, out, cfg, rescore=rescore, retry_errors=retry_errors)
+    return submit_job(address, argv, env_names)
+
+
+def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str] = ()) -> str:
+    """Submit `argv` as a Ray job at the dashboard `address` (http://head:8265); returns the job id."""
+    check_submission(address, env_names)
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env = {"env_vars": {n: os.environ[n] for n in env_names}} if env_names else None
+    try:
+        client = JobSubmissionClient(address)
+        return client.submit_job(entrypoint=shlex.join(list(argv)), runtime_env=runtime_env)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"cannot submit to {address}: {e}; check the address and that the dashboard runs") from None

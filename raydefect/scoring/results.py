@@ -1,0 +1,295 @@
+"""Reading a scores folder back: the committed rows, a summary, and masks/overlays written out for people.
+
+Rows are history: a run adds one row per image it scored, so an image that changed (or was re-scored with
+``--rescore``) has one row per version. `read_scores` gives the current view -- the newest row per
+(model_id, path) -- and always drops duplicate keys, the last safety net of the commit protocol. Only files that a
+commit record lists are read (`ScoreStore.committed_files`). Without raydefect, the same current view in DuckDB::
+
+    SELECT * FROM read_parquet('OUT/*/*/*.parquet')
+    QUALIFY row_number() OVER (PARTITION BY model_id, path ORDER BY scored_at DESC) = 1
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydefect.errors import DataError, ImageError, OutputError
+from raydefect.imaging import decode_image, decode_png_mask, encode_png
+from raydefect.scoring.schema import SCORE_SCHEMA
+from raydefect.scoring.sources import Storage
+from raydefect.scoring.store import ScoreStore
+
+SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
+                   "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
+_WHERE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
+
+
+def _open(out: str, storage: Storage | None) -> ScoreStore:
+    store = ScoreStore(out, storage)
+    if not store.exists():
+        raise DataError(
+            f"{out}: no raydefect scores here (no _raydefect_scores.json); pass the --out of `raydefect score`"
+        )
+    return store
+
+
+def committed_table(
+    out: str, columns: Sequence[str] | None = None, model_id: str | None = None, storage: Storage | None = None
+) -> pa.Table:
+    """Every committed row (history, not de-duplicated), only `columns` if given."""
+    import pyarrow.parquet as pq
+
+    store = _open(out, storage)
+    parts = []
+    for loc in store.committed_files(model_id):
+        fs, path = store.storage.resolve(loc)
+        parts.append(pq.read_table(path, filesystem=fs, columns=list(columns) if columns else None))
+    if not parts:
+        schema = SCORE_SCHEMA if not columns else pa.schema([SCORE_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(parts)
+
+
+def _newest(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """One row per `keys`: the newest by scored_at (then run_id)."""
+    if table.num_rows == 0:
+        return table
+    idx = pa.array(np.arange(table.num_rows))
+    t = table.select([*keys, "scored_at", "run_id"]).append_column("__i", idx)
+    t = t.sort_by([*((k, "ascending") for k in keys), ("scored_at", "ascending"), ("run_id", "ascending")])
+    last = t.group_by(list(keys), use_threads=False).aggregate([("__i", "last")])
+    return table.take(pa.array(np.sort(last.column("__i_last").to_numpy())))
+
+
+def read_scores(
+    out: str,
+    *,
+    model_id: str | None = None,
+    latest: bool = True,
+    columns: Sequence[str] | None = None,
+    storage: Storage | None = None,
+) -> pa.Table:
+    """Committed scores: one row per (model_id, path) with `latest`, else one per (model_id, path, key)."""
+    wanted = list(columns) if columns else list(SCORE_SCHEMA.names)
+    need = list(dict.fromkeys([*wanted, "model_id", "path", "size", "mtime_ns", "sha1", "scored_at", "run_id"]))
+    table = committed_table(out, need, model_id, storage)
+    table = _newest(table, ["model_id", "path", "size", "mtime_ns", "sha1"])  # duplicate keys: never expected
+    if latest:
+        table = _newest(table, ["model_id", "path"])
+    return table.select(wanted)
+
+
+def _rate(defects: int, images: int) -> float:
+    return defects / images if images else 0.0
+
+
+def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | None = None) -> dict[str, Any]:
+    """Counts, defect rate per run and per folder, and the top-scoring images (current view)."""
+    store = _open(out, storage)
+    records = store.records()
+    current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage)
+    ok = pc.is_null(current.column("error"))
+    defect = pc.fill_null(current.column("is_defect"), False)
+    n, n_def, n_err = current.num_rows, int(pc.sum(defect).as_py() or 0), int(pc.sum(pc.invert(ok)).as_py() or 0)
+    runs = []
+    for r in records:
+        rows = sum(int(f["rows"]) for f in r.files)
+        defects = sum(int(f.get("defects") or 0) for f in r.files)
+        errors = sum(int(f.get("errors") or 0) for f in r.files)
+        runs.append(
+            {
+                "run": r.run_id,
+                "model": r.model_id,
+                "state": r.state,
+                "scored": rows,
+                "defects": defects,
+                "errors": errors,
+                "defect %": round(100 * _rate(defects, rows - errors), 1),
+                "skipped": r.stats.get("skipped", ""),
+            }
+        )
+    folder_rows: list[dict[str, Any]] = []
+    if n:
+        parent = pc.replace_substring_regex(current.column("path"), r"/[^/]*$", "")
+        t = pa.table({"folder": parent, "defect": defect, "error": pc.invert(ok)})
+        g = t.group_by("folder").aggregate([("defect", "sum"), ("error", "sum"), ("folder", "count")])
+        for row in sorted(g.to_pylist(), key=lambda r: r["folder"]):
+            images = int(row["folder_count"])
+            errs = int(row["error_sum"])
+            folder_rows.append(
+                {
+                    "folder": row["folder"],
+                    "images": images,
+                    "defects": int(row["defect_sum"]),
+                    "errors": errs,
+                    "defect %": round(100 * _rate(int(row["defect_sum"]), images - errs), 1),
+                }
+            )
+    scored = current.filter(ok)
+    order = pc.sort_indices(scored.column("defect_score"), sort_keys=[("x", "descending")]) if scored.num_rows else []
+    best = scored.take(order[:top]) if scored.num_rows else scored
+    top_rows = [
+        {
+            "defect_score": r["defect_score"],
+            "class": r["defect_class"],
+            "mask %": round(100.0 * (r["mask_fraction"] or 0.0), 2),
+            "path": r["path"],
+        }
+        for r in best.select(["defect_score", "defect_class", "mask_fraction", "path"]).to_pylist()
+    ]
+    return {
+        "out": store.out,
+        "images": n,
+        "defects": n_def,
+        "errors": n_err,
+        "defect_rate": _rate(n_def, n - n_err),
+        "models": sorted(set(current.column("model_id").to_pylist())),
+        "history_rows": sum(r["scored"] for r in runs),
+        "runs": runs,
+        "folders": folder_rows[:folders] if folders else folder_rows,
+        "folders_total": len(folder_rows),
+        "top": top_rows,
+    }
+
+
+# --- selecting and extracting -----------------------------------------------------------------------------------
+
+
+def parse_where(expr: str) -> pc.Expression:
+    """``column OP value`` (OP one of = == != > >= < <=) -> a pyarrow filter; values are numbers, true/false or text."""
+    m = _WHERE.match(expr)
+    if not m:
+        raise DataError(f"--where {expr!r}: expected COLUMN OP VALUE, e.g. 'defect_score>=0.9' or 'defect_class=crack'")
+    col, op, raw = m.groups()
+    if col not in SCORE_SCHEMA.names or col in ("mask_png", "class_scores", "bbox"):
+        raise DataError(
+            f"--where {expr!r}: unknown or non-scalar column {col!r}; use one of {', '.join(SUMMARY_COLUMNS)}"
+        )
+    raw = raw.strip("'\"")
+    typ = SCORE_SCHEMA.field(col).type
+    value: Any = raw
+    try:
+        if pa.types.is_boolean(typ):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(raw)
+            value = raw.lower() == "true"
+        elif pa.types.is_integer(typ):
+            value = int(raw)
+        elif pa.types.is_floating(typ):
+            value = float(raw)
+    except ValueError:
+        raise DataError(f"--where {expr!r}: {raw!r} is not a valid value for {col} ({typ})") from None
+    field = pc.field(col)
+    ops = {"=": field == value, "==": field == value, "!=": field != value, ">": field > value, ">=": field >= value,
+           "<": field < value, "<=": field <= value}  # fmt: skip
+    return ops[op]
+
+
+def select_rows(
+    out: str,
+    top: int | None = None,
+    where: Sequence[str] = (),
+    paths: Sequence[str] = (),
+    storage: Storage | None = None,
+) -> pa.Table:
+    """Rows to extract from the current view: `paths` (exact), `where` filters (AND), then the `top` by score."""
+    table = read_scores(out, storage=storage)
+    table = table.filter(pc.is_null(table.column("error")))
+    if paths:
+        wanted = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths]
+        table = table.filter(pc.is_in(table.column("path"), pa.array(wanted, pa.string())))
+    for expr in where:
+        table = table.filter(parse_where(expr))
+    if top is not None and table.num_rows:
+        order = pc.sort_indices(table.column("defect_score"), sort_keys=[("x", "descending")])
+        table = table.take(order[:top])
+    return table
+
+
+def overlay_mask(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.45
+) -> np.ndarray:
+    """The image with the mask tinted in `color` and its outline drawn opaque: uint8 HxWx3."""
+    out = image.astype(np.float32).copy()
+    tint = np.asarray(color, np.float32)
+    out[mask] = (1.0 - alpha) * out[mask] + alpha * tint
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    out[mask & ~inner] = tint
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _safe_stem(path: str) -> str:
+    stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "image"
+
+
+def extract(
+    out: str,
+    dest: str | Path,
+    top: int | None = None,
+    where: Sequence[str] = (),
+    paths: Sequence[str] = (),
+    storage: Storage | None = None,
+) -> dict[str, Any]:
+    """Write the chosen masks (0/255 PNG at the image's size) and overlays on the original image to `dest`, with an
+    ``index.csv``. Returns counts and the index path."""
+    storage = storage or Storage()
+    rows = select_rows(out, top=top, where=where, paths=paths, storage=storage)
+    dest = Path(dest).expanduser()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --out {dest}: {e.strerror}") from None
+    index = []
+    overlays = 0
+    for rank, r in enumerate(rows.to_pylist(), 1):
+        stem = f"{rank:04d}_{_safe_stem(r['path'])}"
+        mask = decode_png_mask(r["mask_png"])
+        (dest / f"{stem}_mask.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
+        note, overlay_name = "", f"{stem}_overlay.png"
+        try:
+            image = decode_image(storage.read_bytes(r["path"]), mode="RGB", path=r["path"])
+            if image.shape[:2] != mask.shape:
+                raise ImageError(
+                    r["path"], f"now {image.shape[1]}x{image.shape[0]}, scored at {mask.shape[1]}x{mask.shape[0]}"
+                )
+            (dest / overlay_name).write_bytes(encode_png(overlay_mask(image, mask)))
+            overlays += 1
+        except (OSError, ImageError) as e:
+            note, overlay_name = f"no overlay: {e}", ""
+        index.append(
+            {
+                "rank": rank,
+                "path": r["path"],
+                "defect_score": r["defect_score"],
+                "defect_class": r["defect_class"],
+                "mask_area_px": r["mask_area_px"],
+                "bbox": r["bbox"],
+                "mask": f"{stem}_mask.png",
+                "overlay": overlay_name,
+                "note": note,
+            }
+        )
+    index_path = dest / "index.csv"
+    with index_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["rank", "path", "defect_score", "defect_class", "mask_area_px",
+                                               "bbox", "mask", "overlay", "note"])  # fmt: skip
+        writer.writeheader()
+        writer.writerows(index)
+    missing = []
+    if paths:
+        found = set(rows.column("path").to_pylist())
+        missing = [p for p in paths if p not in found and str(Path(p).expanduser().resolve()) not in found]
+    return {"masks": len(index), "overlays": overlays, "index": str(index_path), "missing": missing}

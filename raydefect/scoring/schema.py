@@ -1,0 +1,87 @@
+"""The scores table (DESIGN.md contract 3), as one pyarrow schema that every writer uses.
+
+One row per input image per run. Contract columns first, then the incremental key (``size``, ``mtime_ns``,
+``sha1``) and ``node_id`` (the Ray node whose model actor scored the row: shows how work spread over a cluster).
+
+Types are chosen so pandas, pyarrow, DuckDB and Spark read the files without raydefect: ``mask_png`` is
+``large_binary`` (64-bit offsets: a file of big masks can never hit Arrow's 2 GiB limit of ``binary``),
+``class_scores`` a ``map<string, float>`` (the same type whatever the model's classes, so runs of different
+models share one schema), ``bbox`` a ``list<int32>`` ``[x0, y0, x1, y1]`` with x1/y1 exclusive, ``scored_at`` a UTC
+timestamp in microseconds and ``mtime_ns`` a plain int64 (Spark cannot read nanosecond timestamps). Rows whose
+``error`` is set have nulls in every score column. The file metadata carries the model id, thresholds, class
+names, run id and the raydefect and schema versions under ``raydefect.*`` keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from raydefect import __version__
+
+if TYPE_CHECKING:
+    from raydefect.models.artifact import ArtifactMeta
+
+SCHEMA_VERSION = 1
+
+SCORE_FIELDS = (
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("defect_score", pa.float32()),
+    pa.field("is_defect", pa.bool_()),
+    pa.field("defect_class", pa.string()),
+    pa.field("class_scores", pa.map_(pa.string(), pa.float32())),
+    pa.field("mask_png", pa.large_binary()),
+    pa.field("mask_area_px", pa.int64()),
+    pa.field("mask_fraction", pa.float32()),
+    pa.field("bbox", pa.list_(pa.int32())),
+    pa.field("error", pa.string()),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("size", pa.int64()),
+    pa.field("mtime_ns", pa.int64()),
+    pa.field("sha1", pa.string()),
+    pa.field("node_id", pa.string()),
+)
+SCORE_SCHEMA = pa.schema(list(SCORE_FIELDS))
+COLUMNS = tuple(f.name for f in SCORE_FIELDS)
+KEY_COLUMNS = ("model_id", "path", "size", "mtime_ns", "sha1")
+META_PREFIX = "raydefect."
+
+
+def file_metadata(meta: ArtifactMeta, run_id: str, key_mode: str) -> dict[str, str]:
+    """Key-value metadata stored in every Parquet footer (readable with ``pq.read_metadata(f).metadata``)."""
+    return {
+        f"{META_PREFIX}schema_version": str(SCHEMA_VERSION),
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}model_id": meta.model_id,
+        f"{META_PREFIX}thresholds": json.dumps(dict(meta.thresholds), sort_keys=True),
+        f"{META_PREFIX}class_names": json.dumps(list(meta.class_names)),
+        f"{META_PREFIX}backbone": meta.backbone,
+        f"{META_PREFIX}image_size": str(meta.image_size),
+        f"{META_PREFIX}run_id": run_id,
+        f"{META_PREFIX}key_mode": key_mode,
+    }
+
+
+def schema_with_metadata(metadata: Mapping[str, str]) -> pa.Schema:
+    return SCORE_SCHEMA.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+
+
+def read_file_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """``raydefect.*`` footer metadata -> plain dict (JSON values decoded)."""
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        key = k.decode()
+        if not key.startswith(META_PREFIX):
+            continue
+        value: Any = v.decode()
+        if key.endswith(("thresholds", "class_names")):
+            value = json.loads(value)
+        out[key[len(META_PREFIX) :]] = value
+    return out

@@ -1,0 +1,353 @@
+"""Where images come from: local paths and object-store URIs through pyarrow filesystems, and how inputs are listed.
+
+Every row that crosses the pipeline names its file by a *location*: an absolute local path or a URI
+(``s3://bucket/key``, ``gs://bucket/key``). Any process turns a location back into (filesystem, path) with a
+`Storage` (which only holds options, so it pickles to Ray workers; credentials come from each process's own
+environment or instance role, the usual AWS/GCP chain, and are never shipped). ``AWS_ENDPOINT_URL`` or
+``score.endpoint_override`` point ``s3://`` at a MinIO-like store.
+
+Inputs (`resolve_input`): a directory (recursive, by extension), a glob (``**`` recurses), or a manifest -- a
+``.txt``/``.lst`` (one location per line, ``#`` comments), ``.csv`` or ``.parquet`` list (column ``path``, else
+``image`` as in a prepared dataset's manifest, else ``uri``/``file``, else the only column). Relative entries are
+relative to the manifest's folder.
+
+Listing scales by splitting, not by enumerating on one process: `plan_listing` lists the top levels only (a few
+calls) and returns independent parts; `walk` lists one part directory by directory and yields bounded batches, so
+listing tasks run in parallel and downstream work starts with the first batch. Names starting with ``.`` (hidden
+files, temporary files being written) are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raydefect.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+MANIFEST_SUFFIXES = {".txt": "txt", ".lst": "txt", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+MANIFEST_COLUMNS = ("path", "image", "uri", "file")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+
+
+def is_remote(location: str) -> bool:
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def split_scheme(location: str) -> tuple[str, str]:
+    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("", absolute path); ``file:///x`` -> ("", "/x")."""
+    scheme, sep, rest = location.partition("://")
+    if sep and scheme.lower() != "file":
+        return scheme.lower(), rest
+    path = rest if sep else location
+    return "", os.path.abspath(os.path.expanduser(path))
+
+
+def join_location(base: str, relative: str) -> str:
+    """A manifest entry relative to the manifest's folder (or already absolute / a URI)."""
+    if is_remote(relative) or relative.startswith("file://") or os.path.isabs(os.path.expanduser(relative)):
+        return relative if is_remote(relative) else split_scheme(relative)[1]
+    scheme, path = split_scheme(base)
+    if scheme:
+        return f"{scheme}://{path.rstrip('/')}/{relative}"
+    return os.path.normpath(os.path.join(path, relative))
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs.FileSystem:
+    import pyarrow.fs as pafs
+
+    if scheme == "":
+        return pafs.LocalFileSystem()
+    if scheme == "s3" and endpoint_override:
+        return pafs.S3FileSystem(endpoint_override=endpoint_override)
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad URIs
+        raise DataError(
+            f"cannot open {scheme}://{bucket}: {e}; use a local path, s3:// or gs:// (pyarrow filesystems)"
+        ) from None
+    return fs
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Resolves locations to pyarrow filesystems; cheap to pickle (options only, filesystems cached per process)."""
+
+    endpoint_override: str | None = None
+
+    def resolve(self, location: str) -> tuple[pafs.FileSystem, str]:
+        scheme, path = split_scheme(location)
+        bucket = path.split("/", 1)[0] if scheme else ""
+        return _filesystem(scheme, self.endpoint_override, bucket), path
+
+    @staticmethod
+    def location(scheme: str, path: str) -> str:
+        return f"{scheme}://{path}" if scheme else path
+
+    def read_bytes(self, location: str) -> bytes:
+        fs, path = self.resolve(location)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def stat(self, locations: Sequence[str]) -> list[tuple[int, int, str]]:
+        """(size, mtime_ns, error) per location; -1 and a reason for files that cannot be statted."""
+        import pyarrow.fs as pafs
+
+        out: list[tuple[int, int, str]] = [(-1, -1, "")] * len(locations)
+        groups: dict[int, tuple[pafs.FileSystem, list[int], list[str]]] = {}
+        for i, loc in enumerate(locations):
+            try:
+                fs, path = self.resolve(loc)
+            except DataError as e:
+                out[i] = (-1, -1, str(e))
+                continue
+            groups.setdefault(id(fs), (fs, [], []))
+            groups[id(fs)][1].append(i)
+            groups[id(fs)][2].append(path)
+        for fs, idx, paths in groups.values():
+            try:
+                infos = fs.get_file_info(paths)
+            except OSError:  # one bad entry fails the whole call: fall back to one at a time
+                infos = []
+                for p in paths:
+                    try:
+                        infos.append(fs.get_file_info(p))
+                    except OSError as e:
+                        infos.append(e)
+            for i, info in zip(idx, infos, strict=True):
+                if isinstance(info, OSError):
+                    out[i] = (-1, -1, f"cannot stat: {info}")
+                elif info.type == pafs.FileType.NotFound:
+                    out[i] = (-1, -1, "file not found")
+                elif info.type != pafs.FileType.File:
+                    out[i] = (-1, -1, "not a file")
+                else:
+                    out[i] = (int(info.size or 0), _mtime_ns(info), "")
+        return out
+
+
+def _mtime_ns(info: pafs.FileInfo) -> int:
+    ns = info.mtime_ns
+    return int(ns) if ns is not None else -1
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A resolved ``--input``: what kind it is and where it lies."""
+
+    kind: str  # "dir" | "glob" | "manifest"
+    text: str  # as the user gave it
+    scheme: str  # "" local, else "s3", "gs", ...
+    root: str  # filesystem path: the folder, the glob's fixed base folder, or the manifest file
+    pattern: str | None = None  # glob: the pattern relative to root
+    manifest_format: str | None = None  # "txt" | "csv" | "parquet"
+
+    def location(self, path: str) -> str:
+        return Storage.location(self.scheme, path)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob relative to its base folder -> regex over '/'-separated relative paths (``**`` spans folders)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 2)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : j]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append(f"[{body}]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def resolve_input(text: str, storage: Storage) -> InputSpec:
+    """Classify and check ``--input``; raises `DataError` naming the input and the fix."""
+    import pyarrow.fs as pafs
+
+    if not text or not text.strip():
+        raise DataError("--input is empty; pass a folder, a quoted glob or a manifest (.txt, .csv, .parquet)")
+    scheme, path = split_scheme(text)
+    if _GLOB_CHARS.search(path):
+        parts = path.split("/")
+        fixed = []
+        for part in parts:
+            if _GLOB_CHARS.search(part):
+                break
+            fixed.append(part)
+        base = "/".join(fixed) or ("/" if path.startswith("/") else ".")
+        pattern = "/".join(parts[len(fixed) :])
+        fs, _ = storage.resolve(Storage.location(scheme, base or "/"))
+        info = fs.get_file_info(base)
+        if info.type != pafs.FileType.Directory:
+            raise DataError(f"--input {text}: the folder before the glob ({Storage.location(scheme, base)}) not found")
+        glob_regex(pattern)  # fail early on nonsense
+        return InputSpec("glob", text, scheme, base, pattern=pattern)
+    fs, _ = storage.resolve(text)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise DataError(f"--input {text}: cannot read it ({e}); check the path and the credentials") from None
+    if info.type == pafs.FileType.Directory:
+        if not fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            raise DataError(f"--input {text} is an empty folder; pass the folder that holds the images")
+        return InputSpec("dir", text, scheme, path.rstrip("/") or "/")
+    if info.type == pafs.FileType.File:
+        fmt = MANIFEST_SUFFIXES.get(Path(path).suffix.lower())
+        if fmt is None:
+            raise DataError(
+                f"--input {text}: a single file that is not a manifest; pass its folder, a glob, or a manifest "
+                f"({', '.join(MANIFEST_SUFFIXES)}) listing the images"
+            )
+        return InputSpec("manifest", text, scheme, path, manifest_format=fmt)
+    raise DataError(f"--input {text}: not found; pass an existing folder, a quoted glob or a manifest file")
+
+
+def manifest_column(names: Sequence[str], manifest: str) -> str:
+    """Which manifest column lists the images."""
+    lowered = {n.lower(): n for n in names}
+    for want in MANIFEST_COLUMNS:
+        if want in lowered:
+            return lowered[want]
+    if len(names) == 1:
+        return names[0]
+    raise DataError(
+        f"{manifest}: no column named {', '.join(MANIFEST_COLUMNS)} among {', '.join(names)}; "
+        "name the column of image paths 'path'"
+    )
+
+
+# --- listing --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """Which files of a listing are inputs: by extension (folders) or by glob pattern, never hidden names."""
+
+    root: str
+    extensions: tuple[str, ...] = ()
+    pattern: str | None = None
+    exclude: str | None = None  # a folder to leave out (the scores output when it lies inside the input)
+
+    @functools.cached_property
+    def _regex(self) -> re.Pattern[str] | None:
+        return glob_regex(self.pattern) if self.pattern else None
+
+    @functools.cached_property
+    def _exts(self) -> tuple[str, ...]:
+        return tuple(e.lower() for e in self.extensions)
+
+    def relative(self, path: str) -> str:
+        root = self.root.rstrip("/")
+        return path[len(root) + 1 :] if root and path.startswith(root + "/") else path.lstrip("/")
+
+    def keep_dir(self, path: str) -> bool:
+        if self.exclude and (path == self.exclude or path.startswith(self.exclude.rstrip("/") + "/")):
+            return False
+        return not path.rsplit("/", 1)[-1].startswith(".")
+
+    def keep_file(self, path: str) -> bool:
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            return False
+        if self._regex is not None:
+            return self._regex.match(self.relative(path)) is not None
+        return name.lower().endswith(self._exts)
+
+
+@dataclass(frozen=True)
+class ListPart:
+    """One independent piece of a listing: a folder to walk recursively, or files already listed."""
+
+    walk: str | None = None
+    files: tuple[tuple[str, int, int], ...] = ()  # (path, size, mtime_ns)
+
+
+def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    import pyarrow.fs as pafs
+
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as e:
+        raise DataError(f"cannot list {path}: {e}; check permissions and credentials") from None
+
+
+def plan_listing(spec: InputSpec, storage: Storage, filt: ListFilter, min_parts: int = 8) -> list[ListPart]:
+    """Split a folder/glob listing into parts by listing only the top levels (breadth-first, at most 3 levels, until
+    there are `min_parts` folders). Cheap on the driver whatever the archive size: the folders found are walked by
+    workers; files met on the way (small archives) are handed out in chunks of 1,000."""
+    import pyarrow.fs as pafs
+
+    fs, _ = storage.resolve(spec.location(spec.root))
+    files: list[tuple[str, int, int]] = []
+    frontier, levels = [spec.root], 0
+    while frontier and len(frontier) < min_parts and levels < 3 and len(files) < 100_000:
+        nxt: list[str] = []
+        for folder in frontier:
+            for info in _list_dir(fs, folder):
+                if info.type == pafs.FileType.Directory and filt.keep_dir(info.path):
+                    nxt.append(info.path)
+                elif info.type == pafs.FileType.File and filt.keep_file(info.path):
+                    files.append((info.path, int(info.size or 0), _mtime_ns(info)))
+        frontier, levels = nxt, levels + 1
+    parts = [ListPart(walk=folder) for folder in sorted(frontier)]
+    for i in range(0, len(files), 1000):
+        parts.append(ListPart(files=tuple(files[i : i + 1000])))
+    return parts
+
+
+def walk(
+    part: ListPart, spec: InputSpec, storage: Storage, filt: ListFilter, batch_rows: int = 1000
+) -> Iterator[list[tuple[str, int, int]]]:
+    """Yield (location, size, mtime_ns) of matching files of one part, at most `batch_rows` at a time."""
+    import pyarrow.fs as pafs
+
+    batch: list[tuple[str, int, int]] = [(spec.location(p), s, m) for p, s, m in part.files]
+    if part.walk is not None:
+        fs, _ = storage.resolve(spec.location(part.walk))
+        stack = [part.walk]
+        while stack:
+            folder = stack.pop()
+            subdirs = []
+            for info in _list_dir(fs, folder):
+                if info.type == pafs.FileType.Directory:
+                    if filt.keep_dir(info.path):
+                        subdirs.append(info.path)
+                elif info.type == pafs.FileType.File and filt.keep_file(info.path):
+                    batch.append((spec.location(info.path), int(info.size or 0), _mtime_ns(info)))
+                    if len(batch) >= batch_rows:
+                        yield batch
+                        batch = []
+            stack.extend(sorted(subdirs, reverse=True))
+    if batch:
+        yield batch

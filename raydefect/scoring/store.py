@@ -1,0 +1,622 @@
+"""The scores folder and its commit protocol: exactly one row per image per model, whatever kills a run.
+
+Layout of ``OUT`` (a local folder or an object-store prefix)::
+
+    OUT/_raydefect_scores.json                      marker: this folder holds raydefect scores (format version)
+    OUT/<model_id>/<run_id>/part-00000-<uid>.parquet   committed data: what readers see
+    OUT/_commits/<run_id>.json                      commit record: run, model, state, files with row counts
+    OUT/_staging/<run_id>/part-<uid>.parquet.staged    written by workers, not yet committed
+    OUT/.lock                                       local runs: an flock'ed file naming the holder
+
+Protocol. Workers write each output file into the run's staging folder, atomically (a hidden temporary name
+renamed into place; an object-store upload is atomic by itself), and hand the file's name, row count and key
+digests to the driver. Only the driver commits: every ``score.commit_interval_s`` it moves the staged files it was
+handed into the data area and rewrites the run's commit record (temporary file + rename). So:
+
+- a file written by a Ray task that was then retried (its worker died after writing) is never handed to the
+  driver: it stays in staging and is deleted with it; the retry's file is the one committed;
+- a partially written file (SIGKILL mid-write) only ever exists under a hidden temporary name;
+- readers without raydefect read ``OUT/*/*/*.parquet`` (pyarrow and pandas skip ``_``/``.`` names by themselves),
+  which only ever holds complete, committed files.
+
+Recovery (`ScoreStore.recover`, at the start of every run, under the lock so every other run is dead): (1) files
+in the data area that no record lists (killed between a move and the record update) are adopted into their run's
+record; (2) complete staged files of dead runs are recovered -- their rows not yet committed (by key) are written
+into the data area, the rest dropped -- and partial ones deleted; a dead run's record is marked ``interrupted``.
+The driver also checks every file's digests against what this run already committed, and readers de-duplicate
+by key (`raydefect.scoring.results`), as final safety nets.
+
+Concurrency: one run per ``OUT``. Locally an exclusive ``fcntl.flock`` on ``OUT/.lock`` (released by the kernel
+when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). Object
+stores have no atomic create in pyarrow: there a lock object with a heartbeat is written and read back (a best
+effort that catches runs started minutes apart, not at the same second) -- schedule with one scheduler
+(cron, or a Kubernetes CronJob with ``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raydefect import __version__, console
+from raydefect.errors import OutputError
+from raydefect.scoring.keys import DIGEST, KeySet, contains, digests_from_bytes, first_occurrence, key_digests
+from raydefect.scoring.schema import SCORE_SCHEMA
+from raydefect.scoring.sources import Storage, is_remote
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+STORE_FORMAT = 1
+MARKER = "_raydefect_scores.json"
+COMMITS = "_commits"
+STAGING = "_staging"
+LOCK_FILE = ".lock"
+REMOTE_LOCK = "_lock.json"
+REMOTE_LOCK_LEASE_S = 15 * 60
+STAGED_SUFFIX = ".parquet.staged"
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """Sortable and unique: ``20250101T020000Z-1a2b3c``."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StagedFile:
+    """What a writer hands the driver about one staged file."""
+
+    location: str
+    rows: int
+    errors: int
+    defects: int
+    digests: np.ndarray  # dtype DIGEST, one per row
+    nodes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> StagedFile:
+        return cls(
+            location=row["file"],
+            rows=int(row["rows"]),
+            errors=int(row["errors"]),
+            defects=int(row["defects"]),
+            digests=digests_from_bytes(row["digests"]),
+            nodes=tuple(row.get("nodes") or ()),
+        )
+
+
+@dataclass
+class RunRecord:
+    """``_commits/<run_id>.json``: the run and every file it committed (paths relative to OUT)."""
+
+    run_id: str
+    model_id: str
+    key_mode: str
+    input: str = ""
+    state: str = "running"  # running -> finished | interrupted (found dead by a later run)
+    started_at: str = field(default_factory=_now)
+    updated_at: str = field(default_factory=_now)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    raydefect_version: str = __version__
+    format: int = STORE_FORMAT
+
+    @property
+    def rows(self) -> int:
+        return sum(int(f["rows"]) for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "run_id": self.run_id,
+            "model_id": self.model_id,
+            "key_mode": self.key_mode,
+            "input": self.input,
+            "state": self.state,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "raydefect_version": self.raydefect_version,
+            "rows": self.rows,
+            "files": self.files,
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
+        return cls(
+            run_id=d["run_id"],
+            model_id=d["model_id"],
+            key_mode=d.get("key_mode", "stat"),
+            input=d.get("input", ""),
+            state=d.get("state", "running"),
+            started_at=d.get("started_at", ""),
+            updated_at=d.get("updated_at", ""),
+            files=list(d.get("files", [])),
+            stats=dict(d.get("stats", {})),
+            raydefect_version=d.get("raydefect_version", ""),
+            format=int(d.get("format", STORE_FORMAT)),
+        )
+
+
+def write_staged(
+    table: pa.Table,
+    staging: str,
+    storage: Storage,
+    metadata: dict[str, str],
+    key_mode: str,
+    node_id: str | None = None,
+) -> dict[str, Any]:
+    """Write one batch of score rows as a staged Parquet file, atomically; returns what the driver commits.
+
+    Runs on Ray workers (the pipeline's last stage) and in tests.
+    """
+    import pyarrow.parquet as pq
+
+    from raydefect.scoring.schema import schema_with_metadata
+
+    fs, folder = storage.resolve(staging)
+    name = f"part-{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
+    final = f"{folder}/{name}"
+    table = table.cast(SCORE_SCHEMA).replace_schema_metadata(schema_with_metadata(metadata).metadata)
+    try:
+        fs.create_dir(folder, recursive=True)
+        if is_remote(staging):  # an upload becomes visible only when complete
+            with fs.open_output_stream(final) as f:
+                pq.write_table(table, f, compression="zstd")
+        else:
+            tmp = f"{folder}/.{name}.tmp"
+            pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+            _fsync(tmp)
+            fs.move(tmp, final)
+    except OSError as e:
+        raise OutputError(f"cannot write scores to {staging}: {e}; check space and permissions") from None
+    digests = row_digests(table, key_mode)
+    errors, defects = _counts(table)
+    return {
+        "file": Storage.location(_scheme(staging), final),
+        "rows": table.num_rows,
+        "errors": errors,
+        "defects": defects,
+        "digests": digests.tobytes(),
+        "nodes": sorted({n for n in table.column("node_id").to_pylist() if n} | ({node_id} if node_id else set())),
+    }
+
+
+def row_digests(table: pa.Table, key_mode: str) -> np.ndarray:
+    """Key digests of score rows (``model_id`` is taken from the rows)."""
+    if table.num_rows == 0:
+        return np.empty(0, DIGEST)
+    model_ids = table.column("model_id").to_pylist()
+    paths = table.column("path").to_pylist()
+    sizes = table.column("size").to_pylist()
+    mtimes = table.column("mtime_ns").to_pylist()
+    sha1s = table.column("sha1").to_pylist()
+    if len(set(model_ids)) == 1:
+        return key_digests(model_ids[0], paths, sizes, mtimes, sha1s, key_mode)
+    return np.concatenate(
+        [
+            key_digests(m, [p], [s], [t], [h], key_mode)
+            for m, p, s, t, h in zip(model_ids, paths, sizes, mtimes, sha1s, strict=True)
+        ]
+    )
+
+
+def _counts(table: pa.Table) -> tuple[int, int]:
+    """(rows with an error, rows judged defect)."""
+    import pyarrow.compute as pc
+
+    errors = pc.sum(pc.is_valid(table.column("error"))).as_py() or 0
+    defects = pc.sum(pc.fill_null(table.column("is_defect"), False)).as_py() or 0
+    return int(errors), int(defects)
+
+
+def _scheme(location: str) -> str:
+    scheme, sep, _ = location.partition("://")
+    return scheme.lower() if sep and scheme.lower() != "file" else ""
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Recovery:
+    adopted_files: int = 0
+    recovered_rows: int = 0
+    dropped_rows: int = 0
+    discarded_files: int = 0
+    interrupted_runs: list[str] = field(default_factory=list)
+
+
+class ScoreStore:
+    """One scores folder. Create with `ScoreStore(out)`; `open()` checks it can be written and marks it."""
+
+    def __init__(self, out: str, storage: Storage | None = None) -> None:
+        self.out = out if is_remote(out) else os.path.abspath(os.path.expanduser(out))
+        self.storage = storage or Storage()
+        self.remote = is_remote(self.out)
+        self.fs, self.root = self.storage.resolve(self.out)
+        self.root = self.root.rstrip("/")
+        self._lock_fd: int | None = None
+
+    # --- paths ----------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def location(self, *parts: str) -> str:
+        return Storage.location(_scheme(self.out), self.path(*parts))
+
+    def staging(self, run_id: str) -> str:
+        return self.location(STAGING, run_id)
+
+    def _info(self, path: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(path)
+
+    def _ls(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info(self.path(MARKER)).type == pafs.FileType.File
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create or check ``OUT``: it must be empty or a raydefect scores folder, and writable."""
+        import pyarrow.fs as pafs
+
+        try:
+            info = self._info(self.root)
+            if info.type == pafs.FileType.File:
+                raise OutputError(f"--out {self.out} is a file; pass a folder for the scores")
+            if info.type == pafs.FileType.Directory and not self.exists():
+                entries = [e for e in self._ls(self.root) if not e.base_name.startswith(".")]
+                if entries:
+                    raise OutputError(
+                        f"--out {self.out} is not empty and holds no raydefect scores ({MARKER} is missing); "
+                        "choose a new or empty folder"
+                    )
+            self.fs.create_dir(self.root, recursive=True)
+            if not self.exists():
+                self._write_json(self.path(MARKER), {"format": STORE_FORMAT, "created_at": _now(), "tool": "raydefect"})
+            if not self.remote and not os.access(self.root, os.W_OK):
+                raise OutputError(f"--out {self.out} is not writable; fix its permissions or choose another folder")
+        except OSError as e:
+            raise OutputError(f"cannot write to --out {self.out}: {e}; check the path and permissions") from None
+
+    def _write_json(self, path: str, data: dict[str, Any]) -> None:
+        payload = (json.dumps(data, indent=1) + "\n").encode()
+        if self.remote:
+            with self.fs.open_output_stream(path) as f:
+                f.write(payload)
+            return
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        except OSError as e:
+            if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+                return None
+            raise
+
+    # --- lock -----------------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, run_id: str) -> Iterator[None]:
+        """Exclusive use of ``OUT`` for one run (see the module docstring for object stores)."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(), "run_id": run_id}
+        if self.remote:
+            self._remote_lock(holder)
+            try:
+                yield
+            finally:
+                self._remote_unlock(run_id)
+            return
+        import fcntl
+
+        path = self.path(LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(self._busy_message(self._read_json(path))) from None
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"cannot lock {path}: {e}; put --out on a file system that supports locks") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing releases the flock
+
+    def _busy_message(self, holder: dict[str, Any] | None) -> str:
+        who = "another run"
+        if holder:
+            who = (
+                f"run {holder.get('run_id')} (pid {holder.get('pid')} on host {holder.get('host')}, "
+                f"started {holder.get('started_at')})"
+            )
+        return f"--out {self.out} is locked by {who}; wait for it to finish, or write to another --out"
+
+    def _remote_lock(self, holder: dict[str, Any]) -> None:
+        path = self.path(REMOTE_LOCK)
+        current = self._read_json(path)
+        if current and time.time() - float(current.get("heartbeat", 0)) < REMOTE_LOCK_LEASE_S:
+            raise OutputError(self._busy_message(current) + f" (lock object {self.location(REMOTE_LOCK)})")
+        self._write_json(path, {**holder, "heartbeat": time.time()})
+        time.sleep(0.2)
+        mine = self._read_json(path)
+        if not mine or mine.get("run_id") != holder["run_id"]:
+            raise OutputError(self._busy_message(mine))
+        self._holder = holder
+
+    def heartbeat(self) -> None:
+        if self.remote and getattr(self, "_holder", None):
+            self._write_json(self.path(REMOTE_LOCK), {**self._holder, "heartbeat": time.time()})
+
+    def _remote_unlock(self, run_id: str) -> None:
+        current = self._read_json(self.path(REMOTE_LOCK))
+        if current and current.get("run_id") == run_id:
+            self.fs.delete_file(self.path(REMOTE_LOCK))
+
+    # --- records --------------------------------------------------------------------------------------------
+    def records(self) -> list[RunRecord]:
+        import pyarrow.fs as pafs
+
+        out = []
+        for info in self._ls(self.path(COMMITS)):
+            if (
+                info.type == pafs.FileType.File
+                and info.base_name.endswith(".json")
+                and not info.base_name.startswith(".")
+            ):
+                data = self._read_json(info.path)
+                if data is not None:
+                    out.append(RunRecord.from_dict(data))
+        return sorted(out, key=lambda r: r.run_id)
+
+    def write_record(self, record: RunRecord) -> None:
+        record.updated_at = _now()
+        self.fs.create_dir(self.path(COMMITS), recursive=True)
+        self._write_json(self.path(COMMITS, f"{record.run_id}.json"), record.to_dict())
+
+    def committed_files(self, model_id: str | None = None) -> list[str]:
+        """Locations of committed data files (optionally of one model), from the commit records."""
+        return [
+            self.location(f["path"])
+            for r in self.records()
+            if model_id is None or r.model_id == model_id
+            for f in r.files
+        ]
+
+    # --- keys -----------------------------------------------------------------------------------------------
+    def load_keys(self, model_id: str, key_mode: str, retry_errors: bool = False) -> KeySet:
+        """Digests of every committed row of `model_id` (rows with an error left out with `retry_errors`)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        parts = []
+        columns = ["model_id", "path", "size", "mtime_ns", "sha1", "error"]
+        for loc in self.committed_files(model_id):
+            fs, path = self.storage.resolve(loc)
+            table = pq.read_table(path, filesystem=fs, columns=columns)
+            if retry_errors:
+                table = table.filter(pc.is_null(table.column("error")))
+            parts.append(row_digests(table, key_mode))
+        return KeySet.union(parts)
+
+    # --- commit ---------------------------------------------------------------------------------------------
+    def commit(self, record: RunRecord, staged: Sequence[StagedFile], seen: KeySet) -> list[StagedFile]:
+        """Move staged files into ``OUT/<model>/<run>/`` and rewrite the record. Rows whose key `seen` already holds
+        (committed earlier) are dropped first -- a safety net that keeps the table free of duplicates even when
+        the listing repeats a file. `seen` grows by what is committed. Returns the files committed."""
+        done = []
+        data_dir = self.path(record.model_id, record.run_id)
+        self.fs.create_dir(data_dir, recursive=True)
+        seq = len(record.files)
+        for item in staged:
+            keep = first_occurrence(item.digests) & ~seen.contains(item.digests)
+            source = self.storage.resolve(item.location)[1]
+            if not keep.all():
+                source, item = self._rewrite(item, keep)
+                if item is None:
+                    continue
+            name = f"part-{seq:05d}-{uuid.uuid4().hex[:8]}.parquet"
+            self.fs.move(source, f"{data_dir}/{name}")
+            seq += 1
+            seen.add(item.digests)
+            record.files.append(
+                {
+                    "path": f"{record.model_id}/{record.run_id}/{name}",
+                    "rows": item.rows,
+                    "errors": item.errors,
+                    "defects": item.defects,
+                    "nodes": list(item.nodes),
+                }
+            )
+            done.append(item)
+        self.write_record(record)
+        return done
+
+    def _rewrite(self, item: StagedFile, keep: np.ndarray) -> tuple[str, StagedFile | None]:
+        """A staged file minus rows at `~keep`: written beside it; the original is deleted."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, path = self.storage.resolve(item.location)
+        table = pq.read_table(path, filesystem=fs)
+        metadata = table.schema.metadata
+        table = table.filter(pa.array(keep))
+        console.debug(f"dropping {int((~keep).sum())} duplicate row(s) from {item.location}")
+        if table.num_rows == 0:
+            fs.delete_file(path)
+            return path, None
+        new = path[: -len(STAGED_SUFFIX)] + f"-d{STAGED_SUFFIX}"
+        pq.write_table(table.replace_schema_metadata(metadata), new, filesystem=fs, compression="zstd")
+        fs.delete_file(path)
+        errors, defects = _counts(table)
+        return new, StagedFile(
+            Storage.location(_scheme(item.location), new),
+            table.num_rows,
+            errors,
+            defects,
+            item.digests[keep],
+            item.nodes,
+        )
+
+    # --- recovery -------------------------------------------------------------------------------------------
+    def recover(self, current_run: str) -> Recovery:
+        """Make the folder consistent after runs that died (see the module docstring). Call under `lock`."""
+        import pyarrow.fs as pafs
+
+        report = Recovery()
+        records = {r.run_id: r for r in self.records()}
+        listed = {f["path"] for r in records.values() for f in r.files}
+        # (1) data files no record lists: a run died between moving a file and rewriting its record
+        for info in self._ls(self.root, recursive=True):
+            rel = info.path[len(self.root) + 1 :]
+            parts = rel.split("/")
+            if len(parts) == 3 and not parts[0].startswith(("_", ".")) and parts[2].startswith("."):
+                self.fs.delete_file(info.path)  # a temporary file of a killed recovery
+                continue
+            if (
+                info.type != pafs.FileType.File
+                or len(parts) != 3
+                or parts[0].startswith(("_", "."))
+                or not parts[2].endswith(".parquet")
+                or parts[2].startswith(".")
+                or rel in listed
+            ):
+                continue
+            model_id, run_id, _ = parts
+            counted = self._count_file(info.path)
+            if counted is None:
+                console.warn(f"deleting unreadable uncommitted file {self.location(rel)}")
+                self.fs.delete_file(info.path)
+                continue
+            rows, errors, defects = counted
+            rec = records.setdefault(run_id, RunRecord(run_id, model_id, "stat", state="interrupted"))
+            rec.files.append({"path": rel, "rows": rows, "errors": errors, "defects": defects, "recovered": True})
+            listed.add(rel)
+            self.write_record(rec)
+            report.adopted_files += 1
+        # (2) staged files of dead runs
+        for run_dir in self._ls(self.path(STAGING)):
+            if run_dir.type != pafs.FileType.Directory or run_dir.base_name == current_run:
+                continue
+            self._recover_staging(run_dir.base_name, records, report)
+        for rec in records.values():
+            if rec.state == "running" and rec.run_id != current_run:
+                rec.state = "interrupted"
+                self.write_record(rec)
+                report.interrupted_runs.append(rec.run_id)
+        return report
+
+    def _count_file(self, path: str) -> tuple[int, int, int] | None:
+        """(rows, errors, defects) of a complete scores file; None if unreadable."""
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=["error", "is_defect"])
+        except Exception:  # truncated or foreign file
+            return None
+        return (table.num_rows, *_counts(table))
+
+    def _recover_staging(self, run_id: str, records: dict[str, RunRecord], report: Recovery) -> None:
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        folder = self.path(STAGING, run_id)
+        seen_by_model: dict[tuple[str, str], KeySet] = {}
+        for info in self._ls(folder, recursive=True):
+            if info.type != pafs.FileType.File:
+                continue
+            if not info.base_name.endswith(STAGED_SUFFIX) or info.base_name.startswith("."):
+                self.fs.delete_file(info.path)  # a partial write
+                report.discarded_files += 1
+                continue
+            try:
+                with self.fs.open_input_file(info.path) as f:
+                    table = pq.read_table(f)
+            except Exception:
+                self.fs.delete_file(info.path)
+                report.discarded_files += 1
+                continue
+            from raydefect.scoring.schema import read_file_metadata
+
+            meta = read_file_metadata(table.schema.metadata)
+            model_id, key_mode = meta.get("model_id", ""), meta.get("key_mode", "stat")
+            if not model_id or table.num_rows == 0:
+                self.fs.delete_file(info.path)
+                continue
+            if (model_id, key_mode) not in seen_by_model:
+                seen_by_model[(model_id, key_mode)] = self.load_keys(model_id, key_mode)
+            seen = seen_by_model[(model_id, key_mode)]
+            digests = row_digests(table, key_mode)
+            keep = first_occurrence(digests) & ~contains(seen.array, digests)
+            report.dropped_rows += int((~keep).sum())
+            if keep.any():
+                rec = records.setdefault(run_id, RunRecord(run_id, model_id, key_mode, state="interrupted"))
+                kept = table.filter(pa.array(keep))
+                data_dir = self.path(model_id, run_id)
+                self.fs.create_dir(data_dir, recursive=True)
+                name = f"part-r{len(rec.files):04d}-{uuid.uuid4().hex[:8]}.parquet"
+                tmp = f"{data_dir}/.{name}.tmp"  # never matches *.parquet globs
+                pq.write_table(kept, tmp, filesystem=self.fs, compression="zstd")
+                self.fs.move(tmp, f"{data_dir}/{name}")
+                rec.files.append(
+                    {
+                        "path": f"{model_id}/{run_id}/{name}",
+                        "rows": kept.num_rows,
+                        "errors": _counts(kept)[0],
+                        "defects": _counts(kept)[1],
+                        "recovered": True,
+                    }
+                )
+                self.write_record(rec)
+                seen.add(digests[keep])
+                report.recovered_rows += int(keep.sum())
+            self.fs.delete_file(info.path)
+        self.remove_staging(run_id)
+
+    def remove_staging(self, run_id: str) -> None:
+        with suppress(OSError):  # already gone
+            self.fs.delete_dir(self.path(STAGING, run_id))

@@ -1,0 +1,178 @@
+"""`raydefect score` / `raydefect scores` on the command line, `--submit`, and the deployable files in jobs/.
+
+None of these start Ray: user errors are found before the cluster is needed, submission is checked against a fake
+`JobSubmissionClient` (the public boundary of Ray's Jobs API), and scores folders are built with the core scorer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from raydefect.cli import cli
+from raydefect.models.artifact import read_artifact_meta
+from raydefect.scoring.keys import KeySet
+from raydefect.scoring.schema import file_metadata
+from raydefect.scoring.scorer import BatchScorer
+from raydefect.scoring.sources import Storage
+from raydefect.scoring.store import RunRecord, ScoreStore, StagedFile, write_staged
+
+ROOT = Path(__file__).parents[1]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_score_user_errors_need_no_cluster(tmp_path, tiny_artifact, synth_archive):
+    archive = synth_archive["out"]
+    r = _invoke("score", "--model", str(tmp_path / "nope"), "--input", archive, "--out", str(tmp_path / "o"))
+    _one_line_error(r, "model artifact not found", "runs/<name>/model")
+    r = _invoke("score", "--model", str(tiny_artifact), "--input", str(tmp_path / "gone"), "--out", str(tmp_path / "o"))
+    _one_line_error(r, "--input", "not found")
+    (tmp_path / "empty").mkdir()
+    r = _invoke("score", "--model", str(tiny_artifact), "--input", str(tmp_path / "empty"), "--out", str(tmp_path))
+    _one_line_error(r, "empty folder")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "report.pdf").write_text("x")
+    r = _invoke("score", "--model", str(tiny_artifact), "--input", archive, "--out", str(tmp_path / "taken"))
+    _one_line_error(r, "not empty and holds no raydefect scores", "choose a new or empty folder")
+    r = _invoke("score", "--model", str(tiny_artifact), "--input", archive, "--out", "/proc/raydefect-scores")
+    _one_line_error(r, "--out /proc/raydefect-scores")
+    r = _invoke(
+        "score", "--model", str(tiny_artifact), "--input", archive, "--out", str(tmp_path), "--set", "score.x=1"
+    )
+    _one_line_error(r, "unknown key 'score.x'")
+
+
+def test_score_refuses_an_output_locked_by_another_run(tmp_path, tiny_artifact, synth_archive):
+    store = ScoreStore(str(tmp_path / "scores"))
+    store.open()
+    with store.lock("20250101T013000Z-abcdef"):
+        r = _invoke("score", "--model", str(tiny_artifact), "--input", synth_archive["out"], "--out", store.out)
+    _one_line_error(r, "locked by run 20250101T013000Z-abcdef (pid ", "on host", "wait for it to finish")
+
+
+class _FakeJobClient:
+    """Stands in for `ray.job_submission.JobSubmissionClient` and records what was submitted."""
+
+    calls: ClassVar[list[dict]] = []
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def submit_job(self, *, entrypoint: str, runtime_env: dict | None = None) -> str:
+        _FakeJobClient.calls.append({"address": self.address, "entrypoint": entrypoint, "runtime_env": runtime_env})
+        return "raysubmit_test123"
+
+
+def test_submit_builds_a_safe_entrypoint_and_passes_secrets_by_name(monkeypatch, tmp_path):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeJobClient)
+    monkeypatch.setenv("FACTORY_S3_SECRET", "s3cr3t-value")
+    _FakeJobClient.calls.clear()
+    nasty = "s3://bucket/archive; rm -rf / #"
+    r = _invoke(
+        "--address", "http://head:8265", "score", "--submit", "--model", "s3://bucket/models/m1",
+        "--input", nasty, "--out", "s3://bucket/scores", "--batch-size", "7", "--rescore",
+        "--env", "FACTORY_S3_SECRET",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "submitted job raysubmit_test123 to http://head:8265" in r.output
+    (call,) = _FakeJobClient.calls
+    assert call["address"] == "http://head:8265"
+    argv = shlex.split(call["entrypoint"])
+    assert argv[:8] == ["raydefect", "score", "--model", "s3://bucket/models/m1", "--input", nasty, "--out",
+                        "s3://bucket/scores"]  # fmt: skip
+    assert "score.batch_size=7" in argv and "--rescore" in argv and "--submit" not in argv
+    assert "s3cr3t-value" not in call["entrypoint"] and "s3cr3t-value" not in r.output
+    assert call["runtime_env"] == {"env_vars": {"FACTORY_S3_SECRET": "s3cr3t-value"}}
+    r = _invoke("--address", "head:6379", "score", "--submit", "--model", "m", "--input", "i", "--out", "o")
+    _one_line_error(r, "--submit needs the cluster's dashboard address")
+    r = _invoke("--address", "http://h:8265", "score", "--submit", "--model", "m", "--input", "i", "--out", "o",
+                "--env", "NOT_SET_ANYWHERE_42")  # fmt: skip
+    _one_line_error(r, "NOT_SET_ANYWHERE_42", "not set")
+
+
+@pytest.fixture(scope="module")
+def scores_dir(tiny_artifact, synth_archive, tmp_path_factory):
+    """A scores folder written with the core scorer and the commit protocol (no Ray)."""
+    out = tmp_path_factory.mktemp("cli") / "scores"
+    meta = read_artifact_meta(tiny_artifact)
+    files = sorted(str(p) for p in Path(synth_archive["out"]).rglob("*") if p.is_file())
+    table = BatchScorer(str(tiny_artifact), run_id="20250101T013000Z-abcdef", device="cpu").score(files)
+    store = ScoreStore(str(out))
+    store.open()
+    rec = RunRecord("20250101T013000Z-abcdef", meta.model_id, "stat", state="finished")
+    md = file_metadata(meta, rec.run_id, "stat")
+    staged = StagedFile.from_row(write_staged(table, store.staging(rec.run_id), Storage(), md, "stat"))
+    store.commit(rec, [staged], KeySet())
+    return out
+
+
+def test_scores_summarize_and_extract_commands(scores_dir, tmp_path):
+    r = _invoke("scores", "summarize", str(scores_dir), "--top", "3")
+    assert r.exit_code == 0, r.output
+    assert "40 images" in r.output and "3 errors" in r.output
+    for heading in ("runs", "folders (20 of 21)", "top-scoring images", "20250101T013000Z-abcdef"):
+        assert heading in r.output
+    r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "x"), "--where", "defect_score>=0",
+                "--top", "2")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 mask(s) and 2 overlay(s)" in r.output
+    assert len(list((tmp_path / "x").glob("*_mask.png"))) == 2 and (tmp_path / "x" / "index.csv").exists()
+    r = _invoke("scores", "summarize", str(tmp_path))
+    _one_line_error(r, "no raydefect scores here")
+    r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "y"), "--where", "colour=red")
+    _one_line_error(r, "unknown or non-scalar column 'colour'")
+
+
+def _load_job_module():
+    spec = importlib.util.spec_from_file_location("nightly_score", ROOT / "jobs" / "nightly_score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kuberay_manifest_parses_and_runs_the_nightly_entry_point():
+    docs = list(yaml.safe_load_all((ROOT / "jobs" / "kuberay-nightly.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"RayJob", "CronJob"} and kinds["RayJob"]["apiVersion"] == "ray.io/v1"
+    job = kinds["RayJob"]["spec"]
+    assert job["shutdownAfterJobFinishes"] is True and job["rayClusterSpec"]["workerGroupSpecs"]
+    parser = _load_job_module().build_parser()
+    entry = shlex.split(job["entrypoint"])
+    assert entry[:2] == ["python", "/app/jobs/nightly_score.py"]
+    args = parser.parse_args(entry[2:])
+    assert args.input.startswith("s3://") and args.out.startswith("s3://")
+    cron = kinds["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    command = cron["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    i = command.index("--")
+    assert command[:3] == ["ray", "job", "submit"] and command[i + 1 : i + 3] == ["python", "nightly_score.py"]
+    parser.parse_args(command[i + 3 :])
+    secrets = yaml.safe_dump(docs).lower()
+    assert "secret_access_key:" not in secrets and "password" not in secrets  # credentials only via secretRef
+    cron_line = [ln for ln in (ROOT / "jobs" / "cron.example").read_text().splitlines() if ln and ln[0].isdigit()]
+    assert len(cron_line) == 1 and "jobs/nightly_score.py" in cron_line[0] and len(cron_line[0].split()) > 6
+
+
+def test_nightly_entry_point_reports_user_errors_with_exit_1(tmp_path, capsys):
+    code = _load_job_module().main(["--model", str(tmp_path / "none"), "--input", str(tmp_path), "--out", "o"])
+    assert code == 1
+    assert capsys.readouterr().err.startswith("error: model artifact not found")

@@ -1,0 +1,135 @@
+"""Inputs of `raydefect score`: folders, globs, manifests (txt, csv, parquet) and object storage (moto's S3 server).
+
+The listing stage is the only part that differs between input kinds, so most kinds are checked through the
+pipeline's dry run (`list_pending`: Ray Data listing + incremental filter, no model); full scoring runs cover a
+text manifest (relative paths, a missing file, a repeated entry), --rescore, and S3 in and out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydefect.config import load_config
+from raydefect.errors import DataError
+from raydefect.scoring.results import read_scores, summarize
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SETS = ["score.rows_per_file=16", "score.commit_interval_s=0", "score.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def inputs(synth_archive, tmp_path_factory):
+    base = tmp_path_factory.mktemp("inputs")
+    archive = Path(synth_archive["out"])
+    files = sorted(str(p) for p in archive.rglob("*") if p.is_file())
+    return SimpleNamespace(base=base, archive=archive, files=files, cfg=load_config("default", sets=SETS))
+
+
+def _pending(inputs, tiny_artifact, text, out=None) -> list[str]:
+    from raydefect.pipelines.score import list_pending
+
+    table = list_pending(str(tiny_artifact), text, str(out or inputs.base / "none"), inputs.cfg)
+    return sorted(table.column("path").to_pylist())
+
+
+def test_folder_and_glob_listings(ray_session, inputs, tiny_artifact):
+    assert _pending(inputs, tiny_artifact, str(inputs.archive)) == inputs.files
+    pngs = sorted(f for f in inputs.files if f.startswith(str(inputs.archive / "line_1")) and f.endswith(".png"))
+    assert pngs and _pending(inputs, tiny_artifact, str(inputs.archive / "line_1" / "**" / "*.png")) == pngs
+    day = sorted(f for f in inputs.files if "/day_01/" in f or "/day_02/" in f)
+    assert _pending(inputs, tiny_artifact, str(inputs.archive / "line_*" / "day_0[12]" / "*")) == day
+
+
+def test_csv_and_parquet_manifests(ray_session, inputs, tiny_artifact):
+    some = inputs.files[:7]
+    csv_path = inputs.base / "list.csv"
+    csv_path.write_text("id,image\n" + "".join(f"{i},{p}\n" for i, p in enumerate(some)))
+    assert _pending(inputs, tiny_artifact, str(csv_path)) == sorted(some)
+    pq_path = inputs.base / "list.parquet"  # relative paths, as in a `prepare --copy` manifest
+    rel = [os.path.relpath(p, inputs.base) for p in inputs.files[10:15]]
+    pq.write_table(pa.table({"path": rel, "label": [0] * 5}), pq_path)
+    assert _pending(inputs, tiny_artifact, str(pq_path)) == sorted(inputs.files[10:15])
+    bad = inputs.base / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="name the column of image paths 'path'"):
+        _pending(inputs, tiny_artifact, str(bad))
+
+
+def test_text_manifest_scoring_and_rescore(ray_session, inputs, tiny_artifact):
+    from raydefect.pipelines.score import run_score
+
+    chosen = inputs.files[:4]
+    manifest = inputs.base / "nightly.txt"
+    lines = ["# tonight's images", "", *[os.path.relpath(p, inputs.base) for p in chosen], chosen[0], "gone.png"]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = inputs.base / "scores-txt"
+    r = run_score(str(tiny_artifact), str(manifest), str(out), inputs.cfg)
+    assert r.listed == 6 and r.scored == 5  # the repeated entry is scored once
+    table = pq.read_table(str(out))
+    assert sorted(table.column("path").to_pylist()) == sorted([*chosen, str(inputs.base / "gone.png")])
+    gone = next(row for row in table.to_pylist() if row["path"].endswith("gone.png"))
+    assert gone["error"] == "file not found" and gone["size"] is None
+    assert _pending(inputs, tiny_artifact, str(manifest), out) == []  # dry run: nothing left to do
+    r2 = run_score(str(tiny_artifact), str(manifest), str(out), inputs.cfg, rescore=True)
+    assert r2.scored == 5
+    assert pq.read_table(str(out)).num_rows == 10 and read_scores(str(out)).num_rows == 5
+    assert set(read_scores(str(out)).column("run_id").to_pylist()) == {r2.run_id}  # the newest rows win
+
+
+@pytest.fixture(scope="module")
+def s3(synth_archive):
+    """A moto S3 server on loopback; AWS_* variables set so the driver and (forwarded) Ray workers reach it."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="factory")
+    root = Path(synth_archive["out"])
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "line_2" in p.parts)
+    for p in files:
+        client.put_object(Bucket="factory", Key=f"archive/{p.relative_to(root).as_posix()}", Body=p.read_bytes())
+    yield SimpleNamespace(client=client, keys=[f"archive/{p.relative_to(root).as_posix()}" for p in files])
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_s3_input_and_output(ray_session, s3, tiny_artifact, inputs, tmp_path):
+    from raydefect.pipelines.score import run_score
+
+    # the model on object storage too: the driver fetches it, the actors get its bytes
+    for name in ("model.yaml", "model.safetensors"):
+        s3.client.put_object(Bucket="factory", Key=f"models/m1/{name}", Body=(tiny_artifact / name).read_bytes())
+    r = run_score("s3://factory/models/m1", "s3://factory/archive/", "s3://factory/scores", inputs.cfg)
+    expected = sorted(f"s3://factory/{k}" for k in s3.keys)
+    assert r.scored == len(expected) and r.listed == len(expected)
+    current = read_scores("s3://factory/scores")
+    assert sorted(current.column("path").to_pylist()) == expected
+    listed = s3.client.list_objects_v2(Bucket="factory", Prefix="scores/")["Contents"]
+    data = [o["Key"] for o in listed if o["Key"].endswith(".parquet")]
+    assert data and all(k.count("/") == 3 for k in data)  # scores/<model>/<run>/part-*.parquet
+    assert not [o["Key"] for o in listed if "_staging" in o["Key"] and not o["Key"].endswith("/")]
+    assert summarize("s3://factory/scores")["images"] == len(expected)
+    r2 = run_score("s3://factory/models/m1", "s3://factory/archive/", "s3://factory/scores", inputs.cfg)
+    assert (r2.scored, r2.skipped) == (0, len(expected))

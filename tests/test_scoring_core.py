@@ -1,0 +1,411 @@
+"""The scoring core without Ray: keys, inputs and listing, the batch scorer, the commit protocol, reading results."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raydefect.errors import DataError, OutputError
+from raydefect.imaging import decode_png_mask
+from raydefect.inference import Predictor, Preprocessor, decide, postprocess
+from raydefect.models.artifact import load_artifact, read_artifact_meta
+from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
+from raydefect.scoring.results import overlay_mask, parse_where, read_scores, select_rows, summarize
+from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
+from raydefect.scoring.scorer import BatchScorer, Decoder, drop_known, listing_table, stat_locations
+from raydefect.scoring.sources import (
+    ListFilter,
+    Storage,
+    glob_regex,
+    join_location,
+    manifest_column,
+    plan_listing,
+    resolve_input,
+    walk,
+)
+from raydefect.scoring.store import STAGING, RunRecord, ScoreStore, StagedFile, write_staged
+
+STORAGE = Storage()
+
+
+def _archive_files(root: str) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
+
+
+# --- keys -----------------------------------------------------------------------------------------------------
+
+
+def test_key_digests_separate_models_paths_and_versions():
+    a = key_digests("m1", ["/a.png", "/b.png"], [10, 10], [5, 5], [], "stat")
+    assert a[0] != a[1]
+    assert key_digests("m1", ["/a.png"], [10], [5], [], "stat")[0] == a[0]  # deterministic
+    assert key_digests("m2", ["/a.png"], [10], [5], [], "stat")[0] != a[0]  # another model
+    assert key_digests("m1", ["/a.png"], [11], [5], [], "stat")[0] != a[0]  # changed size
+    assert key_digests("m1", ["/a.png"], [10], [6], [], "stat")[0] != a[0]  # changed mtime
+    h1 = key_digests("m1", ["/a.png"], [], [], ["ab" * 20], "hash")
+    assert h1[0] == key_digests("m1", ["/a.png"], [99], [99], ["ab" * 20], "hash")[0]  # hash ignores stat
+    assert h1[0] != key_digests("m1", ["/a.png"], [], [], ["cd" * 20], "hash")[0]
+    with pytest.raises(ValueError, match="key mode"):
+        key_digests("m", ["/a"], [1], [1], [], "mtime")
+
+
+def test_keyset_contains_add_and_dedupe():
+    d = key_digests("m", [f"/img{i}.png" for i in range(1000)], list(range(1000)), [0] * 1000, [], "stat")
+    ks = KeySet(d[:500])
+    hits = ks.contains(d)
+    assert hits[:500].all() and not hits[500:].any()
+    ks.add(d[400:700])
+    assert len(ks) == 700 and ks.contains(d[:700]).all() and not ks.contains(d[700:]).any()
+    assert not contains(KeySet().array, d).any()
+    keep = first_occurrence(np.concatenate([d[:3], d[:2]]))
+    assert keep.tolist() == [True, True, True, False, False]
+
+
+# --- inputs and listing ---------------------------------------------------------------------------------------
+
+
+def test_glob_regex():
+    r = glob_regex("**/*.png")
+    assert r.match("a.png") and r.match("x/y/a.png") and not r.match("a.jpg") and not r.match("a.png/x")
+    assert glob_regex("line_*/day_0[12]/*.jpg").match("line_1/day_02/img.jpg")
+    assert not glob_regex("line_*/day_0[12]/*.jpg").match("line_1/day_03/img.jpg")
+    assert not glob_regex("*.png").match("sub/a.png")  # a single * never crosses folders
+    assert glob_regex("img_??.png").match("img_01.png") and not glob_regex("img_??.png").match("img_1.png")
+
+
+def test_resolve_input_kinds_and_errors(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match="empty folder"):
+        resolve_input(str(tmp_path / "d"), STORAGE)
+    (tmp_path / "d" / "a.png").write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    (tmp_path / "list.csv").write_text("path\na.png\n")
+    (tmp_path / "note.md").write_text("x")
+    assert resolve_input(str(tmp_path / "d"), STORAGE).kind == "dir"
+    spec = resolve_input(str(tmp_path / "d" / "**" / "*.png"), STORAGE)
+    assert (spec.kind, spec.root, spec.pattern) == ("glob", str(tmp_path / "d"), "**/*.png")
+    assert resolve_input(str(tmp_path / "list.txt"), STORAGE).manifest_format == "txt"
+    assert resolve_input(str(tmp_path / "list.csv"), STORAGE).manifest_format == "csv"
+    with pytest.raises(DataError, match="not found"):
+        resolve_input(str(tmp_path / "missing"), STORAGE)
+    with pytest.raises(DataError, match="not a manifest"):
+        resolve_input(str(tmp_path / "note.md"), STORAGE)
+    with pytest.raises(DataError, match="folder before the glob"):
+        resolve_input(str(tmp_path / "nope" / "*.png"), STORAGE)
+    assert manifest_column(["id", "image", "label"], "m.parquet") == "image"
+    assert manifest_column(["only"], "m.csv") == "only"
+    with pytest.raises(DataError, match="name the column"):
+        manifest_column(["a", "b"], "m.csv")
+    assert join_location("/data/m", "x/a.png") == "/data/m/x/a.png"
+    assert join_location("s3://b/m", "x/a.png") == "s3://b/m/x/a.png"
+    assert join_location("/data", "s3://b/a.png") == "s3://b/a.png"
+
+
+@pytest.mark.parametrize("min_parts", [1, 4, 50])
+def test_listing_finds_every_file_once_whatever_the_split(synth_archive, tmp_path, min_parts):
+    root = synth_archive["out"]
+    spec = resolve_input(root, STORAGE)
+    filt = ListFilter(spec.root, extensions=(".png", ".jpg"))
+    parts = plan_listing(spec, STORAGE, filt, min_parts=min_parts)
+    found = [row for part in parts for batch in walk(part, spec, STORAGE, filt, batch_rows=7) for row in batch]
+    assert sorted(p for p, _, _ in found) == _archive_files(root)
+    assert all(size == os.path.getsize(p) and mtime == os.stat(p).st_mtime_ns for p, size, mtime in found)
+    if min_parts == 4:
+        assert sum(p.walk is not None for p in parts) >= 3  # folders are handed out, not listed here
+
+
+def test_listing_skips_hidden_other_extensions_and_the_output(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"1")
+    (tmp_path / "a" / "x.PNG").write_bytes(b"1")
+    (tmp_path / "a" / ".hidden.png").write_bytes(b"1")
+    (tmp_path / "a" / "notes.txt").write_bytes(b"1")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "y.png").write_bytes(b"1")
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "z.png").write_bytes(b"1")
+    spec = resolve_input(str(tmp_path), STORAGE)
+    filt = ListFilter(spec.root, extensions=(".png",), exclude=str(tmp_path / "scores"))
+    parts = plan_listing(spec, STORAGE, filt, min_parts=1)
+    found = sorted(p for part in parts for b in walk(part, spec, STORAGE, filt) for p, _, _ in b)
+    assert found == [str(tmp_path / "a" / "x.PNG"), str(tmp_path / "a" / "x.png")]
+
+
+def test_stat_locations_records_missing_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"12345")
+    t = stat_locations([str(tmp_path / "a.png"), str(tmp_path / "gone.png"), str(tmp_path)], STORAGE)
+    rows = t.to_pylist()
+    assert rows[0]["size"] == 5 and rows[0]["error"] == ""
+    assert rows[1]["size"] == -1 and "not found" in rows[1]["error"]
+    assert "not a file" in rows[2]["error"]
+
+
+# --- the batch scorer -----------------------------------------------------------------------------------------
+
+
+def test_decoder_turns_every_bad_file_into_an_error_row(tmp_path, synth_archive):
+    good = [p for p in _archive_files(synth_archive["out"]) if os.path.getsize(p) > 200][:2]
+    (tmp_path / "big.png").write_bytes(_png(np.zeros((80, 60, 3), np.uint8)))
+    (tmp_path / "text.png").write_bytes(b"not an image")
+    png = _png(np.zeros((32, 32, 3), np.uint8))
+    (tmp_path / "trunc.png").write_bytes(png[: len(png) // 2])
+    locations = [*good, str(tmp_path / "big.png"), str(tmp_path / "text.png"), str(tmp_path / "trunc.png")]
+    listing = stat_locations([*locations, str(tmp_path / "missing.png")], STORAGE)
+    out = Decoder(32, STORAGE, max_pixels=64 * 64)(listing)
+    errors = list(out["error"])
+    assert errors[0] == errors[1] == ""
+    assert "over the limit" in errors[2]  # 60x80 > 64x64 pixels
+    assert "not a recognised image" in errors[3]
+    assert "truncated" in errors[4] or "cannot decode" in errors[4]
+    assert "not found" in errors[5]
+    assert out["pixels"].shape == (6, 32, 32, 3) and out["pixels"].dtype == np.uint8
+    assert out["sha1"][0] and out["width"][0] == 64 and out["height"][0] == 64
+
+
+def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archive):
+    files = _archive_files(synth_archive["out"])
+    table = BatchScorer(str(tiny_artifact), device="cpu").score(files, batch_size=16)
+    assert table.schema == SCORE_SCHEMA and table.num_rows == len(files)
+    loaded = load_artifact(tiny_artifact)
+    pre, predictor, meta = Preprocessor(loaded.meta), Predictor(loaded, device="cpu"), loaded.meta
+    n_err = 0
+    for row in table.to_pylist():
+        if row["error"]:
+            n_err += 1
+            assert row["defect_score"] is None and row["mask_png"] is None and row["width"] is None
+            continue
+        x, (w, h) = pre.from_bytes(Path(row["path"]).read_bytes(), path=row["path"])
+        direct = predictor.predict(x[None])
+        assert (row["width"], row["height"]) == (w, h)
+        assert row["defect_score"] == pytest.approx(float(direct["defect_score"][0]), abs=1e-5)
+        mask = decode_png_mask(row["mask_png"])
+        assert mask.shape == (h, w)  # each image's own resolution
+        expected = postprocess(direct["mask_prob"][0], w, h, meta.pixel_threshold)
+        from raydefect.inference import upsample_prob
+
+        prob = upsample_prob(direct["mask_prob"][0], w, h)
+        settled = np.abs(prob - meta.pixel_threshold) > 1e-4  # batch size may move a probability by ~1e-7
+        assert np.array_equal(mask[settled], expected.mask[settled])
+        assert row["mask_area_px"] == int(mask.sum()) and row["mask_fraction"] == pytest.approx(mask.mean())
+        is_defect, cls = decide(direct["defect_score"][0], direct["class_probs"][0], meta)
+        assert (row["is_defect"], row["defect_class"]) == (is_defect, cls)
+        assert dict(row["class_scores"]).keys() == set(meta.class_names)
+    assert n_err == synth_archive["corrupt"]
+
+
+def test_drop_known_filters_by_stat_key():
+    listing = listing_table([("/a.png", 1, 1), ("/b.png", 2, 2), ("/a.png", 1, 1)])
+    known = KeySet(key_digests("m", ["/b.png"], [2], [2], [], "stat")).array
+    assert drop_known(listing, known, "m").column("path").to_pylist() == ["/a.png"]
+    assert drop_known(listing, known, "other-model").num_rows == 2
+
+
+# --- the commit protocol ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_rows(tiny_artifact, synth_archive):
+    """Scores of the synthetic archive, computed once without Ray."""
+    return BatchScorer(str(tiny_artifact), run_id="r0", device="cpu").score(_archive_files(synth_archive["out"]))
+
+
+def _with_run(table: pa.Table, run_id: str) -> pa.Table:
+    return table.set_column(table.schema.get_field_index("run_id"), "run_id", pa.array([run_id] * table.num_rows))
+
+
+def _stage(store: ScoreStore, table: pa.Table, run_id: str, meta) -> StagedFile:
+    info = write_staged(table, store.staging(run_id), STORAGE, file_metadata(meta, run_id, "stat"), "stat")
+    return StagedFile.from_row(info)
+
+
+def test_commit_moves_files_writes_a_record_and_keeps_metadata(tmp_path, scored_rows, tiny_artifact):
+    meta = read_artifact_meta(tiny_artifact)
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    rec = RunRecord("r1", meta.model_id, "stat")
+    seen = KeySet()
+    rows = _with_run(scored_rows, "r1")
+    staged = [_stage(store, rows.slice(0, 20), "r1", meta), _stage(store, rows.slice(20), "r1", meta)]
+    assert all(Path(s.location).name.endswith(".parquet.staged") for s in staged)
+    store.commit(rec, staged, seen)
+    data = sorted((tmp_path / "out" / meta.model_id / "r1").glob("*.parquet"))
+    assert len(data) == 2 and not list((tmp_path / "out" / STAGING / "r1").glob("*.staged"))
+    record = json.loads((tmp_path / "out" / "_commits" / "r1.json").read_text())
+    assert record["rows"] == rows.num_rows and len(record["files"]) == 2
+    md = read_file_metadata(pq.read_metadata(data[0]).metadata)
+    assert md["model_id"] == meta.model_id and md["thresholds"] == {"image": 0.5, "pixel": 0.5}
+    assert md["class_names"] == list(meta.class_names) and md["version"] and md["run_id"] == "r1"
+    assert len(seen) == rows.num_rows
+    # the same rows handed over again (a repeated listing entry) are dropped, never committed twice
+    store.commit(rec, [_stage(store, rows.slice(0, 5), "r1", meta)], seen)
+    assert pq.read_table(str(tmp_path / "out")).num_rows == rows.num_rows
+    assert store.load_keys(meta.model_id, "stat").contains(seen.array).all()
+    n_errors = sum(e is not None for e in rows.column("error").to_pylist())
+    assert len(store.load_keys(meta.model_id, "stat", retry_errors=True)) == rows.num_rows - n_errors
+
+
+def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_artifact):
+    meta = read_artifact_meta(tiny_artifact)
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    rows = _with_run(scored_rows, "dead")
+    rec = RunRecord("dead", meta.model_id, "stat")
+    store.write_record(rec)
+    store.commit(rec, [_stage(store, rows.slice(0, 10), "dead", meta)], KeySet())
+    # the dead run had also: a staged file whose rows partly overlap committed ones (a retried task's twin),
+    _stage(store, rows.slice(5, 10), "dead", meta)  # rows 5..14: 5..9 are committed already
+    # a partial write under its temporary name,
+    staging = tmp_path / "out" / STAGING / "dead"
+    (staging / ".part-x.parquet.staged.tmp").write_bytes(b"PAR1 half a file")
+    # and a file moved into the data area whose record update never happened.
+    moved = _stage(store, rows.slice(20, 10), "dead", meta)
+    data_dir = tmp_path / "out" / meta.model_id / "dead"
+    os.replace(moved.location, data_dir / "part-00009-aaaaaaaa.parquet")
+    report = store.recover("new-run")
+    assert report.adopted_files == 1 and report.interrupted_runs == ["dead"]
+    assert report.recovered_rows == 5 and report.dropped_rows == 5 and report.discarded_files == 1
+    assert not staging.exists()
+    table = pq.read_table(str(tmp_path / "out"))
+    assert table.num_rows == 25 and len(set(table.column("path").to_pylist())) == 25
+    assert read_scores(str(tmp_path / "out")).num_rows == 25
+    record = json.loads((tmp_path / "out" / "_commits" / "dead.json").read_text())
+    assert record["state"] == "interrupted" and record["rows"] == 25
+
+
+def test_open_refuses_foreign_and_unwritable_folders(tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "thesis.docx").write_text("x")
+    with pytest.raises(OutputError, match="not empty and holds no raydefect scores"):
+        ScoreStore(str(tmp_path / "foreign")).open()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        ScoreStore(str(tmp_path / "afile")).open()
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(OutputError, match="cannot write|not writable"):
+                ScoreStore(str(ro / "out")).open()
+        finally:
+            ro.chmod(0o700)
+
+
+def test_lock_names_the_holder_and_dies_with_it(tmp_path):
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    second = ScoreStore(str(tmp_path / "out"))
+    busy = r"locked by run first \(pid \d+ on host .+, started "
+    with store.lock("first"), pytest.raises(OutputError, match=busy), second.lock("second"):
+        pass
+    with store.lock("third"):  # released
+        pass
+    # a holder killed with SIGKILL releases the lock (the kernel drops the flock)
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from raydefect.scoring.store import ScoreStore
+        with ScoreStore({str(tmp_path / "out")!r}).lock("held"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputError, match="locked by run held"), store.lock("fourth"):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with store.lock("fifth"):
+        pass
+
+
+# --- reading results ------------------------------------------------------------------------------------------
+
+
+def test_read_scores_history_latest_summary_and_selection(tmp_path, scored_rows, tiny_artifact, synth_archive):
+    meta = read_artifact_meta(tiny_artifact)
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    first = _with_run(scored_rows, "r1")
+    store.commit(RunRecord("r1", meta.model_id, "stat", state="finished"), [_stage(store, first, "r1", meta)], KeySet())
+    # run 2: a changed version of one file (new size) -> history keeps both rows, the current view the newest
+    changed = _with_run(first.slice(0, 1), "r2")
+    changed = changed.set_column(changed.schema.get_field_index("size"), "size", pa.array([123456], pa.int64()))
+    ts = pa.array([first.column("scored_at")[0].as_py().replace(year=2099)], SCORE_SCHEMA.field("scored_at").type)
+    changed = changed.set_column(changed.schema.get_field_index("scored_at"), "scored_at", ts)
+    store.commit(
+        RunRecord("r2", meta.model_id, "stat", state="finished"), [_stage(store, changed, "r2", meta)], KeySet()
+    )
+    history = read_scores(str(tmp_path / "out"), latest=False)
+    current = read_scores(str(tmp_path / "out"))
+    assert history.num_rows == first.num_rows + 1 and current.num_rows == first.num_rows
+    path0 = first.column("path")[0].as_py()
+    row0 = next(r for r in current.to_pylist() if r["path"] == path0)
+    assert row0["run_id"] == "r2" and row0["size"] == 123456
+    s = summarize(str(tmp_path / "out"), top=3)
+    n_err = synth_archive["corrupt"]
+    assert s["images"] == first.num_rows and s["errors"] == n_err and s["history_rows"] == first.num_rows + 1
+    assert [r["run"] for r in s["runs"]] == ["r1", "r2"] and len(s["top"]) == 3
+    assert sum(f["images"] for f in s["folders"]) == first.num_rows or s["folders_total"] > len(s["folders"])
+    top = s["top"][0]["defect_score"]
+    assert top == max(r["defect_score"] for r in current.to_pylist() if r["defect_score"] is not None)
+    chosen = select_rows(str(tmp_path / "out"), top=2, where=["defect_score>=0"])
+    assert chosen.num_rows == 2 and chosen.column("defect_score")[0].as_py() == pytest.approx(top)
+    assert select_rows(str(tmp_path / "out"), paths=[path0]).column("path").to_pylist() == [path0]
+
+
+def test_parse_where():
+    t = pa.table({"defect_class": ["crack", "spot"], "defect_score": [0.9, 0.2], "is_defect": [True, False]})
+    assert t.filter(parse_where("defect_class = crack")).num_rows == 1
+    assert t.filter(parse_where("defect_score>=0.5")).num_rows == 1
+    assert t.filter(parse_where("is_defect==false")).column("defect_class").to_pylist() == ["spot"]
+    with pytest.raises(DataError, match="unknown or non-scalar column"):
+        parse_where("mask_png=1")
+    with pytest.raises(DataError, match="not a valid value"):
+        parse_where("defect_score>high")
+    with pytest.raises(DataError, match="expected COLUMN OP VALUE"):
+        parse_where("defect_score")
+
+
+def test_overlay_tints_the_mask_and_outlines_it():
+    image = np.full((10, 10, 3), 100, np.uint8)
+    mask = np.zeros((10, 10), bool)
+    mask[2:7, 2:7] = True
+    out = overlay_mask(image, mask)
+    assert (out[~mask] == 100).all()
+    assert tuple(out[2, 2]) == (255, 0, 0)  # outline
+    assert out[4, 4, 0] > 100 and out[4, 4, 1] < 100  # tinted inside
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_copying_a_scores_folder_keeps_it_readable(tmp_path, scored_rows, tiny_artifact):
+    """Commit records hold paths relative to OUT, so a copied or moved folder still reads."""
+    meta = read_artifact_meta(tiny_artifact)
+    store = ScoreStore(str(tmp_path / "a"))
+    store.open()
+    store.commit(
+        RunRecord("r1", meta.model_id, "stat"), [_stage(store, _with_run(scored_rows, "r1"), "r1", meta)], KeySet()
+    )
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert read_scores(str(tmp_path / "b")).num_rows == scored_rows.num_rows
