@@ -22,6 +22,7 @@ from raydefect.config import load_config
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.inference import Predictor, Preprocessor, upsample_prob
 from raydefect.models.artifact import load_artifact, read_artifact_meta, save_artifact
+from raydefect.overlay import display_scale
 from raydefect.scoring.results import extract, read_scores, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, read_file_metadata
 
@@ -144,7 +145,10 @@ def test_summarize_and_extract_on_a_real_output(first, tmp_path):
         mask = decode_image((tmp_path / "x" / row["mask"]).read_bytes(), mode="L")
         overlay = decode_image((tmp_path / "x" / row["overlay"]).read_bytes())
         original = decode_image(Path(row["path"]).read_bytes())
-        assert mask.shape == original.shape[:2] == overlay.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        assert mask.shape == original.shape[:2] and set(np.unique(mask)) <= {0, 255}
+        h, w = original.shape[:2]  # the predict picture: the image beside the image with the mask, at display scale
+        s = display_scale(h, w)
+        assert overlay.shape[:2] == (max(1, round(h * s)), 2 * max(1, round(w * s)))
     scores = [float(row["defect_score"]) for row in index]
     assert scores == sorted(scores, reverse=True)
 

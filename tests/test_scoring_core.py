@@ -22,7 +22,7 @@ from raydefect.imaging import decode_png_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import load_artifact, read_artifact_meta
 from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
-from raydefect.scoring.results import overlay_mask, parse_where, read_scores, select_rows, summarize
+from raydefect.scoring.results import parse_where, read_scores, select_rows, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
 from raydefect.scoring.scorer import BatchScorer, Decoder, drop_known, listing_table, stat_locations
 from raydefect.scoring.sources import (
@@ -381,16 +381,6 @@ def test_parse_where():
         parse_where("defect_score>high")
     with pytest.raises(DataError, match="expected COLUMN OP VALUE"):
         parse_where("defect_score")
-
-
-def test_overlay_tints_the_mask_and_outlines_it():
-    image = np.full((10, 10, 3), 100, np.uint8)
-    mask = np.zeros((10, 10), bool)
-    mask[2:7, 2:7] = True
-    out = overlay_mask(image, mask)
-    assert (out[~mask] == 100).all()
-    assert tuple(out[2, 2]) == (255, 0, 0)  # outline
-    assert out[4, 4, 0] > 100 and out[4, 4, 1] < 100  # tinted inside
 
 
 def _png(array: np.ndarray) -> bytes:

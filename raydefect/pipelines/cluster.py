@@ -71,3 +71,17 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and INFO lines (printed when stdout is not a terminal) only with -v."""
+    import logging
+
+    import ray
+
+    verbose = console.verbosity() >= 1
+    ctx = ray.data.DataContext.get_current()  # importing ray.data configures its loggers: do it first
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)

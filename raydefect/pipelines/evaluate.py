@@ -17,6 +17,7 @@ from typing import Any
 
 from raydefect import console
 from raydefect.evaluate import RECORD_FIELDS, Evaluation, Evaluator, new_accumulators, run_evaluation
+from raydefect.pipelines.cluster import quiet_ray_data
 
 #: Splits with more images than this run on Ray Data unless told otherwise (`use_ray`).
 RAY_ABOVE = 2000
@@ -55,19 +56,6 @@ def _mask_path(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data logs progress lines at INFO when stdout is not a terminal; show them only with -v."""
-    import logging
-
-    import ray
-
-    if console.verbosity() < 1:
-        context = ray.data.DataContext.get_current()  # importing ray.data configures its loggers: do it first
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def evaluate_on_ray(
     model: str,
     meta: Any,
@@ -86,7 +74,7 @@ def evaluate_on_ray(
     from raydefect.pipelines.cluster import cluster_cpus, cluster_gpus, connect
 
     connect(address)
-    _quiet_ray_data()
+    quiet_ray_data()
     gpus = cluster_gpus()
     use_gpu = gpus >= 1
     if actors is None:

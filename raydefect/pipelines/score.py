@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import threading
@@ -34,6 +33,7 @@ import pyarrow as pa
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import DataError
+from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.scoring.keys import KeySet
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
@@ -248,7 +248,7 @@ def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: st
             with fs.open_input_file(path) as f:
                 names = pq.read_schema(f).names
             column = manifest_column(names, loc)
-            ds = ray.data.read_parquet(path, filesystem=fs, columns=[column], **remote_args)
+            ds = ray.data.read_parquet(path, filesystem=fs, **remote_args).select_columns([column])
         elif spec.manifest_format == "csv":
             with fs.open_input_stream(path) as f:
                 header = f.read(64 * 1024).decode("utf-8", "replace").splitlines()[:1]
@@ -326,16 +326,6 @@ def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
         raise
 
 
-def _ray_data_quiet() -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = console.verbosity() >= 1
-    ctx.print_on_execution_start = console.verbosity() >= 1
-    if console.verbosity() < 1:  # Ray Data's own INFO lines and progress-bar notes only with -v
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-
 def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict[str, Any]:
     """Forward credentials (score.forward_env, by name) to workers when a path is remote."""
     env = {k: os.environ[k] for k in sc.forward_env if k in os.environ}
@@ -379,7 +369,7 @@ def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: boo
     from raydefect.pipelines.cluster import connect
 
     connect(address)
-    _ray_data_quiet()
+    quiet_ray_data()
     known = KeySet()
     if not rescore and s.store.exists():
         known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
@@ -423,7 +413,7 @@ def _run(
     with store.lock(run_id):
         report.recovery = store.recover(run_id)
         connect(address)
-        _ray_data_quiet()
+        quiet_ray_data()
         remote_args = _remote_args(sc, input, out, s.spec)
         known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors)
         console.info(

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
+from raydefect.overlay import render_overlay, save_png
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import Storage
 from raydefect.scoring.store import ScoreStore
@@ -214,22 +215,6 @@ def select_rows(
     return table
 
 
-def overlay_mask(
-    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 0, 0), alpha: float = 0.45
-) -> np.ndarray:
-    """The image with the mask tinted in `color` and its outline drawn opaque: uint8 HxWx3."""
-    out = image.astype(np.float32).copy()
-    tint = np.asarray(color, np.float32)
-    out[mask] = (1.0 - alpha) * out[mask] + alpha * tint
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    out[mask & ~inner] = tint
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
 def _safe_stem(path: str) -> str:
     stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "image"
@@ -243,8 +228,9 @@ def extract(
     paths: Sequence[str] = (),
     storage: Storage | None = None,
 ) -> dict[str, Any]:
-    """Write the chosen masks (0/255 PNG at the image's size) and overlays on the original image to `dest`, with an
-    ``index.csv``. Returns counts and the index path."""
+    """Write the chosen masks (0/255 PNG at the image's size) and overlays (the same picture `raydefect predict`
+    draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
+    Returns counts and the index path."""
     storage = storage or Storage()
     rows = select_rows(out, top=top, where=where, paths=paths, storage=storage)
     dest = Path(dest).expanduser()
@@ -265,7 +251,8 @@ def extract(
                 raise ImageError(
                     r["path"], f"now {image.shape[1]}x{image.shape[0]}, scored at {mask.shape[1]}x{mask.shape[0]}"
                 )
-            (dest / overlay_name).write_bytes(encode_png(overlay_mask(image, mask)))
+            label = r["defect_class"] if r["is_defect"] else "normal"
+            save_png(render_overlay(image, mask, r["defect_score"], label), str(dest / overlay_name))
             overlays += 1
         except (OSError, ImageError) as e:
             note, overlay_name = f"no overlay: {e}", ""
