@@ -50,7 +50,16 @@ from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFE
 from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.data.splits import SPLITS, assign_splits, parse_split
 from raydefect.errors import DataError, ImageError, ImageTooLargeError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, MASK_THRESHOLD, decode_image, decode_mask, encode_png, read_info
+from raydefect.imaging import (
+    DEFAULT_MAX_PIXELS,
+    MASK_THRESHOLD,
+    decode_image,
+    decode_mask,
+    encode_png,
+    read_bytes,
+    read_info,
+)
+from raydefect.paths import is_printable, printable_path
 
 
 @dataclass
@@ -87,10 +96,15 @@ class Scanner:
 
     def __call__(self, c: Candidate) -> Scanned:
         s = Scanned(c)
+        odd = [p for p in (c.image, c.mask) if p is not None and not is_printable(p)]
+        if odd:  # the manifest, problems.csv and every reader need text paths: such a file cannot be listed
+            detail = f"{printable_path(odd[0])}: rename it (undecodable bytes shown as \\xNN)"
+            s.problems.append(Problem(c.image, "file name not UTF-8", SKIPPED, detail))
+            return s
         try:
-            data = Path(c.image).read_bytes()
-        except OSError as e:
-            s.problems.append(Problem(c.image, "unreadable image", SKIPPED, e.strerror or str(e)))
+            data = read_bytes(c.image)
+        except ImageError as e:
+            s.problems.append(_image_problem(c.image, e, "image"))
             return s
         s.size_bytes = len(data)
         s.sha1 = hashlib.sha1(data).hexdigest()
@@ -272,7 +286,7 @@ def _write_problems(path: Path, problems: list[Problem]) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "reason", "action", "detail"])
-            w.writerows([p.file, p.reason, p.action, p.detail] for p in problems)
+            w.writerows([printable_path(p.file), p.reason, p.action, printable_path(p.detail)] for p in problems)
 
     _write_atomic(path, write)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raydefect.errors import DataError
+from raydefect.paths import glob_regex
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -157,38 +158,6 @@ class InputSpec:
 
     def location(self, path: str) -> str:
         return Storage.location(self.scheme, path)
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A glob relative to its base folder -> regex over '/'-separated relative paths (``**`` spans folders)."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = pattern.find("]", i + 2)
-            if j < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : j]
-                body = "^" + body[1:] if body.startswith("!") else body
-                out.append(f"[{body}]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
 
 
 def resolve_input(text: str, storage: Storage) -> InputSpec:
