@@ -1,0 +1,183 @@
+"""Issue 7 §2: faults. A Ray Train worker killed with SIGKILL mid-epoch, damaged checkpoints, `score` killed with
+SIGKILL in a loop of random kill points. Ray-heavy and slow: each test checks several things on one run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydefect.engine.run import list_checkpoints, read_metrics_csv
+from raydefect.errors import ArtifactError, TrainingError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def test_validate_checkpoint_names_the_damaged_file(make_tiny_model, tmp_path):
+    from raydefect.engine.checkpoint import TrainState, save_checkpoint, validate_checkpoint
+    from raydefect.engine.run import set_aside_damaged_checkpoints
+
+    model = make_tiny_model()
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    for epoch in (1, 2, 3):
+        save_checkpoint(run / f"checkpoint_epoch_{epoch:04d}", model, opt, TrainState(epoch=epoch))
+    weights = run / "checkpoint_epoch_0003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short (a full disk, a copy killed)
+    with pytest.raises(ArtifactError, match=r"checkpoint_epoch_0003/model\.safetensors: damaged"):
+        validate_checkpoint(weights.parent)
+    (run / "checkpoint_epoch_0002" / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match=r"optimizer\.pt: damaged"):
+        validate_checkpoint(run / "checkpoint_epoch_0002")
+    warnings = set_aside_damaged_checkpoints(run)
+    assert len(warnings) == 2 and "checkpoint_epoch_0003" in warnings[0] and "checkpoint_epoch_0002" in warnings[1]
+    assert list(list_checkpoints(run)) == [1]
+    assert sorted(p.name for p in (run / "damaged").iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+
+
+def test_training_falls_back_to_the_previous_good_checkpoint(
+    ray_session, synth_dataset, make_train_config, tmp_path, monkeypatch, capsys
+):
+    from raydefect.pipelines.train import FAIL_ONCE_ENV, RAY_SNAPSHOT, run_training
+
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"3:{tmp_path / 'marker'}")  # crash after epoch 3 trained, before reporting
+    runs = tmp_path / "runs"
+    cfg = make_train_config(synth_dataset.root, runs, "train.max_failures=0", "train.keep_checkpoints=3")
+    with pytest.raises(TrainingError, match="last checkpoint is epoch 2"):
+        run_training(cfg, name="damaged", show_progress=False, export=False)
+    run = runs / "damaged"
+    assert (run / RAY_SNAPSHOT).is_file()  # Ray's own bookkeeping lists epoch 2 as the latest
+    weights = list_checkpoints(run)[2] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])  # the newest checkpoint is damaged
+
+    monkeypatch.delenv(FAIL_ONCE_ENV)
+    result = run_training(cfg, name="damaged", show_progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint_epoch_0002" in err and "damaged" in err and "newest good checkpoint" in err
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.epochs_run == [2, 3]  # epoch 1 came from its checkpoint, epoch 2 was trained again
+    assert (run / "damaged" / "checkpoint_epoch_0002").is_dir()
+    assert 2 in list_checkpoints(run) and 3 in list_checkpoints(run)  # a fresh epoch-2 checkpoint replaced it
+    assert (run / "model" / "model.safetensors").is_file() and result.export is not None
+
+
+def test_a_worker_killed_with_sigkill_mid_epoch_resumes_from_its_checkpoint(
+    ray_session, synth_dataset, make_train_config, tmp_path, monkeypatch
+):
+    """The worker process dies with SIGKILL (no exception, no cleanup) while training epoch 2 or 3; Ray Train
+    restarts the worker group from the last checkpoint (train.max_failures=1) and the run ends with a model."""
+    from raydefect.pipelines.train import PID_FILE_ENV, run_training
+
+    pid_file = tmp_path / "worker.pid"
+    monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
+    runs = tmp_path / "runs"
+    cfg = make_train_config(
+        synth_dataset.root,
+        runs,
+        "train.max_failures=1",
+        "schedule.frozen_epochs=1",
+        "schedule.partial_epochs=1",
+        "schedule.full_epochs=2",
+    )
+    killed: list[int] = []
+
+    def killer() -> None:  # after epoch 1 is in metrics.csv: the worker is inside epoch 2 (or reporting it)
+        deadline = time.monotonic() + 300
+        csv_path = runs / "kill" / "metrics.csv"
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if pid_file.is_file() and csv_path.is_file() and len(read_metrics_csv(csv_path)) >= 1:
+                    pid = int(pid_file.read_text())
+                    time.sleep(0.3)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_training(cfg, name="kill", show_progress=False)
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert int(pid_file.read_text()) != killed[0]  # a new worker process took over
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    attempts = [r["attempt"] for r in result.history]
+    assert attempts[0] == 1 and attempts[-1] == 2  # the epochs after the kill were trained by the restarted group
+    assert (runs / "kill" / "model" / "model.safetensors").is_file() and result.export is not None
+
+
+# --- score killed in a loop ------------------------------------------------------------------------------------------
+
+KILLS = 12
+N_IMAGES = 40
+
+
+def _committed_rows(out: Path) -> int:
+    total = 0
+    for rec in (out / "_commits").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            total += json.loads(rec.read_text())["rows"]
+    return total
+
+
+def _check_exactly_once(out: Path, files: list[str]) -> None:
+    table = pq.read_table(str(out), columns=["path"])
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == len(files), "duplicates or losses"
+    assert sorted(paths) == files
+    assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]
+
+
+def test_score_killed_at_random_points_in_a_loop_ends_with_one_row_per_image(ray_session, tiny_artifact, tmp_path):
+    """KILLS rounds, each on a fresh output: start `raydefect score`, SIGKILL it (and its process group) at a random
+    moment -- while starting, listing, scoring, writing or committing --, sometimes twice, then run it to the end
+    and read the Parquet files directly: exactly one row per image, every round."""
+    from raydefect.data.synth import generate_archive
+
+    archive = generate_archive(tmp_path / "archive", N_IMAGES, 32, seed=11, n_corrupt=2)["out"]
+    files = sorted(str(p) for p in Path(archive).rglob("*") if p.is_file())
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rng = random.Random(7)
+    log = []
+    for round_ in range(KILLS):
+        out = tmp_path / f"scores-{round_}"
+        argv = [
+            sys.executable, "-m", "raydefect.cli", "--address", address, "score",
+            "--model", str(tiny_artifact), "--input", archive, "--out", str(out),
+            "--set", "score.rows_per_file=3", "--set", "score.commit_interval_s=0", "--set", "score.batch_size=4",
+        ]  # fmt: skip
+        kills = []
+        for _ in range(1 + (round_ % 3 == 2)):  # every third round is killed twice before it may finish
+            proc = subprocess.Popen(
+                argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            # random moment: 1.5-8 s covers interpreter start, Ray connect, listing, scoring and the commits
+            time.sleep(rng.uniform(1.5, 8.0))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(_committed_rows(out))
+        final = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr[-3000:]
+        _check_exactly_once(out, files)
+        log.append(kills)
+    print(f"rows committed when killed, per round: {log}")
+    # the kills really landed at different points: before any commit, mid-way, and (some) after the end
+    flat = [k for ks in log for k in ks]
+    assert any(k == 0 for k in flat) and any(0 < k < N_IMAGES for k in flat), log
