@@ -123,8 +123,9 @@ def test_a_worker_killed_with_sigkill_mid_epoch_resumes_from_its_checkpoint(
 
 # --- score killed in a loop ------------------------------------------------------------------------------------------
 
-KILLS = 12
+ROUNDS = 10
 N_IMAGES = 40
+SETS = ["score.rows_per_file=3", "score.commit_interval_s=0", "score.batch_size=4"]
 
 
 def _committed_rows(out: Path) -> int:
@@ -135,49 +136,74 @@ def _committed_rows(out: Path) -> int:
     return total
 
 
+def _wait_and_kill(proc: subprocess.Popen, out: Path, mode: str, rng: random.Random) -> tuple[bool, int]:
+    """SIGKILL `proc`'s process group at a random point of the kind `mode`; returns (killed, rows committed then)
+    (killed is False when the run had already finished)."""
+    deadline = time.monotonic() + 240
+    if mode == "start":  # interpreter start, imports, Ray connect
+        time.sleep(rng.uniform(0.2, 3.0))
+    elif mode == "listing":  # the run holds OUT/.lock: recovering a dead run's leftovers, listing, first batches
+        while not (out / ".lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+    else:  # "commit": right after a commit (staged files, an open record); "mid": after a random share of rows
+        target = 1 if mode == "commit" else rng.randint(2, N_IMAGES - 10)
+        while _committed_rows(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed, _committed_rows(out)
+
+
 def _check_exactly_once(out: Path, files: list[str]) -> None:
     table = pq.read_table(str(out), columns=["path"])
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(files), "duplicates or losses"
     assert sorted(paths) == files
     assert not [p for p in (out / "_staging").rglob("*") if p.is_file()]
+    records = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
+    assert sum(r["rows"] for r in records) == len(files)  # the records list every committed row once
 
 
 def test_score_killed_at_random_points_in_a_loop_ends_with_one_row_per_image(ray_session, tiny_artifact, tmp_path):
-    """KILLS rounds, each on a fresh output: start `raydefect score`, SIGKILL it (and its process group) at a random
-    moment -- while starting, listing, scoring, writing or committing --, sometimes twice, then run it to the end
-    and read the Parquet files directly: exactly one row per image, every round."""
+    """ROUNDS rounds, each on a fresh output: `raydefect score` in a subprocess is SIGKILLed (with its process
+    group) at a random point -- while starting, while it holds the lock (recovery, listing, first batches), right
+    after a commit, or after a random number of rows --, every other round a second time while it recovers from the
+    first kill; then the run is completed and the Parquet files are read directly: exactly one row per image."""
+    from raydefect.config import load_config
     from raydefect.data.synth import generate_archive
+    from raydefect.pipelines.score import run_score
 
     archive = generate_archive(tmp_path / "archive", N_IMAGES, 32, seed=11, n_corrupt=2)["out"]
     files = sorted(str(p) for p in Path(archive).rglob("*") if p.is_file())
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rng = random.Random(7)
+    modes = ["start", "listing", "commit", "mid"]
     log = []
-    for round_ in range(KILLS):
+    for round_ in range(ROUNDS):
         out = tmp_path / f"scores-{round_}"
         argv = [
             sys.executable, "-m", "raydefect.cli", "--address", address, "score",
             "--model", str(tiny_artifact), "--input", archive, "--out", str(out),
-            "--set", "score.rows_per_file=3", "--set", "score.commit_interval_s=0", "--set", "score.batch_size=4",
+            *[a for s in SETS for a in ("--set", s)],
         ]  # fmt: skip
         kills = []
-        for _ in range(1 + (round_ % 3 == 2)):  # every third round is killed twice before it may finish
+        for k in range(1 + round_ % 2):
+            mode = modes[round_ % 4] if k == 0 else "listing"  # the second kill lands in the recovery
             proc = subprocess.Popen(
                 argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            # random moment: 1.5-8 s covers interpreter start, Ray connect, listing, scoring and the commits
-            time.sleep(rng.uniform(1.5, 8.0))
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills.append(_committed_rows(out))
-        final = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        assert final.returncode == 0, final.stderr[-3000:]
+            killed, rows = _wait_and_kill(proc, out, mode, rng)
+            kills.append((mode, rows if killed else "finished"))
+        report = run_score(str(tiny_artifact), archive, str(out), load_config("default", sets=SETS))
         _check_exactly_once(out, files)
+        assert report.scored + report.skipped == N_IMAGES
         log.append(kills)
-    print(f"rows committed when killed, per round: {log}")
-    # the kills really landed at different points: before any commit, mid-way, and (some) after the end
-    flat = [k for ks in log for k in ks]
-    assert any(k == 0 for k in flat) and any(0 < k < N_IMAGES for k in flat), log
+    print(f"(kill point, rows committed when killed) per round: {log}")
+    rows = [n for ks in log for _, n in ks if n != "finished"]
+    assert len(rows) >= 12, log  # real kills, not runs that had already ended
+    assert any(n == 0 for n in rows) and sum(0 < n < N_IMAGES for n in rows) >= 5, log  # the kills hit mid-run
