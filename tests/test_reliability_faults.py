@@ -1,5 +1,6 @@
 """Issue 7 §2: faults. A Ray Train worker killed with SIGKILL mid-epoch, damaged checkpoints, `score` killed with
-SIGKILL in a loop of random kill points. Ray-heavy and slow: each test checks several things on one run."""
+SIGKILL in a loop of random kill points. Slow (Ray runs, trainings, subprocesses): each test checks several things
+on one run."""
 
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ import pytest
 
 from raydefect.engine.run import list_checkpoints, read_metrics_csv
 from raydefect.errors import ArtifactError, TrainingError
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
 
@@ -50,6 +48,23 @@ def test_validate_checkpoint_names_the_damaged_file(make_tiny_model, tmp_path):
     assert sorted(p.name for p in (run / "damaged").iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
 
 
+@pytest.mark.slow
+def test_the_single_process_trainer_falls_back_too(synth_dataset, make_train_config, tmp_path, capsys):
+    """`engine.fit` (no Ray) resumes through the same check: a damaged newest checkpoint is set aside."""
+    from raydefect.engine.fit import fit
+
+    cfg = make_train_config(synth_dataset.root, tmp_path, "schedule.full_epochs=0")  # epochs 1 | 2
+    fit(cfg, synth_dataset, tmp_path / "run", device="cpu", export=False)
+    state = list_checkpoints(tmp_path / "run")[2] / "state.json"
+    state.write_text(state.read_text()[:40])  # a state file cut short
+    more = cfg.replace(**{"schedule.full_epochs": 1})
+    result = fit(more, synth_dataset, tmp_path / "run", device="cpu", export=False)
+    assert "checkpoint_epoch_0002" in capsys.readouterr().err
+    assert result.epochs_run == [2, 3] and [r["epoch"] for r in result.history] == [1, 2, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_training_falls_back_to_the_previous_good_checkpoint(
     ray_session, synth_dataset, make_train_config, tmp_path, monkeypatch, capsys
 ):
@@ -76,6 +91,8 @@ def test_training_falls_back_to_the_previous_good_checkpoint(
     assert (run / "model" / "model.safetensors").is_file() and result.export is not None
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_killed_with_sigkill_mid_epoch_resumes_from_its_checkpoint(
     ray_session, synth_dataset, make_train_config, tmp_path, monkeypatch
 ):
@@ -168,6 +185,8 @@ def _check_exactly_once(out: Path, files: list[str]) -> None:
     assert sum(r["rows"] for r in records) == len(files)  # the records list every committed row once
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_score_killed_at_random_points_in_a_loop_ends_with_one_row_per_image(ray_session, tiny_artifact, tmp_path):
     """ROUNDS rounds, each on a fresh output: `raydefect score` in a subprocess is SIGKILLed (with its process
     group) at a random point -- while starting, while it holds the lock (recovery, listing, first batches), right

@@ -104,3 +104,20 @@ def test_score_on_a_full_disk_fails_clearly_and_commits_nothing_partial(ray_sess
     assert all(r["state"] != "finished" for r in records)  # never presented as complete
     assert sum(r["rows"] for r in records) == sum(pq.read_metadata(p).num_rows for p in committed)
     assert not [p for p in out.rglob("*.tmp")]  # no half-written file left behind
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_on_a_full_disk_fails_clearly_and_leaves_no_model(
+    ray_session, synth_dataset, make_train_config, small_disk
+):
+    from raydefect.errors import RaydefectError
+    from raydefect.pipelines.train import run_training
+
+    cfg = make_train_config(synth_dataset.root, small_disk / "runs", "train.max_failures=0")
+    with pytest.raises(RaydefectError) as info:
+        run_training(cfg, name="full", show_progress=False)
+    assert "No space left on device" in str(info.value) or "space" in str(info.value).lower(), info.value
+    run = small_disk / "runs" / "full"
+    assert not (run / "model").exists()  # no artifact, half or whole
+    assert not list(small_disk.rglob("*.tmp*"))
