@@ -117,7 +117,8 @@ def test_training_on_a_full_disk_fails_clearly_and_leaves_no_model(
     cfg = make_train_config(synth_dataset.root, small_disk / "runs", "train.max_failures=0")
     with pytest.raises(RaydefectError) as info:
         run_training(cfg, name="full", show_progress=False)
-    assert "No space left on device" in str(info.value) or "space" in str(info.value).lower(), info.value
+    assert isinstance(info.value, OutputError) and "No space left on device" in str(info.value), info.value
+    assert "re-run the same command" in str(info.value)
     run = small_disk / "runs" / "full"
     assert not (run / "model").exists()  # no artifact, half or whole
     assert not list(small_disk.rglob("*.tmp*"))

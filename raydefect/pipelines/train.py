@@ -63,6 +63,7 @@ from raydefect.engine.run import (
     write_run_config,
 )
 from raydefect.errors import ConfigError, DataError, RaydefectError, TrainingError
+from raydefect.pipelines.failures import disk_error, user_error
 
 #: Test hook: "EPOCH:MARKER_FILE" makes rank 0 raise once, after training epoch EPOCH and before reporting it, and
 #: create MARKER_FILE so the retry passes (the driver reads it and hands it to the workers).
@@ -231,21 +232,7 @@ def _use_gpu(cfg: Config) -> bool:
 
 def _root_error(exc: BaseException) -> BaseException:
     """The first RaydefectError inside Ray's wrappers (worker_failures, cause, __cause__), else ``exc``."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, RaydefectError):
-            return e
-        todo += list(getattr(e, "worker_failures", {}).values())
-        for attr in ("cause", "__cause__", "controller_failure"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-    return exc
+    return user_error(exc) or exc
 
 
 def _frame(rows: Sequence[dict[str, Any]]) -> Any:
@@ -375,6 +362,9 @@ def run_training(
         if isinstance(root_error, RaydefectError):
             raise root_error from None
         last = max(list_checkpoints(run_dir), default=0)
+        full = disk_error(e, f"under train.runs_dir {root}", f"re-run the same command to resume after epoch {last}")
+        if full is not None:
+            raise full from None
         detail = " ".join(str(root_error).split())[:400]
         raise TrainingError(
             f"training {name} failed ({type(root_error).__name__}: {detail}); the last checkpoint is epoch {last}: "
