@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import time
@@ -175,7 +176,24 @@ def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None
 
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-    traced.save(str(path))
+    # into memory, then a Python write: TorchScript's C++ file writer aborts the whole process on a full disk
+    # (an uncatchable C++ exception) and leaves half a file
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    _write_file_atomic(path, buffer.getvalue())
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a hidden temporary file beside `path`, then rename: `path` is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _Runner:
@@ -453,9 +471,10 @@ def export_model(
         },
     }
     try:
-        report.sidecar.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        _write_file_atomic(report.sidecar, (json.dumps(sidecar, indent=2) + "\n").encode())
     except OSError as e:
-        raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}") from None
+        _remove(out)  # a model file without its contract is not a finished export
+        raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}; {out} was removed") from None
     report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
     report.seconds = time.perf_counter() - start
     return report

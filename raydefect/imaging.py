@@ -14,7 +14,10 @@ Masks are binarised at 128 (defect = value >= 128) and the number of soft (non-0
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +66,12 @@ def _open(source: Source, name: str | None) -> Image.Image:
                 raise CorruptImageError(name, "empty file (0 bytes)", "re-copy or remove it")
             return Image.open(io.BytesIO(bytes(source)))
         if isinstance(source, (str, Path)):
-            p = Path(source)
-            if p.is_dir():
+            st = os.stat(source)  # follows links: a dangling link is "not found", a loop ELOOP
+            if stat.S_ISDIR(st.st_mode):
                 raise CorruptImageError(name, "is a directory, not an image")
-            if p.stat().st_size == 0:
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise CorruptImageError(name, "not a regular file (FIFO, socket or device)", "remove it")
+            if st.st_size == 0:
                 raise CorruptImageError(name, "empty file (0 bytes)", "re-copy or remove it")
         return Image.open(source)
     except CorruptImageError:
@@ -79,8 +84,35 @@ def _open(source: Source, name: str | None) -> Image.Image:
         raise CorruptImageError(name, "file not found") from None
     except PermissionError:
         raise CorruptImageError(name, "permission denied", "make it readable") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptImageError(name, "symbolic link loop", "fix or remove the link") from None
         raise CorruptImageError(name, f"cannot open: {e}") from None
+    except (ValueError, SyntaxError) as e:
+        raise CorruptImageError(name, f"cannot open: {e}") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A local file's bytes, with the same typed errors as `decode_image` (a FIFO is refused, never read forever)."""
+    name = str(path)
+    try:
+        # a plain open() of a FIFO blocks until a writer comes: open non-blocking, then check the type
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CorruptImageError(name, "not a regular file (FIFO, socket or device)", "remove it")
+            return f.read()
+    except CorruptImageError:
+        raise
+    except FileNotFoundError:
+        raise CorruptImageError(name, "file not found") from None
+    except PermissionError:
+        raise CorruptImageError(name, "permission denied", "make it readable") from None
+    except IsADirectoryError:
+        raise CorruptImageError(name, "is a directory, not an image") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptImageError(name, "symbolic link loop", "fix or remove the link") from None
+        raise CorruptImageError(name, f"cannot read: {e.strerror or e}") from None
 
 
 def _orientation(img: Image.Image) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.overlay import class_colour, render_overlay, save_png
+from raydefect.paths import glob_files, printable_path
 
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta, LoadedModel
@@ -54,7 +54,7 @@ def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[st
     for item in specs:
         text = os.path.expanduser(str(item))
         if _GLOB_CHARS & set(text):
-            matches = [m for m in glob.glob(text, recursive=True) if os.path.isfile(m)]
+            matches = [m for m in glob_files(text) if not os.path.isdir(m)]  # a bad link gets an error row
             found += [m for m in matches if m.lower().endswith(exts)]
         elif os.path.isdir(text):
             for root, dirs, files in os.walk(text):
@@ -271,7 +271,7 @@ def predict_images(
                 if item.error is not None:
                     summary.errors += 1
                     blanks = len(COLUMNS) - 1 + len(prob_columns) + len(TAIL_COLUMNS) - 1
-                    writer.writerow([item.path, *[""] * blanks, item.error])
+                    writer.writerow([printable_path(item.path), *[""] * blanks, printable_path(item.error)])
                     continue
                 assert result is not None
                 score = float(result["defect_score"][k])
@@ -286,10 +286,10 @@ def predict_images(
                     # the decided class's colour: green (normal) marks a mask below the image threshold
                     colour = class_colour(meta.class_names.index(defect_class))
                     writes.append(pool.submit(write_overlay, item, mask.mask, score, defect_class, colour))
-                    overlay = f"{OVERLAY_DIR}/{names[item.path]}"
+                    overlay = printable_path(f"{OVERLAY_DIR}/{names[item.path]}")
                 writer.writerow(
                     [
-                        item.path,
+                        printable_path(item.path),
                         width,
                         height,
                         f"{score:.6f}",

@@ -120,8 +120,10 @@ def test_listing_finds_every_file_once_whatever_the_split(synth_archive, tmp_pat
     filt = ListFilter(spec.root, extensions=(".png", ".jpg"))
     parts = plan_listing(spec, STORAGE, filt, min_parts=min_parts)
     found = [row for part in parts for batch in walk(part, spec, STORAGE, filt, batch_rows=7) for row in batch]
-    assert sorted(p for p, _, _ in found) == _archive_files(root)
-    assert all(size == os.path.getsize(p) and mtime == os.stat(p).st_mtime_ns for p, size, mtime in found)
+    assert sorted(p for p, *_ in found) == _archive_files(root)
+    assert all(
+        size == os.path.getsize(p) and mtime == os.stat(p).st_mtime_ns and not err for p, size, mtime, err in found
+    )
     if min_parts == 4:
         assert sum(p.walk is not None for p in parts) >= 3  # folders are handed out, not listed here
 
@@ -139,7 +141,7 @@ def test_listing_skips_hidden_other_extensions_and_the_output(tmp_path):
     spec = resolve_input(str(tmp_path), STORAGE)
     filt = ListFilter(spec.root, extensions=(".png",), exclude=str(tmp_path / "scores"))
     parts = plan_listing(spec, STORAGE, filt, min_parts=1)
-    found = sorted(p for part in parts for b in walk(part, spec, STORAGE, filt) for p, _, _ in b)
+    found = sorted(p for part in parts for b in walk(part, spec, STORAGE, filt) for p, *_ in b)
     assert found == [str(tmp_path / "a" / "x.PNG"), str(tmp_path / "a" / "x.png")]
 
 

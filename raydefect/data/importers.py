@@ -14,7 +14,6 @@ candidate (readable, sizes, soft/empty masks, duplicates) in parallel. Three lay
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import string
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.errors import DataError
+from raydefect.paths import glob_files
 
 NORMAL = "normal"
 DEFAULT_DEFECT_CLASS = "defect"
@@ -277,14 +277,15 @@ def import_generic(
     files: list[str] = []
     seen: set[str] = set()
     for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matched = glob_files(pattern)
         if not matched:
             raise DataError(
                 f"--images {pattern!r} matched no files; check the pattern (quote it so the shell does not)"
             )
         for f in matched:
             a = _abs(f)
-            if a not in seen and os.path.isfile(f) and not Path(f).name.startswith("."):
+            # not only regular files: a dangling link, a link loop or a FIFO is scanned so it gets a recorded reason
+            if a not in seen and not os.path.isdir(f) and not Path(f).name.startswith("."):
                 seen.add(a)
                 files.append(f)
     classes_seen: set[str] = set()

@@ -130,4 +130,22 @@ def load_dataset(path: str | Path) -> Dataset:
     unknown = set(table.column("defect_class").to_pylist()) - set(classes)
     if unknown:
         raise DataError(f"{manifest}: classes {sorted(unknown)} are not in {info_path}; re-run `raydefect prepare`")
+    if info.get("paths") == "relative":
+        _check_inside(root, manifest, table)
     return Dataset(root.resolve(), info, table)
+
+
+def _check_inside(root: Path, manifest: Path, table: Any) -> None:
+    """A self-contained (``--copy``) dataset names its files relative to its folder; a hand-edited row with an
+    absolute path or ``..`` climbing out would make readers (and anything copying the folder) leave it."""
+    for column in ("image", "mask"):
+        for i, value in enumerate(table.column(column).to_pylist()):
+            if value is None:
+                continue
+            parts = Path(value).parts
+            if os.path.isabs(value) or "://" in value or ".." in parts:
+                raise DataError(
+                    f"{manifest}: row {i} {column} {value!r} points outside the dataset folder {root} (this dataset "
+                    "was prepared with --copy: paths must be relative and inside it); fix the row or re-run "
+                    "`raydefect prepare`"
+                )

@@ -49,8 +49,17 @@ from raydefect.data.importers import (
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
 from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.data.splits import SPLITS, assign_splits, parse_split
-from raydefect.errors import DataError, ImageError, ImageTooLargeError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, MASK_THRESHOLD, decode_image, decode_mask, encode_png, read_info
+from raydefect.errors import DataError, ImageError, ImageTooLargeError, OutputError
+from raydefect.imaging import (
+    DEFAULT_MAX_PIXELS,
+    MASK_THRESHOLD,
+    decode_image,
+    decode_mask,
+    encode_png,
+    read_bytes,
+    read_info,
+)
+from raydefect.paths import is_printable, printable_path
 
 
 @dataclass
@@ -87,10 +96,15 @@ class Scanner:
 
     def __call__(self, c: Candidate) -> Scanned:
         s = Scanned(c)
+        odd = [p for p in (c.image, c.mask) if p is not None and not is_printable(p)]
+        if odd:  # the manifest, problems.csv and every reader need text paths: such a file cannot be listed
+            detail = f"{printable_path(odd[0])}: rename it (undecodable bytes shown as \\xNN)"
+            s.problems.append(Problem(c.image, "file name not UTF-8", SKIPPED, detail))
+            return s
         try:
-            data = Path(c.image).read_bytes()
-        except OSError as e:
-            s.problems.append(Problem(c.image, "unreadable image", SKIPPED, e.strerror or str(e)))
+            data = read_bytes(c.image)
+        except ImageError as e:
+            s.problems.append(_image_problem(c.image, e, "image"))
             return s
         s.size_bytes = len(data)
         s.sha1 = hashlib.sha1(data).hexdigest()
@@ -272,7 +286,7 @@ def _write_problems(path: Path, problems: list[Problem]) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "reason", "action", "detail"])
-            w.writerows([p.file, p.reason, p.action, p.detail] for p in problems)
+            w.writerows([printable_path(p.file), p.reason, p.action, printable_path(p.detail)] for p in problems)
 
     _write_atomic(path, write)
 
@@ -316,7 +330,6 @@ def prepare_dataset(
     workers: int | None = None,
 ) -> PrepareReport:
     """Scan, check, de-duplicate, split and write the dataset folder. See the module docstring."""
-    import pyarrow.parquet as pq
 
     start = time.perf_counter()
     split = parse_split(split)
@@ -351,6 +364,40 @@ def prepare_dataset(
         first_by_sha[s.sha1] = s
         kept.append(s)
 
+    try:
+        return _write_dataset(
+            listing, out, scanned_problems=problems, kept=kept, n=n, split=split, seed=seed, copy=copy,
+            strict=strict, max_pixels=max_pixels, verify_pixels=verify_pixels, workers=workers, previous=previous,
+            start=start,
+        )  # fmt: skip
+    except OSError as e:  # disk full, folder not writable: one clear line; dataset.yaml (the last file) not written
+        where = f" ({printable_path(e.filename)})" if isinstance(e.filename, str) else ""
+        raise OutputError(
+            f"cannot write the dataset to --out {out}: {e.strerror or e}{where}; free space or fix permissions and "
+            "re-run (the dataset is complete only when dataset.yaml is written last)"
+        ) from None
+
+
+def _write_dataset(
+    listing: Listing,
+    out: Path,
+    *,
+    scanned_problems: list[Problem],
+    kept: list[Scanned],
+    n: int,
+    split: Sequence[float],
+    seed: int,
+    copy: bool,
+    strict: bool,
+    max_pixels: int,
+    verify_pixels: bool,
+    workers: int,
+    previous: dict[str, str],
+    start: float,
+) -> PrepareReport:
+    import pyarrow.parquet as pq
+
+    problems = scanned_problems
     out.mkdir(parents=True, exist_ok=True)
     problems_csv = out / PROBLEMS_CSV
     _write_problems(problems_csv, problems)

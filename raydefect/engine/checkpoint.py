@@ -149,3 +149,27 @@ def load_optimizer_state(directory: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def validate_checkpoint(directory: str | Path) -> TrainState:
+    """Read every file of a checkpoint the way a resume will (state, all weights, optimiser); raises `ArtifactError`
+    naming the damaged file. A resume validates before it trusts the newest checkpoint (a disk that filled up or a
+    copy cut short leaves a folder that looks complete)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    state = read_state(d)
+    weights = d / WEIGHTS
+    try:
+        load_file(str(weights), device="cpu")
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        raise ArtifactError(f"{weights}: damaged checkpoint weights ({' '.join(str(e).split())[:200]})") from None
+    optimizer = d / OPTIMIZER
+    if optimizer.exists():
+        try:
+            torch.load(optimizer, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors of a cut file have many types
+            raise ArtifactError(f"{optimizer}: damaged optimiser state ({type(e).__name__}: {e})") from None
+    return state

@@ -25,6 +25,7 @@ from raydefect.engine.run import (
     export_run,
     list_checkpoints,
     prune_checkpoints,
+    set_aside_damaged_checkpoints,
     write_metrics_csv,
     write_run_config,
 )
@@ -73,6 +74,9 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
+    if resume:  # the same fallback as the Ray driver: a damaged newest checkpoint is set aside, with a warning
+        for message in set_aside_damaged_checkpoints(run_dir):
+            console.warn(f"{message}; resuming from the newest good checkpoint")
     checkpoints = list_checkpoints(run_dir) if resume else {}
     trainer = Trainer(cfg, ds.class_names, counts, device=device, load_weights=not checkpoints)
     if checkpoints:

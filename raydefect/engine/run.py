@@ -399,3 +399,28 @@ def export_run(
         test_metrics_path=test_path,
         plots=plots,
     )
+
+
+DAMAGED_DIR = "damaged"
+
+
+def set_aside_damaged_checkpoints(run_dir: str | Path) -> list[str]:
+    """Validate the run's checkpoints newest first; move each damaged one to ``<run>/damaged/`` (kept for a look,
+    never resumed from) until a good one is found. Returns one warning per checkpoint moved, naming it and why."""
+    from raydefect.engine.checkpoint import validate_checkpoint
+    from raydefect.errors import ArtifactError
+
+    run_dir = Path(run_dir)
+    warnings = []
+    for epoch, folder in sorted(list_checkpoints(run_dir).items(), reverse=True):
+        try:
+            validate_checkpoint(folder)
+            break
+        except ArtifactError as e:
+            dest = run_dir / DAMAGED_DIR / folder.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(folder, dest)
+            warnings.append(f"checkpoint {folder} (epoch {epoch}) is damaged: {e}; moved to {dest}")
+    return warnings

@@ -291,6 +291,7 @@ def save_artifact(
     ``model_cfg``, ``image_size`` and ``class_names`` default to the model's own and must agree with it if given.
     An existing artifact in ``out_dir`` is replaced; any other non-empty folder is refused.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     net: Any = _unwrap(model)
@@ -345,9 +346,12 @@ def save_artifact(
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write the model artifact to {out}: {e.strerror or e}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise OutputError(
+            f"cannot write the model artifact to {out}: {reason}; free space or fix permissions"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

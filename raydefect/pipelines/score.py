@@ -34,6 +34,7 @@ from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import DataError
 from raydefect.pipelines.cluster import quiet_ray_data
+from raydefect.pipelines.failures import user_error
 from raydefect.scoring.keys import KeySet
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
@@ -498,8 +499,11 @@ def _run(
                     _commit(store, record, pending, seen, report, state)
                     pending, last_commit = [], time.monotonic()
             record.state = "finished"
-        except BaseException:
+        except BaseException as e:
             record.state = "failed"
+            cause = user_error(e)  # e.g. an OutputError (disk full) raised in a Ray Data task: its one line
+            if cause is not None and cause is not e:
+                raise cause from None
             raise
         finally:
             stop.set()

@@ -58,14 +58,20 @@ from raydefect.engine.run import (
     list_checkpoints,
     prepare_runs_dir,
     read_metrics_csv,
+    set_aside_damaged_checkpoints,
     write_metrics_csv,
     write_run_config,
 )
 from raydefect.errors import ConfigError, DataError, RaydefectError, TrainingError
+from raydefect.pipelines.failures import disk_error, user_error
 
 #: Test hook: "EPOCH:MARKER_FILE" makes rank 0 raise once, after training epoch EPOCH and before reporting it, and
 #: create MARKER_FILE so the retry passes (the driver reads it and hands it to the workers).
 FAIL_ONCE_ENV = "RAYDEFECT_TEST_FAIL_ONCE"
+#: Test hook: a file path; rank 0 writes its pid there when it starts (a test kills it with SIGKILL mid-epoch).
+PID_FILE_ENV = "RAYDEFECT_TEST_PID_FILE"
+#: Ray Train's checkpoint-manager snapshot in the run folder (it lists the checkpoints Ray restores from).
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 #: Reported with every epoch for `CheckpointConfig`: schedule.metric, made finite (Ray cannot rank NaN / None).
 SCORE_KEY = "checkpoint_score"
 _WORST = 1e30
@@ -148,6 +154,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.restore(folder)
+    elif config.get("resume_from"):  # the driver set damaged checkpoints aside and chose the newest good one
+        trainer.restore(config["resume_from"])
+    if config.get("pid_file") and rank == 0:
+        Path(config["pid_file"]).write_text(f"{os.getpid()}\n", encoding="utf-8")
     val_rows = _rows(ray.train.get_dataset_shard("val"))
     shard = ray.train.get_dataset_shard("train")
     for epoch in trainer.pending_epochs():
@@ -222,21 +232,7 @@ def _use_gpu(cfg: Config) -> bool:
 
 def _root_error(exc: BaseException) -> BaseException:
     """The first RaydefectError inside Ray's wrappers (worker_failures, cause, __cause__), else ``exc``."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, RaydefectError):
-            return e
-        todo += list(getattr(e, "worker_failures", {}).values())
-        for attr in ("cause", "__cause__", "controller_failure"):
-            inner = getattr(e, attr, None)
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-    return exc
+    return user_error(exc) or exc
 
 
 def _frame(rows: Sequence[dict[str, Any]]) -> Any:
@@ -291,7 +287,13 @@ def run_training(
     resumed = check_resumable(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
+    damaged = set_aside_damaged_checkpoints(run_dir)
+    for message in damaged:
+        console.warn(f"{message}; resuming from the newest good checkpoint")
+    if damaged:  # Ray's checkpoint-manager snapshot names the moved folder: start Ray's bookkeeping afresh
+        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
     done_before = max(list_checkpoints(run_dir), default=0)
+    resume_from = str(list_checkpoints(run_dir)[done_before]) if damaged and done_before else None
     if not done_before:
         check_weights_available(cfg.model)  # a resumed run takes its weights from the checkpoint
 
@@ -319,6 +321,8 @@ def run_training(
             "class_counts": counts,
             "threads": max(1, int(cfg.resources.cpus_per_worker)),
             "fail_once": fail_once,
+            "resume_from": resume_from,
+            "pid_file": os.environ.get(PID_FILE_ENV) or None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -358,6 +362,9 @@ def run_training(
         if isinstance(root_error, RaydefectError):
             raise root_error from None
         last = max(list_checkpoints(run_dir), default=0)
+        full = disk_error(e, f"under train.runs_dir {root}", f"re-run the same command to resume after epoch {last}")
+        if full is not None:
+            raise full from None
         detail = " ".join(str(root_error).split())[:400]
         raise TrainingError(
             f"training {name} failed ({type(root_error).__name__}: {detail}); the last checkpoint is epoch {last}: "

@@ -44,14 +44,16 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
-def listing_table(rows: Sequence[tuple[str, int, int]], errors: Sequence[str] | None = None) -> pa.Table:
-    """(location, size, mtime_ns) rows -> a listing batch."""
+def listing_table(rows: Sequence[tuple], errors: Sequence[str] | None = None) -> pa.Table:
+    """(location, size, mtime_ns[, error]) rows -> a listing batch."""
+    if errors is None:
+        errors = [r[3] if len(r) > 3 else "" for r in rows]
     return pa.table(
         {
             "path": pa.array([r[0] for r in rows], pa.string()),
             "size": pa.array([int(r[1]) for r in rows], pa.int64()),
             "mtime_ns": pa.array([int(r[2]) for r in rows], pa.int64()),
-            "error": pa.array(list(errors) if errors is not None else [""] * len(rows), pa.string()),
+            "error": pa.array(list(errors), pa.string()),
         },
         schema=LISTING_SCHEMA,
     )

@@ -19,15 +19,18 @@ files, temporary files being written) are skipped.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raydefect.errors import DataError
+from raydefect.paths import glob_regex, printable_path
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -159,38 +162,6 @@ class InputSpec:
         return Storage.location(self.scheme, path)
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A glob relative to its base folder -> regex over '/'-separated relative paths (``**`` spans folders)."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            j = pattern.find("]", i + 2)
-            if j < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : j]
-                body = "^" + body[1:] if body.startswith("!") else body
-                out.append(f"[{body}]")
-                i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
 def resolve_input(text: str, storage: Storage) -> InputSpec:
     """Classify and check ``--input``; raises `DataError` naming the input and the fix."""
     import pyarrow.fs as pafs
@@ -293,32 +264,88 @@ class ListPart:
     files: tuple[tuple[str, int, int], ...] = ()  # (path, size, mtime_ns)
 
 
-def _list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+@dataclass(frozen=True)
+class Entry:
+    """One folder entry. `kind` is "dir", "file" or "other": a FIFO, socket, device, broken or looping link -- listed
+    so that it becomes an error row (with `error`) instead of vanishing or blocking a reader."""
+
+    path: str
+    kind: str
+    size: int = -1
+    mtime_ns: int = -1
+    error: str = ""
+
+    def row(self) -> tuple[str, int, int, str]:
+        return (self.path, self.size, self.mtime_ns, self.error)
+
+
+def _local_entries(path: str) -> list[Entry]:
+    """A local folder through ``os.scandir``: pyarrow's listing raises on a non-UTF-8 name (one such file stopped
+    the whole run) and silently drops broken links."""
+    out = []
+    try:
+        it = os.scandir(path)
+    except OSError as e:
+        raise DataError(f"cannot list {path}: {e.strerror or e}; check permissions") from None
+    here = os.path.realpath(path)
+    with it:
+        for d in it:
+            name = printable_path(d.path)
+            if name != d.path:
+                out.append(Entry(name, "other", error="file name is not valid UTF-8 (shown with \\xNN); rename it"))
+                continue
+            try:
+                if d.is_dir():  # follows links: a linked folder is walked, unless it links back up (a loop)
+                    target = os.path.realpath(d.path)
+                    if d.is_symlink() and (here == target or here.startswith(target.rstrip("/") + "/")):
+                        continue
+                    out.append(Entry(d.path, "dir"))
+                    continue
+                st = d.stat()
+            except OSError as e:
+                reason = "symbolic link loop" if e.errno == errno.ELOOP else "broken link" if d.is_symlink() else ""
+                out.append(Entry(d.path, "other", error=f"cannot read: {reason or e.strerror or e}"))
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append(Entry(d.path, "file", int(st.st_size), int(st.st_mtime_ns)))
+            else:
+                out.append(Entry(d.path, "other", error="cannot read: not a regular file (FIFO, socket or device)"))
+    return out
+
+
+def _list_dir(fs: pafs.FileSystem, path: str) -> list[Entry]:
     import pyarrow.fs as pafs
 
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _local_entries(path)
     try:
-        return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     except OSError as e:
         raise DataError(f"cannot list {path}: {e}; check permissions and credentials") from None
+    kinds = {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}
+    return [Entry(i.path, kinds.get(i.type, "other"), int(i.size or 0), _mtime_ns(i)) for i in infos]
+
+
+def _wanted(entry: Entry, filt: ListFilter) -> bool:
+    """Files, and odd entries that look like inputs (so they get an error row)."""
+    return entry.kind != "dir" and (entry.kind == "file" or bool(entry.error)) and filt.keep_file(entry.path)
 
 
 def plan_listing(spec: InputSpec, storage: Storage, filt: ListFilter, min_parts: int = 8) -> list[ListPart]:
     """Split a folder/glob listing into parts by listing only the top levels (breadth-first, at most 3 levels, until
     there are `min_parts` folders). Cheap on the driver whatever the archive size: the folders found are walked by
     workers; files met on the way (small archives) are handed out in chunks of 1,000."""
-    import pyarrow.fs as pafs
-
     fs, _ = storage.resolve(spec.location(spec.root))
-    files: list[tuple[str, int, int]] = []
+    files: list[tuple[str, int, int, str]] = []
     frontier, levels = [spec.root], 0
     while frontier and len(frontier) < min_parts and levels < 3 and len(files) < 100_000:
         nxt: list[str] = []
         for folder in frontier:
-            for info in _list_dir(fs, folder):
-                if info.type == pafs.FileType.Directory and filt.keep_dir(info.path):
-                    nxt.append(info.path)
-                elif info.type == pafs.FileType.File and filt.keep_file(info.path):
-                    files.append((info.path, int(info.size or 0), _mtime_ns(info)))
+            for entry in _list_dir(fs, folder):
+                if entry.kind == "dir" and filt.keep_dir(entry.path):
+                    nxt.append(entry.path)
+                elif _wanted(entry, filt):
+                    files.append(entry.row())
         frontier, levels = nxt, levels + 1
     parts = [ListPart(walk=folder) for folder in sorted(frontier)]
     for i in range(0, len(files), 1000):
@@ -328,23 +355,21 @@ def plan_listing(spec: InputSpec, storage: Storage, filt: ListFilter, min_parts:
 
 def walk(
     part: ListPart, spec: InputSpec, storage: Storage, filt: ListFilter, batch_rows: int = 1000
-) -> Iterator[list[tuple[str, int, int]]]:
-    """Yield (location, size, mtime_ns) of matching files of one part, at most `batch_rows` at a time."""
-    import pyarrow.fs as pafs
-
-    batch: list[tuple[str, int, int]] = [(spec.location(p), s, m) for p, s, m in part.files]
+) -> Iterator[list[tuple[str, int, int, str]]]:
+    """Yield (location, size, mtime_ns, error) of matching entries of one part, at most `batch_rows` at a time."""
+    batch = [(spec.location(f[0]), *f[1:3], f[3] if len(f) > 3 else "") for f in part.files]
     if part.walk is not None:
         fs, _ = storage.resolve(spec.location(part.walk))
         stack = [part.walk]
         while stack:
             folder = stack.pop()
             subdirs = []
-            for info in _list_dir(fs, folder):
-                if info.type == pafs.FileType.Directory:
-                    if filt.keep_dir(info.path):
-                        subdirs.append(info.path)
-                elif info.type == pafs.FileType.File and filt.keep_file(info.path):
-                    batch.append((spec.location(info.path), int(info.size or 0), _mtime_ns(info)))
+            for entry in _list_dir(fs, folder):
+                if entry.kind == "dir":
+                    if filt.keep_dir(entry.path):
+                        subdirs.append(entry.path)
+                elif _wanted(entry, filt):
+                    batch.append((spec.location(entry.path), entry.size, entry.mtime_ns, entry.error))
                     if len(batch) >= batch_rows:
                         yield batch
                         batch = []

@@ -186,6 +186,9 @@ def write_staged(
             _fsync(tmp)
             fs.move(tmp, final)
     except OSError as e:
+        if not is_remote(staging):
+            with suppress(OSError):  # a half-written file never stays behind (it only ever had a hidden name)
+                fs.delete_file(f"{folder}/.{name}.tmp")
         raise OutputError(f"cannot write scores to {staging}: {e}; check space and permissions") from None
     digests = row_digests(table, key_mode)
     errors, defects = _counts(table)
@@ -314,11 +317,19 @@ class ScoreStore:
                 f.write(payload)
             return
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # disk full, read-only: the previous version of `path` stays as it was
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise OutputError(
+                f"cannot write {path}: {e.strerror or e}; free space or fix permissions on --out and re-run "
+                "(what was committed before is complete; the rest is scored again)"
+            ) from None
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:

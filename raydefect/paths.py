@@ -1,0 +1,83 @@
+"""File names as text: what a CSV, a Parquet string column or a log line can hold.
+
+POSIX file names are bytes; Python keeps bytes that are not UTF-8 as lone surrogates (PEP 383), which open()
+accepts but no UTF-8 writer does. Every output that writes a path as text goes through `printable_path`, so one
+odd name becomes a readable, stable string (its bad bytes as ``\\xNN``) instead of crashing the whole job.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+
+def printable_path(path: str) -> str:
+    """`path` as valid UTF-8 text: undecodable bytes become ``\\xNN``; already valid names are returned unchanged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_printable(path: str) -> bool:
+    """True when `path` is valid UTF-8 text as it is."""
+    return printable_path(path) == path
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob relative to its base folder -> regex over '/'-separated relative paths (``**`` spans folders)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pattern.find("]", i + 2)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : j]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append(f"[{body}]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob_files(pattern: str) -> list[str]:
+    """Like ``glob.glob(pattern, recursive=True)`` (sorted; hidden names left out), but ``**`` never follows a
+    symlinked folder: Python's glob does, so a link to a parent folder repeats the tree 40 times (until ELOOP), and
+    two such links make the walk exponential. Folder walks elsewhere use ``os.walk`` (which does not follow links)."""
+    pattern = os.path.expanduser(pattern)
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))
+    parts = pattern.split("/")
+    first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    regex = glob_regex("/".join(parts[first:]))
+    found = []
+    for root, dirs, files in os.walk(base):  # followlinks=False
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = os.path.relpath(root, base)
+        for name in files:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if not name.startswith(".") and regex.match(rel):
+                found.append(os.path.join(base, rel) if base != "." else rel)
+    return sorted(found)
