@@ -258,6 +258,7 @@ def run_training(
     export: bool = True,
     show_progress: bool = True,
     address: str | None = None,
+    fail_once: str | None = None,
 ) -> TrainResult:
     """Fit ``cfg`` with a `TorchTrainer` into ``<storage_path>/<name>/`` (defaults: train.runs_dir, train.name).
 
@@ -267,6 +268,7 @@ def run_training(
     resumes it. ``callbacks`` are Ray Train `UserCallback`s (Tune passes ``TuneReportCallback()``); every epoch is
     reported with a checkpoint, so its metrics persist. ``export`` writes ``model/`` and the test metrics at the end.
     Multi-fidelity (tuning) needs only config: data.subset, data.image_size and the schedule's epochs.
+    ``fail_once`` is the `FAIL_ONCE_ENV` test hook passed directly (a Tune trial's environment is Ray's).
     """
     from raydefect.data.manifest import load_dataset
     from raydefect.engine.fit import training_rows
@@ -310,7 +312,7 @@ def run_training(
     data_context.enable_progress_bars = verbose
     data_context.print_on_execution_start = verbose
     datasets = {"train": ray.data.from_pandas(_frame(train_rows)), "val": ray.data.from_pandas(_frame(val_rows))}
-    fail_once = os.environ.get(FAIL_ONCE_ENV) or None
+    fail_once = fail_once or os.environ.get(FAIL_ONCE_ENV) or None
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
