@@ -105,7 +105,9 @@ def importances(rows: Sequence[TrialRow], space: SearchSpace, mode: str) -> tupl
         out = {}
         for key in space.keys:
             xs = _encode([r.params[key] for r in done])
-            rho = spearmanr(xs, metric).statistic if xs and len(set(xs)) > 1 else 0.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a constant metric: no correlation (NaN -> 0 below)
+                rho = spearmanr(xs, metric).statistic if xs and len(set(xs)) > 1 else 0.0
             out[key] = abs(float(rho)) if math.isfinite(rho) else 0.0
         total = sum(out.values())
         return ({k: v / total for k, v in out.items()} if total else out), "|Spearman rho| (fallback)"
