@@ -282,6 +282,9 @@ def tune_study(
     verbose = console.verbosity() >= 1
     if not verbose:  # failed trials are reported in our own words (and trials.csv); Tune's tracebacks with -v
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if resume:
         tuner = tune.Tuner.restore(
             str(study.tune_dir),
