@@ -40,6 +40,7 @@ from raydefect.pipelines.train import SCORE_KEY, run_training
 from raydefect.tuning.space import SearchSpace, check_space, config_params, load_space, parse_space
 from raydefect.tuning.study import (
     ERROR,
+    STOPPED,
     TERMINATED,
     Study,
     TrialRow,
@@ -114,7 +115,7 @@ def _trial_fn(params: dict[str, Any], study: dict[str, Any]) -> None:
             show_progress=False,
             fail_once=fail_once,
         )
-    except BaseException as e:
+    except Exception as e:
         write_trial_record(run_dir, error=trial_error_text(e), failed_at=time.time())
         raise
     write_trial_record(run_dir, finished_at=time.time(), stopped_by_patience=result.stopped_early, error=None)
@@ -150,44 +151,52 @@ def trial_dirname(trial: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ callback
 class StudyCallback(tune.Callback):
-    """On the driver: prints trial starts/ends and rewrites trials.csv whenever a trial ends (so the record is
-    complete even when the study is interrupted)."""
+    """On the driver: prints trial starts/ends, writes each trial's Tune status into its trial.json and rewrites
+    trials.csv whenever a trial ends and when the study stops (so the record is complete after an interruption)."""
 
     def __init__(self, root: str, metric: str, mode: str, keys: list[str]) -> None:
         self.root, self.metric, self.mode, self.keys = root, metric, mode, keys
 
-    def _refresh(self, trials: list, done: Any = None, status: str = "") -> None:
-        statuses = {t.trial_id: str(t.status) for t in trials}
-        if done is not None:
-            statuses[done.trial_id] = status
+    def _mark(self, trial: Any, status: str) -> None:
+        run_dir = Path(self.root) / "trials" / str(trial.trial_id)
+        if (run_dir / "trial.json").is_file():
+            write_trial_record(run_dir, tune_status=status)
+
+    def _refresh(self, done: Any = None) -> None:
         try:
-            rows = collect_trials(Path(self.root), self.metric, self.mode, statuses)
+            rows = collect_trials(Path(self.root), self.metric, self.mode)
             write_trials_csv(Path(self.root), rows, self.keys, self.metric)
         except Exception as e:  # never let the record keeping stop the study
             console.warn(f"could not update trials.csv: {e}")
             return
-        if done is not None:
-            row = next((r for r in rows if r.trial_id == done.trial_id), None)
-            if row is not None:
-                what = (
-                    f"{self.metric} best {row.metric_best:.4g}, last {row.metric_last:.4g}"
-                    if row.status != ERROR
-                    else row.error[:160]
-                )
-                console.info(
-                    f"trial {row.trial_id} {row.status} after {row.epochs}/{row.planned_epochs} epochs "
-                    f"({row.duration_s:.0f} s): {what}"
-                )
+        row = next((r for r in rows if done is not None and r.trial_id == done.trial_id), None)
+        if row is not None:
+            what = (
+                f"{self.metric} best {row.metric_best:.4g}, last {row.metric_last:.4g}"
+                if row.status != ERROR
+                else row.error[:160]
+            )
+            console.info(
+                f"trial {row.trial_id} {row.status} after {row.epochs}/{row.planned_epochs} epochs "
+                f"({row.duration_s:.0f} s): {what}"
+            )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         shown = ", ".join(f"{k}={_short(v)}" for k, v in config_params(trial.config).items())
         console.info(f"trial {trial.trial_id} started: {shown}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._refresh(trials, trial, TERMINATED)
+        self._mark(trial, TERMINATED)
+        self._refresh(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._refresh(trials, trial, ERROR)
+        self._mark(trial, ERROR)
+        self._refresh(trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:  # after Ctrl-C / SIGTERM the unfinished ones are still RUNNING or PENDING
+            self._mark(trial, str(trial.status))
+        self._refresh()
 
 
 def _short(value: Any) -> str:
@@ -343,12 +352,12 @@ def tune_study(
     finally:
         _restore_sigterm(previous)
 
-    statuses: dict[str, str] = {}
+    statuses: dict[str, str] = {}  # the rest: the Tune status each trial.json holds (StudyCallback)
     errors: dict[str, str] = {}
     for result in grid:
-        trial_id = Path(result.path).name if result.path else ""
-        statuses[trial_id] = ERROR if result.error is not None else TERMINATED
-        if result.error is not None:
+        if result.error is not None and result.path:
+            trial_id = Path(result.path).name
+            statuses[trial_id] = ERROR
             errors[trial_id] = f"{type(result.error).__name__}: {' '.join(str(result.error).split())[:300]}"
     return finish_study(study, parsed, statuses, errors, n_parallel, time.perf_counter() - start)
 
@@ -370,9 +379,8 @@ def finish_study(
     best_path = write_best(study, rows)
     plots = write_study_plots(study.root, rows, space, t.metric, t.mode)
     ranked = rank(rows, t.mode)
-    interrupted = len(rows) < t.num_samples or any(r.status not in (TERMINATED, "STOPPED-EARLY", ERROR) for r in rows)
-    if t.time_budget_s is not None and interrupted:
-        interrupted = not all(r.status in (TERMINATED, "STOPPED-EARLY", ERROR) for r in rows)
+    unfinished = [r for r in rows if r.status not in (TERMINATED, STOPPED, ERROR)]
+    interrupted = bool(unfinished) or (len(rows) < t.num_samples and t.time_budget_s is None)
     console.result("")
     if rows:
         console.result(console.table(summary_rows(rows, space.keys, t.metric, t.mode)))

@@ -261,8 +261,9 @@ def collect_trials(
     tune_errors: Mapping[str, str] | None = None,
 ) -> list[TrialRow]:
     """One row per trial folder: what the trial wrote (trial.json, metrics.csv) plus Ray Tune's status when known
-    (``tune_status``: trial id -> TERMINATED / ERROR / RUNNING / PENDING...; ``tune_errors``: trial id -> error
-    text, for a trial that died without recording its error, e.g. killed for memory)."""
+    (``tune_status``: trial id -> TERMINATED / ERROR / RUNNING / PENDING...; by default the ``tune_status`` the
+    driver wrote into trial.json; ``tune_errors``: trial id -> error text, for a trial that died without recording
+    its error, e.g. killed for memory)."""
     from raydefect.engine.run import METRICS_FILE, read_metrics_csv
 
     rows = []
@@ -280,16 +281,15 @@ def collect_trials(
         planned = int(record.get("planned_epochs") or 0)
         epochs = len(history)
         error = str(record.get("error") or "")
-        status = tune_status.get(folder.name, "")
-        if error or status == ERROR:
+        status = tune_status.get(folder.name) or str(record.get("tune_status") or "")
+        finished = TERMINATED if (epochs >= planned or record.get("stopped_by_patience")) else STOPPED
+        if status == ERROR or (error and status != TERMINATED):
             status = ERROR
             error = error or (tune_errors or {}).get(folder.name) or "failed (see the Ray Tune error file in tune/)"
         elif status == TERMINATED or record.get("finished_at"):
-            status = TERMINATED if (epochs >= planned or record.get("stopped_by_patience")) else STOPPED
-        elif status in (RUNNING, PENDING, "PAUSED"):
-            status = RUNNING if status != PENDING else PENDING
+            status, error = finished, ""  # Tune's word wins: a trial it stopped may have seen an error on the way
         else:
-            status = "INTERRUPTED"
+            status = status if status in (RUNNING, PENDING) else "INTERRUPTED"
         start = record.get("started_at")
         ends = [record.get("finished_at"), record.get("failed_at"), *[r.get("finished_at") for r in history]]
         ends = [float(e) for e in ends if e is not None and math.isfinite(_finite(e))]
