@@ -345,3 +345,13 @@ def test_train_best_errors(tmp_path, monkeypatch):
     assert out.exit_code == 1 and "no study 'nope'" in out.output
     out = runner.invoke(cli, ["train", "--best", "s", "--config", "demo"])
     assert out.exit_code == 2 and "drop --config" in out.output
+
+
+def test_tune_checks_every_backbones_weights_before_starting(tmp_path, synth_dataset, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    out = CliRunner().invoke(
+        cli, ["tune", "--data", str(synth_dataset.root), "--set", f"train.runs_dir={tmp_path / 'runs'}"]
+    )  # the shipped space: pretrained dinov3-s/b/l
+    assert out.exit_code == 1 and out.output.startswith("error: ") and "dinov3" in out.output, out.output
+    assert not (tmp_path / "runs").exists()

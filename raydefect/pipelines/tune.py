@@ -222,11 +222,18 @@ def _max_epochs(base: Config, space: SearchSpace) -> int:
     return max(planned_epochs(base, probe), planned_epochs(base, {}))
 
 
-def _check_data(base: Config) -> None:
+def _check_inputs(base: Config, space: SearchSpace) -> None:
+    """What every trial would trip over, checked once before the study starts: the dataset and its splits, the
+    metric name, and the weights of every backbone the space may pick (offline: in the local cache)."""
     from raydefect.data.manifest import load_dataset
     from raydefect.engine.fit import training_rows
     from raydefect.engine.loop import check_metric
     from raydefect.errors import DataError
+    from raydefect.models.weights import check_weights_available
+
+    backbones = space.get("model.backbone")
+    for backbone in backbones.choices if backbones is not None else (base.model.backbone,):
+        check_weights_available(trial_config(base, {"model.backbone": backbone}).model)
 
     if not base.data.dataset:
         raise DataError("no dataset: pass --data DATASET (a folder written by `raydefect prepare`)")
@@ -259,7 +266,7 @@ def tune_study(
         assert cfg is not None
         parsed, raw = load_space(space or cfg.tune.space)
         check_space(parsed, cfg, trial_config)
-        _check_data(cfg)
+        _check_inputs(cfg, parsed)
         study_name = check_name(name or cfg.tune.name or default_study_name(cfg))
         root = study_dir(runs_dir or cfg.train.runs_dir, study_name)
         if (root / "study.yaml").exists():
