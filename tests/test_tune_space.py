@@ -29,6 +29,7 @@ from raydefect.tuning.study import (
     write_study,
     write_trial_record,
     write_trials_csv,
+    write_tune_status,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -200,8 +201,13 @@ def test_trials_csv_statuses_ranking_and_plots(tmp_path):
     _fake_trial(root, "t2", {"model.backbone": "dinov3-b", "optim.lr": 3e-4}, [0.9], 3)  # ASHA stopped it
     _fake_trial(root, "t3", {"model.backbone": "dinov3-l", "optim.lr": 1e-5}, [], 3, error="TrainingError: loss nan")
     _fake_trial(root, "t4", {"model.backbone": "dinov3-s", "optim.lr": 5e-5}, [0.4], 3)  # interrupted, Tune: running
+    # ASHA stopped t5: Tune removed its workers, so the trial saw an error on the way out; Tune's status wins
+    t5 = _fake_trial(root, "t5", {"model.backbone": "dinov3-s", "optim.lr": 2e-4}, [0.3], 3, error="ActorDiedError: x")
+    write_tune_status(t5, TERMINATED)
     rows = collect_trials(root, "val_score", "max", {"t1": TERMINATED, "t2": TERMINATED, "t3": ERROR, "t4": "RUNNING"})
     by_id = {r.trial_id: r for r in rows}
+    assert by_id["t5"].status == STOPPED and by_id["t5"].error == ""
+    rows = [r for r in rows if r.trial_id != "t5"]
     assert [by_id[t].status for t in ("t1", "t2", "t3", "t4")] == [TERMINATED, STOPPED, ERROR, "RUNNING"]
     assert by_id["t1"].metric_best == 0.6 and by_id["t1"].metric_last == 0.55 and by_id["t1"].epochs == 3
     assert by_id["t1"].duration_s == pytest.approx(10.0) and by_id["t1"].train_s == pytest.approx(6.0)

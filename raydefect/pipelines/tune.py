@@ -58,6 +58,7 @@ from raydefect.tuning.study import (
     write_study,
     write_trial_record,
     write_trials_csv,
+    write_tune_status,
 )
 
 #: Test hook: "KEY=VALUE": trials whose searched KEY has VALUE (compared as text) raise after training epoch 1.
@@ -151,7 +152,7 @@ def trial_dirname(trial: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ callback
 class StudyCallback(tune.Callback):
-    """On the driver: prints trial starts/ends, writes each trial's Tune status into its trial.json and rewrites
+    """On the driver: prints trial starts/ends, writes each trial's Tune status into its folder and rewrites
     trials.csv whenever a trial ends and when the study stops (so the record is complete after an interruption)."""
 
     def __init__(self, root: str, metric: str, mode: str, keys: list[str]) -> None:
@@ -159,8 +160,8 @@ class StudyCallback(tune.Callback):
 
     def _mark(self, trial: Any, status: str) -> None:
         run_dir = Path(self.root) / "trials" / str(trial.trial_id)
-        if (run_dir / "trial.json").is_file():
-            write_trial_record(run_dir, tune_status=status)
+        if run_dir.is_dir():  # its own file: the trial's process writes trial.json at the same time
+            write_tune_status(run_dir, status)
 
     def _refresh(self, done: Any = None) -> None:
         try:

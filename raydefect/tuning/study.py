@@ -41,6 +41,7 @@ TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
 PLOTS_DIR = "plots"
 TRIAL_FILE = "trial.json"
+STATUS_FILE = "tune_status"
 PREFIX = "tune-"
 
 TERMINATED, STOPPED, ERROR, RUNNING, PENDING = "TERMINATED", "STOPPED-EARLY", "ERROR", "RUNNING", "PENDING"
@@ -219,6 +220,20 @@ def write_trial_record(run_dir: Path, **fields: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_tune_status(run_dir: Path, status: str) -> None:
+    """The trial's status as Ray Tune last reported it (written by the driver, read by `collect_trials`)."""
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(status + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def read_tune_status(run_dir: Path) -> str:
+    try:
+        return (run_dir / STATUS_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
 def read_trial_record(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((run_dir / TRIAL_FILE).read_text(encoding="utf-8"))
@@ -261,9 +276,9 @@ def collect_trials(
     tune_errors: Mapping[str, str] | None = None,
 ) -> list[TrialRow]:
     """One row per trial folder: what the trial wrote (trial.json, metrics.csv) plus Ray Tune's status when known
-    (``tune_status``: trial id -> TERMINATED / ERROR / RUNNING / PENDING...; by default the ``tune_status`` the
-    driver wrote into trial.json; ``tune_errors``: trial id -> error text, for a trial that died without recording
-    its error, e.g. killed for memory)."""
+    (``tune_status``: trial id -> TERMINATED / ERROR / RUNNING / PENDING...; by default the status the driver
+    wrote into the trial folder, `STATUS_FILE`; ``tune_errors``: trial id -> error text, for a trial that died
+    without recording its error, e.g. killed for memory)."""
     from raydefect.engine.run import METRICS_FILE, read_metrics_csv
 
     rows = []
@@ -281,7 +296,7 @@ def collect_trials(
         planned = int(record.get("planned_epochs") or 0)
         epochs = len(history)
         error = str(record.get("error") or "")
-        status = tune_status.get(folder.name) or str(record.get("tune_status") or "")
+        status = tune_status.get(folder.name) or read_tune_status(folder)
         finished = TERMINATED if (epochs >= planned or record.get("stopped_by_patience")) else STOPPED
         if status == ERROR or (error and status != TERMINATED):
             status = ERROR
