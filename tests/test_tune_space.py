@@ -166,7 +166,7 @@ def test_trial_config_is_low_fidelity_and_best_config_is_not(tmp_path):
     assert isinstance(best, Config)
     assert best.optim.lr == 3e-4 and best.schedule.frozen_epochs == 4
     assert best.data.subset == base.data.subset and best.data.image_size == 224 and best.schedule.full_epochs == 4
-    assert best.train.name == "s-best"
+    assert best.train.name == "s-best" and best.train.runs_dir == str(tmp_path / "runs")  # next to the study
     header = path.read_text().splitlines()[0]
     assert header.startswith("# Best config of study s: trial a1, val_f1 0.7")
 

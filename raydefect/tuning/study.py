@@ -99,11 +99,14 @@ def planned_epochs(base: Config, params: Mapping[str, Any]) -> int:
     return trial_config(base, params).schedule.total_epochs
 
 
-def best_config(base: Config, params: Mapping[str, Any], name: str) -> Config:
-    """The full-fidelity training config of the winner: base config + params, named ``<study>-best``, written next
-    to the study (its runs folder)."""
+def best_config(base: Config, params: Mapping[str, Any], name: str, runs_dir: str | Path | None = None) -> Config:
+    """The full-fidelity training config of the winner: base config + params, named ``<study>-best``, its run next
+    to the study (``runs_dir``: the study's runs folder)."""
     cfg = base.replace(**dict(params)) if params else base
-    return cfg.replace(**{"train.name": f"{name}-best"})
+    overrides: dict[str, Any] = {"train.name": f"{name}-best"}
+    if runs_dir is not None:
+        overrides["train.runs_dir"] = str(runs_dir)
+    return cfg.replace(**overrides)
 
 
 # -------------------------------------------------------------------------------------------- study.yaml
@@ -381,7 +384,7 @@ def write_best(study: Study, rows: Sequence[TrialRow]) -> Path | None:
         path.unlink(missing_ok=True)
         return None
     best = ranked[0]
-    cfg = best_config(study.base, best.params, study.name)
+    cfg = best_config(study.base, best.params, study.name, study.root.parent)
     header = [
         f"# Best config of study {study.name}: trial {best.trial_id}, {t.metric} {best.metric_best:.4g} ({t.mode})",
         f"# after {best.epochs} of {best.planned_epochs} trial epochs ({best.status}); "
