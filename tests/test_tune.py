@@ -93,6 +93,15 @@ def test_study_folder_trials_csv_and_best_yaml(study):
         assert (root / "plots" / plot).stat().st_size > 5000
     assert not study.interrupted and study.concurrency == 2
 
+    # no trial left its Ray Train workers' resources reserved (ASHA-stopped trials are killed with their controller)
+    import ray
+
+    table = ray.util.placement_group_table()
+    for folder in (root / "trials").iterdir():
+        pg_file = folder / "placement_group"
+        if pg_file.is_file():
+            assert table.get(pg_file.read_text().strip(), {}).get("state", "REMOVED") == "REMOVED", folder.name
+
 
 def test_train_best_trains_the_winner_and_exports_a_model(study, monkeypatch):
     runs = study.study.root.parent

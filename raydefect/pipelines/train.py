@@ -126,6 +126,14 @@ def _maybe_fail(fail_once: str | None, epoch: int, rank: int) -> None:
         raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure at epoch {epoch}")
 
 
+def _write_placement_group(path: str) -> None:
+    """Record the worker group's placement group id (a Tune trial's driver removes it if the trial is killed: Ray
+    Train's own clean-up of a killed controller needs the State API, which an embedded Ray without dashboard lacks)."""
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(path).write_text(pg.id.hex() + "\n", encoding="utf-8")
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: rebuild the config, restore the latest checkpoint, train the remaining epochs."""
     import torch
@@ -136,6 +144,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.from_dict(config["config"], source="train_loop_config")
     torch.set_num_threads(int(config["threads"]))
     rank = ray.train.get_context().get_world_rank()
+    if rank == 0 and config.get("placement_group_file"):
+        _write_placement_group(config["placement_group_file"])
     checkpoint = ray.train.get_checkpoint()
     trainer = Trainer(
         cfg,
@@ -259,6 +269,7 @@ def run_training(
     show_progress: bool = True,
     address: str | None = None,
     fail_once: str | None = None,
+    placement_group_file: str | None = None,
 ) -> TrainResult:
     """Fit ``cfg`` with a `TorchTrainer` into ``<storage_path>/<name>/`` (defaults: train.runs_dir, train.name).
 
@@ -268,7 +279,8 @@ def run_training(
     resumes it. ``callbacks`` are Ray Train `UserCallback`s (Tune passes ``TuneReportCallback()``); every epoch is
     reported with a checkpoint, so its metrics persist. ``export`` writes ``model/`` and the test metrics at the end.
     Multi-fidelity (tuning) needs only config: data.subset, data.image_size and the schedule's epochs.
-    ``fail_once`` is the `FAIL_ONCE_ENV` test hook passed directly (a Tune trial's environment is Ray's).
+    ``fail_once`` is the `FAIL_ONCE_ENV` test hook passed directly (a Tune trial's environment is Ray's);
+    ``placement_group_file``: rank 0 writes the worker group's placement group id there (see `_write_placement_group`).
     """
     from raydefect.data.manifest import load_dataset
     from raydefect.engine.fit import training_rows
@@ -321,6 +333,7 @@ def run_training(
             "class_counts": counts,
             "threads": max(1, int(cfg.resources.cpus_per_worker)),
             "fail_once": fail_once,
+            "placement_group_file": placement_group_file,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources

@@ -66,6 +66,9 @@ FAIL_TRIALS_ENV = "RAYDEFECT_TEST_TUNE_FAIL"
 #: What a trial's own function reserves: no CPU (its TorchTrainer's workers reserve resources.*), and memory for
 #: the manifest it reads (Ray rejects an all-zero resource request, and memory is what the driver really uses).
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
+#: Each trial's Ray Train worker group placement group id (see `release_placement_groups`).
+PLACEMENT_GROUP_FILE = "placement_group"
+_RELEASE_AFTER_S = 5.0
 _STAGE_KEYS = ("schedule.frozen_epochs", "schedule.partial_epochs", "schedule.full_epochs")
 
 
@@ -115,6 +118,7 @@ def _trial_fn(params: dict[str, Any], study: dict[str, Any]) -> None:
             export=False,
             show_progress=False,
             fail_once=fail_once,
+            placement_group_file=str(run_dir / PLACEMENT_GROUP_FILE),
         )
     except Exception as e:
         write_trial_record(run_dir, error=trial_error_text(e), failed_at=time.time())
@@ -146,6 +150,26 @@ def trial_error_text(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {' '.join(str(inner).split())[:400]}"
 
 
+def release_placement_group(run_dir: Path) -> bool:
+    """Remove the trial's Ray Train worker placement group if it outlived the trial. A trial that ASHA (or Ctrl-C)
+    stops is killed with its TorchTrainer controller; Ray Train's clean-up of a dead controller's workers relies on the
+    State API, which an embedded Ray without dashboard does not serve, so without this the workers' CPUs/GPUs stay
+    reserved and later trials wait for ever. True when something was removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        pg_hex = (run_dir / PLACEMENT_GROUP_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    info = ray.util.placement_group_table().get(pg_hex)
+    if not info or info.get("state") == "REMOVED":
+        return False
+    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+    console.debug(f"released the worker placement group of trial {run_dir.name}")
+    return True
+
+
 def trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
@@ -157,6 +181,20 @@ class StudyCallback(tune.Callback):
 
     def __init__(self, root: str, metric: str, mode: str, keys: list[str]) -> None:
         self.root, self.metric, self.mode, self.keys = root, metric, mode, keys
+        self.to_release: dict[str, float] = {}  # trial id -> when it ended
+
+    def _release_due(self, now: float, force: bool = False) -> None:
+        for trial_id, ended in list(self.to_release.items()):
+            if force or now - ended >= _RELEASE_AFTER_S:  # by then its actor and controller are gone
+                del self.to_release[trial_id]
+                try:
+                    release_placement_group(Path(self.root) / "trials" / trial_id)
+                except Exception as e:  # pragma: no cover - never stop the study for this
+                    console.warn(f"could not release trial {trial_id}'s workers: {e}")
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.to_release:
+            self._release_due(time.time())
 
     def _mark(self, trial: Any, status: str) -> None:
         run_dir = Path(self.root) / "trials" / str(trial.trial_id)
@@ -188,10 +226,12 @@ class StudyCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._mark(trial, TERMINATED)
+        self.to_release[str(trial.trial_id)] = time.time()
         self._refresh(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._mark(trial, ERROR)
+        self.to_release[str(trial.trial_id)] = time.time()
         self._refresh(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -360,7 +400,10 @@ def tune_study(
     finally:
         _restore_sigterm(previous)
 
-    statuses: dict[str, str] = {}  # the rest: the Tune status each trial.json holds (StudyCallback)
+    time.sleep(1.0)  # the stopped trials' actors are being killed: then no controller can start new workers
+    for folder in sorted(study.trials_dir.iterdir()) if study.trials_dir.is_dir() else []:
+        release_placement_group(folder)
+    statuses: dict[str, str] = {}  # the rest: the Tune status each trial folder holds (StudyCallback)
     errors: dict[str, str] = {}
     for result in grid:
         if result.error is not None and result.path:
