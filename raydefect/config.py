@@ -200,8 +200,10 @@ class TuneConfig:
     space: str = _f("tune", "Search space: a shipped name (configs/<name>.yaml) or a YAML path.")
     name: str | None = _f(None, "Study name: output goes to <runs_dir>/tune-<name>/.")
     num_samples: int = _f(8, "Number of trials.")
-    time_budget_s: float | None = _f(None, "Stop starting trials after this many seconds.")
-    metric: str = _f("val_score", "Metric that trials are ranked by.")
+    time_budget_s: float | None = _f(
+        None, "Stop the study after this many seconds (running trials stop there; finished ones count)."
+    )
+    metric: str = _f("val_score", "Validation metric that trials are ranked by (also their checkpoint metric).")
     mode: str = _f("max", "'max' or 'min'.")
     seed: int = _f(0, "Seed of the Optuna TPE sampler.")
     max_concurrent: int | None = _f(None, "Concurrent trials; default: derived from cluster resources.")

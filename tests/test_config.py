@@ -22,15 +22,23 @@ def _is_training_config(data: dict) -> bool:
 
 
 def test_every_shipped_yaml_loads():
+    """Training configs with the config loader, search spaces (a 'params' mapping) with the space loader."""
+    from raydefect.tuning.space import SearchSpace, load_space
+
     configs = shipped_configs()
-    assert "default" in configs
-    loaded = 0
+    assert {"default", "tune", "tune-demo"} <= set(configs)
+    loaded = spaces = 0
     for name, path in configs.items():
         data = read_yaml(path)
-        if _is_training_config(data):
+        if isinstance(data, dict) and "params" in data:
+            assert isinstance(load_space(name)[0], SearchSpace)
+            spaces += 1
+        elif _is_training_config(data):
             assert isinstance(load_config(name), Config)
             loaded += 1
-    assert loaded >= 1
+        else:
+            raise AssertionError(f"{path}: neither a training config nor a search space")
+    assert loaded >= 1 and spaces >= 2
 
 
 def test_default_yaml_matches_dataclass_defaults():

@@ -42,7 +42,7 @@ from raydefect.engine.schedule import (
     set_train_mode,
     stage_for_epoch,
 )
-from raydefect.errors import ArtifactError, ConfigError
+from raydefect.errors import ArtifactError, ConfigError, TrainingError
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.models.losses import DefectLoss
 from raydefect.models.model import DefectModel
@@ -154,7 +154,13 @@ def train_one_epoch(
             loss = loss_fn(out.class_logits, out.mask_logits, batch["class_id"], batch["mask"], batch["mask_valid"])
             (loss.total / grad_accum).backward()
         n = int(batch["image"].shape[0])
-        for key, value in loss.as_floats().items():
+        floats = loss.as_floats()  # one device sync per batch, as before
+        if not math.isfinite(floats["loss"]):
+            raise TrainingError(
+                f"the training loss became {floats['loss']} at batch {i + 1}: training diverged; lower optim.lr / "
+                "optim.head_lr, keep optim.grad_clip > 0, or use train.precision=fp32"
+            )
+        for key, value in floats.items():
             sums[key] += value * n
         images += n
         if boundary:

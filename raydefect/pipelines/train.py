@@ -132,6 +132,14 @@ def _maybe_fail(fail_once: str | None, epoch: int, rank: int) -> None:
         raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure at epoch {epoch}")
 
 
+def _write_placement_group(path: str) -> None:
+    """Record the worker group's placement group id (a Tune trial's driver removes it if the trial is killed: Ray
+    Train's own clean-up of a killed controller needs the State API, which an embedded Ray without dashboard lacks)."""
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(path).write_text(pg.id.hex() + "\n", encoding="utf-8")
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: rebuild the config, restore the latest checkpoint, train the remaining epochs."""
     import torch
@@ -142,6 +150,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.from_dict(config["config"], source="train_loop_config")
     torch.set_num_threads(int(config["threads"]))
     rank = ray.train.get_context().get_world_rank()
+    if rank == 0 and config.get("placement_group_file"):
+        _write_placement_group(config["placement_group_file"])
     checkpoint = ray.train.get_checkpoint()
     trainer = Trainer(
         cfg,
@@ -254,6 +264,8 @@ def run_training(
     export: bool = True,
     show_progress: bool = True,
     address: str | None = None,
+    fail_once: str | None = None,
+    placement_group_file: str | None = None,
 ) -> TrainResult:
     """Fit ``cfg`` with a `TorchTrainer` into ``<storage_path>/<name>/`` (defaults: train.runs_dir, train.name).
 
@@ -263,6 +275,8 @@ def run_training(
     resumes it. ``callbacks`` are Ray Train `UserCallback`s (Tune passes ``TuneReportCallback()``); every epoch is
     reported with a checkpoint, so its metrics persist. ``export`` writes ``model/`` and the test metrics at the end.
     Multi-fidelity (tuning) needs only config: data.subset, data.image_size and the schedule's epochs.
+    ``fail_once`` is the `FAIL_ONCE_ENV` test hook passed directly (a Tune trial's environment is Ray's);
+    ``placement_group_file``: rank 0 writes the worker group's placement group id there (see `_write_placement_group`).
     """
     from raydefect.data.manifest import load_dataset
     from raydefect.engine.fit import training_rows
@@ -312,7 +326,7 @@ def run_training(
     data_context.enable_progress_bars = verbose
     data_context.print_on_execution_start = verbose
     datasets = {"train": ray.data.from_pandas(_frame(train_rows)), "val": ray.data.from_pandas(_frame(val_rows))}
-    fail_once = os.environ.get(FAIL_ONCE_ENV) or None
+    fail_once = fail_once or os.environ.get(FAIL_ONCE_ENV) or None
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -323,6 +337,7 @@ def run_training(
             "fail_once": fail_once,
             "resume_from": resume_from,
             "pid_file": os.environ.get(PID_FILE_ENV) or None,
+            "placement_group_file": placement_group_file,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources
