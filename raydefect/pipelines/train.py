@@ -314,7 +314,7 @@ def run_training(
     if done_before and _finished(run_dir, done_before, cfg):
         return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, show_progress)
 
-    from raydefect.pipelines.cluster import connect
+    from raydefect.pipelines.cluster import connect, quiet_ray_data
 
     connect(address)
     use_gpu = _use_gpu(cfg)
@@ -322,9 +322,7 @@ def run_training(
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
     verbose = console.verbosity() >= 1
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = verbose
-    data_context.print_on_execution_start = verbose
+    quiet_ray_data()
     datasets = {"train": ray.data.from_pandas(_frame(train_rows)), "val": ray.data.from_pandas(_frame(val_rows))}
     fail_once = fail_once or os.environ.get(FAIL_ONCE_ENV) or None
     trainer = TorchTrainer(
