@@ -41,7 +41,7 @@ def train_args(dataset: Path, runs: Path, args: argparse.Namespace) -> list[str]
         "--image-size",
         str(args.size),
         "--epochs",
-        f"0,0,{args.epochs}",
+        str(args.epochs) if args.pretrained else f"0,0,{args.epochs}",  # pretrained: the three stages
         "--batch-size",
         str(args.batch_size),
         "--lr",
@@ -49,7 +49,7 @@ def train_args(dataset: Path, runs: Path, args: argparse.Namespace) -> list[str]
         "--cpus-per-worker",
         str(args.cpus),
         "--set",
-        "model.pretrained=false",
+        f"model.pretrained={'true' if args.pretrained else 'false'}",
         "--set",
         f"optim.head_lr={args.lr}",
         "--set",
@@ -76,6 +76,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--cpus", type=int, default=1, help="CPUs of the worker = torch threads")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="load the backbone's pretrained weights (hub or cache) and train "
+        "the three stages; needs the weights, which this project's machines cannot download",
+    )
     args = p.parse_args()
 
     def raydefect(*cli_args: str) -> None:
@@ -104,7 +110,7 @@ def main() -> None:
             {
                 "benchmark": "magnetic_tile",
                 "backbone": args.backbone,
-                "pretrained": False,
+                "pretrained": args.pretrained,
                 "image_size": args.size,
                 "epochs": args.epochs,
                 "wall_s": round(seconds, 1),  # this call (a re-run of a finished run only re-exports)
