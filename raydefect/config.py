@@ -474,13 +474,13 @@ def shipped_configs() -> dict[str, Path]:
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A shipped config name or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass a YAML path or one of {sorted(shipped_configs())})")
+    if path.is_file():
         return path
     shipped = shipped_configs()
-    if str(name_or_path) in shipped:
+    if str(name_or_path) in shipped:  # a folder of the same name (e.g. `demo/` made by `make demo`) does not hide it
         return shipped[str(name_or_path)]
+    if path.suffix in (".yaml", ".yml") or path.exists() or len(path.parts) > 1:
+        raise ConfigError(f"config file not found: {path} (pass a YAML path or one of {sorted(shipped)})")
     raise ConfigError(f"unknown config '{name_or_path}'" + _suggest(str(name_or_path), shipped))
 
 

@@ -145,3 +145,16 @@ def test_describe_documents_every_field():
     parsed = yaml.safe_load(text)
     parsed.pop("schema_version")
     assert Config.from_dict(parsed) == Config()
+
+
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch):
+    """`make demo` writes ./demo/; `--config demo` must still mean the shipped demo.yaml."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config("demo").train.name == load_config(shipped_configs()["demo"]).train.name
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="config file not found: mine"):
+        load_config("mine")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("sub/c")
