@@ -50,8 +50,8 @@ class RaydefectGroup(click.Group):
     envvar="RAY_ADDRESS",
     default=None,
     metavar="ADDR",
-    help="Ray cluster: 'auto', 'host:port' or 'ray://host:10001' (also RAY_ADDRESS). Default: an embedded local "
-    "Ray, started only by commands that need it.",
+    help="Ray cluster: 'auto' or 'host:port' on a cluster node (also RAY_ADDRESS); 'http://head:8265' for "
+    "`score --submit`. Default: an embedded local Ray, started only by commands that need it.",
 )
 @click.option("-v", "--verbose", count=True, help="More output (repeat for more; shows Ray's own logs).")
 @click.option("-q", "--quiet", count=True, help="Less output: errors and final results only.")

@@ -48,3 +48,18 @@ def test_config_shows_resolved_values_with_docs():
     assert "  lr: 0.0003  # " in result.output
     listing = CliRunner().invoke(cli, ["config", "--list"])
     assert "default" in listing.output
+
+
+def test_ray_client_addresses_are_refused_with_the_alternatives(tmp_path, tiny_artifact):
+    """ray:// cannot run Ray Data jobs (tried against Ray 2.60): one line naming --address auto and job submission,
+    before any Ray starts."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"not decoded before Ray starts")
+    result = CliRunner().invoke(
+        cli,
+        ["--address", "ray://127.0.0.1:10001", "score", "--model", str(tiny_artifact), "--input", str(tmp_path / "in"),
+         "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Ray Client (ray://) cannot run" in result.output and "--address auto" in result.output
+    assert "ray job submit" in result.output and "Traceback" not in result.output

@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 def resolve_address(address: str | None) -> str | None:
-    """`None` means an embedded local Ray; otherwise ``auto``, ``host:port`` or ``ray://host:port``."""
+    """`None` means an embedded local Ray; otherwise ``auto`` or ``host:port`` (``ray://`` is refused by `connect`)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address in ("local", "embedded"):
         return None
@@ -30,10 +30,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     Re-entrant: when Ray is already initialised (tests share one session, a job calls several pipelines), the
     existing connection is used.
     """
+    resolved = resolve_address(address)
+    if resolved and resolved.startswith("ray://"):
+        # Tried against Ray 2.60 (`ray start --head`): with token authentication (the default since Ray 2.59) the
+        # client does not connect at all, and without it Ray Data fails inside the client ("'Worker' object has no
+        # attribute 'core_worker'"). Every raydefect job reads data through Ray Data, so say so up front.
+        raise ClusterError(
+            f"--address {resolved}: Ray Client (ray://) cannot run raydefect's jobs (Ray Data and Ray Train need the "
+            "driver on the cluster); run raydefect on a cluster node with --address auto, or submit it as a Ray job: "
+            "`ray job submit --address http://HEAD:8265 -- raydefect ...` (scoring: `raydefect --address "
+            "http://HEAD:8265 score --submit ...`)"
+        )
     import ray
 
     if not ray.is_initialized():
-        resolved = resolve_address(address)
         verbose = console.verbosity() >= 1
         kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING"}
         if resolved is None:
@@ -55,7 +65,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 raise
             raise ClusterError(
                 f"cannot connect to Ray at {resolved!r}: {type(e).__name__}: {e}; "
-                "use 'auto', 'host:port' or 'ray://host:10001', or leave out --address for an embedded local Ray"
+                "use 'auto' or 'host:port' (GCS, on a cluster node), or leave out --address for an embedded local Ray"
             ) from None
     return dict(ray.cluster_resources())
 
