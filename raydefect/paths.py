@@ -3,6 +3,7 @@
 POSIX file names are bytes; Python keeps bytes that are not UTF-8 as lone surrogates (PEP 383), which open()
 accepts but no UTF-8 writer does. Every output that writes a path as text goes through `printable_path`, so one
 odd name becomes a readable, stable string (its bad bytes as ``\\xNN``) instead of crashing the whole job.
+Also `write_text_atomic`: small text files (CSV, YAML, JSON records) written whole or not at all.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+from pathlib import Path
+
+from raydefect.errors import OutputError
 
 
 def printable_path(path: str) -> str:
@@ -81,3 +85,17 @@ def glob_files(pattern: str) -> list[str]:
             if not name.startswith(".") and regex.match(rel):
                 found.append(os.path.join(base, rel) if base != "." else rel)
     return sorted(found)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a hidden temporary file and a rename: a reader (or a crash, or a full disk)
+    never sees half a file. A failure is one `OutputError` naming the file, and the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

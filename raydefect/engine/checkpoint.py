@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raydefect import __version__
 from raydefect.errors import ArtifactError
+from raydefect.models.artifact import unwrap
+from raydefect.paths import write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -82,16 +83,6 @@ class TrainState:
         return state
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """DDP / compile wrappers -> the module that owns the weights."""
-    for _ in range(4):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            break
-        model = inner
-    return model
-
-
 def save_checkpoint(
     directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainState
 ) -> Path:
@@ -105,9 +96,7 @@ def save_checkpoint(
     save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), out / OPTIMIZER)
-    tmp = out / f".{STATE}.tmp"
-    tmp.write_text(state.to_json(), encoding="utf-8")
-    os.replace(tmp, out / STATE)
+    write_text_atomic(out / STATE, state.to_json())
     return out
 
 

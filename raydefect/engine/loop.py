@@ -29,7 +29,6 @@ from raydefect.engine.checkpoint import (
     load_weights,
     read_state,
     save_checkpoint,
-    unwrap,
 )
 from raydefect.engine.data import LoadStats, SampleSource, epoch_order, iterate_batches
 from raydefect.engine.schedule import (
@@ -44,6 +43,7 @@ from raydefect.engine.schedule import (
 )
 from raydefect.errors import ArtifactError, ConfigError, TrainingError
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
+from raydefect.models.artifact import unwrap
 from raydefect.models.losses import DefectLoss
 from raydefect.models.model import DefectModel
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from raydefect import console
 from raydefect.config import Config, save_config
 from raydefect.errors import OutputError
+from raydefect.paths import write_text_atomic
 
 if TYPE_CHECKING:
     from raydefect.data.manifest import Dataset
@@ -172,13 +173,7 @@ def write_metrics_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     writer.writerow(columns)
     for epoch in sorted(by_epoch):
         writer.writerow([_cell(by_epoch[epoch].get(c)) for c in columns])
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
-    return path
+    return write_text_atomic(path, buf.getvalue())
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:

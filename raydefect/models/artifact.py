@@ -239,7 +239,7 @@ class LoadedModel:
     meta: ArtifactMeta
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """DDP (``.module``) and torch.compile (``._orig_mod``) wrappers -> the DefectModel."""
     for _ in range(4):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -294,7 +294,7 @@ def save_artifact(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    net: Any = _unwrap(model)
+    net: Any = unwrap(model)
     for name, given, actual in (
         ("model_cfg", model_cfg, net.model_cfg),
         ("image_size", image_size, net.image_size),

@@ -21,7 +21,6 @@ import datetime as dt
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import yaml
 from raydefect import __version__
 from raydefect.config import SCHEMA_VERSION, Config, read_yaml
 from raydefect.errors import ConfigError, OutputError, StudyError
+from raydefect.paths import write_text_atomic
 
 STUDY_FILE = "study.yaml"
 TRIALS_CSV = "trials.csv"
@@ -218,16 +218,12 @@ def write_trial_record(run_dir: Path, **fields: Any) -> None:
     record = read_trial_record(run_dir)
     record.update(fields)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1, default=str))
 
 
 def write_tune_status(run_dir: Path, status: str) -> None:
     """The trial's status as Ray Tune last reported it (written by the driver, read by `collect_trials`)."""
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(status + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / STATUS_FILE)
+    write_text_atomic(run_dir / STATUS_FILE, status + "\n")
 
 
 def read_tune_status(run_dir: Path) -> str:
@@ -365,14 +361,7 @@ def write_trials_csv(root: Path, rows: Sequence[TrialRow], param_keys: Sequence[
                 _cell(r.duration_s),
             ]
         )
-    path = root / TRIALS_CSV
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
-    return path
+    return write_text_atomic(root / TRIALS_CSV, buf.getvalue())
 
 
 def write_best(study: Study, rows: Sequence[TrialRow]) -> Path | None:
@@ -394,12 +383,7 @@ def write_best(study: Study, rows: Sequence[TrialRow]) -> Path | None:
         f"#   raydefect train --best {study.root}    (or: raydefect train --config {path})",
     ]
     body = yaml.safe_dump({"schema_version": SCHEMA_VERSION, **cfg.to_dict()}, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    write_text_atomic(path, "\n".join(header) + "\n" + body)
     return path
 
 
