@@ -26,6 +26,7 @@ def test_work_spreads_over_two_nodes(tiny_artifact, synth_archive, tmp_path):
         f"""
         import json
         import ray
+        import ray.data
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 3}})
@@ -37,6 +38,9 @@ def test_work_spreads_over_two_nodes(tiny_artifact, synth_archive, tmp_path):
         from raydefect.pipelines.score import run_score
 
         console.set_verbosity(-1)
+        # Both actors up before the first batch (public DataContext field): on an idle machine the first actor
+        # otherwise scores the whole small archive while the second node's actor is still importing torch.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 300
         cfg = load_config("default", sets=["score.model_actors=2", "score.actor_cpus=2", "score.batch_size=2",
                                            "score.rows_per_file=4", "score.model_threads=1"])
         r = run_score({str(tiny_artifact)!r}, {synth_archive["out"]!r}, {str(out)!r}, cfg)
