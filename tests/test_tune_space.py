@@ -361,3 +361,65 @@ def test_tune_checks_every_backbones_weights_before_starting(tmp_path, synth_dat
     )  # the shipped space: pretrained dinov3-s/b/l
     assert out.exit_code == 1 and out.output.startswith("error: ") and "dinov3" in out.output, out.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_trial_that_dies_before_its_function_runs_is_still_a_row(tmp_path, capsys):
+    """On a cluster a trial's actor can die before the trial writes anything (a lost node, raydefect not importable
+    on the workers): the driver's own record makes it a failed row of trials.csv, not '0 of 0 trials'."""
+    from types import SimpleNamespace
+
+    from raydefect.pipelines.tune import StudyCallback, finish_study
+
+    root = tmp_path / "tune-z"
+    base = load_config("default", sets=["tune.epochs=3"])
+    study = write_study(root, "z", base, {"params": {}}, "tune")
+    space = parse_space(_space({"model.backbone": BACKBONE, "optim.lr": LR}))
+    callback = StudyCallback(str(root), "val_score", "max", space.keys, base)
+
+    def trial(trial_id, backbone, trace=None):
+        config = {"model.backbone": backbone, "optim.lr": 1e-4, f"optim.lr{BRANCH_SEP}{backbone}": 1e-4}
+        return SimpleNamespace(trial_id=trial_id, config=config, status="RUNNING", get_error=lambda: trace)
+
+    ok = trial("t1", "dinov3-s")
+    trace = "Traceback (most recent call last):\n  File x\nModuleNotFoundError: No module named 'x'\n"
+    dead = trial("t2", "dinov3-b", trace)
+    for t in (ok, dead):
+        callback.on_trial_start(0, [], t)
+    _fake_trial(root, "t1", config_params(ok.config), [0.5, 0.6, 0.7], 3, finished=True)
+    callback.on_trial_complete(0, [], ok)
+    callback.on_trial_error(0, [], dead)
+
+    result = finish_study(study, space, {}, {}, 2, 10.0)
+    by_id = {r.trial_id: r for r in result.rows}
+    assert set(by_id) == {"t1", "t2"}
+    assert by_id["t1"].status == TERMINATED and by_id["t1"].metric_best == 0.7
+    assert by_id["t2"].status == ERROR and by_id["t2"].error == "ModuleNotFoundError: No module named 'x'"
+    assert by_id["t2"].params == {"model.backbone": "dinov3-b", "optim.lr": 1e-4}
+    assert by_id["t2"].planned_epochs == 3 and by_id["t2"].epochs == 0
+    assert "1 of 2 trials finished, 1 failed" in capsys.readouterr().out
+    assert "t2,dinov3-b,0.0001,,,0,ERROR,ModuleNotFoundError: No module named 'x'," in result.trials_csv.read_text()
+
+
+def test_tune_on_an_unreachable_cluster_leaves_no_study(tmp_path, synth_dataset, monkeypatch):
+    """The cluster is joined before the study folder is written: fixing the address and running the same command
+    again must not hit 'study ... already exists'."""
+    from raydefect.errors import ClusterError
+    from raydefect.pipelines import cluster
+
+    def unreachable(address=None, **_):
+        raise ClusterError(f"cannot reach Ray at {address!r}")
+
+    monkeypatch.setattr(cluster, "connect", unreachable)
+    args = ["--address", "10.0.0.1:6379", "tune", "--config", "demo", "--data", str(synth_dataset.root)]
+    out = CliRunner().invoke(cli, [*args, "--set", f"train.runs_dir={tmp_path / 'runs'}"])
+    assert out.exit_code == 1 and "cannot reach Ray at '10.0.0.1:6379'" in out.output, out.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_connect_error_names_token_authentication(monkeypatch):
+    from raydefect.pipelines.cluster import _auth_hint
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert "set RAY_AUTH_MODE=token" in _auth_hint() and "~/.ray/auth_token" in _auth_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert _auth_hint() == ""

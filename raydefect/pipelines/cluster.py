@@ -58,7 +58,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         except ConnectionError as e:
             raise ClusterError(
                 f"cannot reach Ray at {resolved!r}: {e}; check the address (`ray status` on the head node), "
-                "or leave out --address/RAY_ADDRESS to run on an embedded local Ray"
+                "or leave out --address/RAY_ADDRESS to run on an embedded local Ray" + _auth_hint()
             ) from None
         except Exception as e:  # Ray raises several types for a bad address
             if resolved is None:
@@ -68,6 +68,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 "use 'auto' or 'host:port' (GCS, on a cluster node), or leave out --address for an embedded local Ray"
             ) from None
     return dict(ray.cluster_resources())
+
+
+def _auth_hint() -> str:
+    """Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by host:port only sends
+    the token with RAY_AUTH_MODE=token (tried: "Authentication token is missing or incorrect" without it)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return (
+        "; if the cluster uses Ray's token authentication (the default of `ray start` since Ray 2.59), set "
+        "RAY_AUTH_MODE=token and give the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+    )
 
 
 def cluster_gpus() -> float:

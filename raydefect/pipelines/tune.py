@@ -55,6 +55,7 @@ from raydefect.tuning.study import (
     summary_rows,
     trial_config,
     write_best,
+    write_driver_record,
     write_study,
     write_trial_record,
     write_trials_csv,
@@ -133,6 +134,12 @@ def _trial_fn(params: dict[str, Any], study: dict[str, Any]) -> None:
         tune.report({k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))})
 
 
+def trial_error_summary(trace: Any) -> str:
+    """One line from the error trace Ray Tune saved for a trial (its last line names the exception)."""
+    lines = [line.strip() for line in str(trace or "").splitlines() if line.strip()]
+    return " ".join(lines[-1].split())[:400] if lines else "failed before it reported (see the Ray Tune error file)"
+
+
 def trial_error_text(exc: BaseException) -> str:
     """The cause of a trial's failure in one line: the worker's own exception rather than Ray's wrappers (a
     `TrainingError` from the driver wraps a worker-group error that holds each rank's exception)."""
@@ -179,8 +186,8 @@ class StudyCallback(tune.Callback):
     """On the driver: prints trial starts/ends, writes each trial's Tune status into its folder and rewrites
     trials.csv whenever a trial ends and when the study stops (so the record is complete after an interruption)."""
 
-    def __init__(self, root: str, metric: str, mode: str, keys: list[str]) -> None:
-        self.root, self.metric, self.mode, self.keys = root, metric, mode, keys
+    def __init__(self, root: str, metric: str, mode: str, keys: list[str], base: Config | None = None) -> None:
+        self.root, self.metric, self.mode, self.keys, self.base = root, metric, mode, keys, base
         self.to_release: dict[str, float] = {}  # trial id -> when it ended
 
     def _release_due(self, now: float, force: bool = False) -> None:
@@ -196,8 +203,11 @@ class StudyCallback(tune.Callback):
         if self.to_release:
             self._release_due(time.time())
 
+    def _run_dir(self, trial: Any) -> Path:
+        return Path(self.root) / "trials" / str(trial.trial_id)
+
     def _mark(self, trial: Any, status: str) -> None:
-        run_dir = Path(self.root) / "trials" / str(trial.trial_id)
+        run_dir = self._run_dir(trial)
         if run_dir.is_dir():  # its own file: the trial's process writes trial.json at the same time
             write_tune_status(run_dir, status)
 
@@ -221,8 +231,20 @@ class StudyCallback(tune.Callback):
             )
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in config_params(trial.config).items())
+        values = config_params(trial.config)
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items())
         console.info(f"trial {trial.trial_id} started: {shown}")
+        planned = trial_config(self.base, values).schedule.total_epochs if self.base is not None else 0
+        try:  # the driver's own record: a trial that dies before its function runs still gets a row
+            write_driver_record(
+                self._run_dir(trial),
+                trial_id=str(trial.trial_id),
+                params=values,
+                planned_epochs=planned,
+                started_at=time.time(),
+            )
+        except Exception as e:  # pragma: no cover - never stop the study for this
+            console.warn(f"could not record trial {trial.trial_id}: {e}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._mark(trial, TERMINATED)
@@ -230,6 +252,11 @@ class StudyCallback(tune.Callback):
         self._refresh(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            error = trial_error_summary(trial.get_error())
+            write_driver_record(self._run_dir(trial), error=error, failed_at=time.time())
+        except Exception as e:  # pragma: no cover - never stop the study for this
+            console.warn(f"could not record trial {trial.trial_id}'s error: {e}")
         self._mark(trial, ERROR)
         self.to_release[str(trial.trial_id)] = time.time()
         self._refresh(trial)
@@ -316,7 +343,9 @@ def tune_study(
                 f"{study_name}` or pick another --name"
             )
         from raydefect.engine.run import prepare_runs_dir
+        from raydefect.pipelines.cluster import connect
 
+        connect(address)  # before the study folder exists: an unreachable cluster must not leave a study behind
         prepare_runs_dir(root.parent)
         base = cfg.replace(**{"tune.name": study_name, "tune.space": str(parsed.source)})
         study = write_study(root, study_name, base, raw, parsed.source)
@@ -333,7 +362,7 @@ def tune_study(
     payload = {"base": base.to_dict(), "trials_dir": str(study.trials_dir), "fail_rule": fail_rule}
     trainable = tune.with_resources(tune.with_parameters(_trial_fn, study=payload), TRIAL_DRIVER_RESOURCES)
     keys = parsed.keys
-    callback = StudyCallback(str(study.root), t.metric, t.mode, keys)
+    callback = StudyCallback(str(study.root), t.metric, t.mode, keys, base)
     study.trials_dir.mkdir(parents=True, exist_ok=True)
 
     verbose = console.verbosity() >= 1

@@ -41,6 +41,8 @@ TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
 PLOTS_DIR = "plots"
 TRIAL_FILE = "trial.json"
+#: What the driver knows of a trial (params, start, error), for a trial that dies before it writes trial.json
+DRIVER_FILE = "driver.json"
 STATUS_FILE = "tune_status"
 PREFIX = "tune-"
 
@@ -221,6 +223,17 @@ def write_trial_record(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(path, json.dumps(record, indent=1, default=str))
 
 
+def write_driver_record(run_dir: Path, **fields: Any) -> None:
+    """Merge ``fields`` into driver.json: the driver's own record of the trial (never trial.json, which the trial's
+    process writes at the same time). `collect_trials` falls back on it, so a trial whose actor died before its
+    function ran (a node lost, an import error on the cluster) is still a row of trials.csv."""
+    path = run_dir / DRIVER_FILE
+    record = _read_json(path)
+    record.update(fields)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=1, default=str))
+
+
 def write_tune_status(run_dir: Path, status: str) -> None:
     """The trial's status as Ray Tune last reported it (written by the driver, read by `collect_trials`)."""
     write_text_atomic(run_dir / STATUS_FILE, status + "\n")
@@ -233,11 +246,16 @@ def read_tune_status(run_dir: Path) -> str:
         return ""
 
 
-def read_trial_record(run_dir: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / TRIAL_FILE).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_trial_record(run_dir: Path) -> dict[str, Any]:
+    return _read_json(run_dir / TRIAL_FILE)
 
 
 @dataclass
@@ -285,7 +303,9 @@ def collect_trials(
     trials = root / TRIALS_DIR
     folders = sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []
     for folder in folders:
-        record = read_trial_record(folder)
+        own = read_trial_record(folder)
+        driver = _read_json(folder / DRIVER_FILE)
+        record = {**driver, **own}  # the trial's own record wins; the driver's fills in what it never wrote
         if not record:
             continue
         history = read_metrics_csv(folder / METRICS_FILE)
