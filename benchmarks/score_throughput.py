@@ -5,13 +5,15 @@
 
 Throughput, on the same random-init model artifact and the same synthetic images (JPEG/PNG mix):
 
-- (a) ceiling: the bare model forward (`Predictor.predict`) on pre-decoded, pre-normalised tensors, batched; timed
-  in this process and in a Ray actor like the pipeline's model actor, and the faster of the two taken;
+- (a) ceiling: the bare model forward on pre-decoded, pre-normalised tensors, batched, on the engine the pipeline
+  uses (``--engine``, default auto: ONNX Runtime on CPU); timed in this process and in a Ray actor like the
+  pipeline's model actor, and the faster of the two taken (``a_torch_ips``: the same with PyTorch eager);
 - (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
   Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
   wall time (Ray Data start-up and the model actor loading torch included); ``b_steady = N / (wall(2N) - wall(N))``
   removes that fixed start-up cost: the rate a nightly run over millions of images sees;
-- (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one, threshold, save a PNG mask.
+- (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one in PyTorch eager (what one
+  writes by hand), threshold, save a PNG mask.
 
 Besides wall-clock rates, images per CPU-second are reported (for (b): summed over every Ray process, sampled with
 psutil, steady state as for ``b_steady``): on a machine shared with other jobs, wall-clock rates move with their
@@ -64,16 +66,17 @@ def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
 
-def ceiling(model: str, files: list[str], batch_size: int) -> dict:
-    """(a) images/s of the bare forward on pre-decoded tensors."""
+def ceiling(model: str, files: list[str], batch_size: int, engine: str = "auto") -> dict:
+    """(a) images/s of the bare forward on pre-decoded tensors, on the engine the pipeline uses."""
     import torch
 
-    from raydefect.inference import Predictor, Preprocessor
+    from raydefect.inference import Preprocessor, make_predictor
     from raydefect.models.artifact import load_artifact
 
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_artifact(model)
-    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
+    pre = Preprocessor(loaded.meta)
+    predictor = make_predictor(loaded, device="cpu", engine=engine, threads=os.cpu_count() or 1)
     x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
     predictor.predict(x[:batch_size])  # warm-up
     start, cpu = time.perf_counter(), _cpu()
@@ -82,7 +85,7 @@ def ceiling(model: str, files: list[str], batch_size: int) -> dict:
     return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def ceiling_in_actor(model: str, files: list[str], batch_size: int) -> dict:
+def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "auto") -> dict:
     """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
     its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
     import ray
@@ -92,7 +95,7 @@ def ceiling_in_actor(model: str, files: list[str], batch_size: int) -> dict:
     os.environ.setdefault("RAY_worker_niceness", "0")
     connect(None, num_cpus=os.cpu_count())
     remote = ray.remote(num_cpus=1)(ceiling)
-    return ray.get(remote.remote(model, files, batch_size))
+    return ray.get(remote.remote(model, files, batch_size, engine))
 
 
 def naive(model: str, files: list[str], out: Path) -> dict:
@@ -117,7 +120,9 @@ def naive(model: str, files: list[str], out: Path) -> dict:
     return {"ips": len(files) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False) -> dict:
+def pipeline(
+    model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False, engine: str = "auto"
+) -> dict:
     """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
     from raydefect.pipelines.cluster import connect
@@ -129,14 +134,19 @@ def pipeline(model: str, archive: str, out: str, batch_size: int, rows_per_file:
     connect(None, num_cpus=os.cpu_count())
     cfg = load_config(
         "default",
-        sets=[f"score.batch_size={batch_size}", f"score.rows_per_file={rows_per_file}", "score.commit_interval_s=0"],
+        sets=[
+            f"score.batch_size={batch_size}",
+            f"score.rows_per_file={rows_per_file}",
+            "score.commit_interval_s=0",
+            f"score.engine={engine}",
+        ],
     )
     with ProcessTree(interval=0.5 if memory else 2.0, memory=memory) as tree:
         start = time.perf_counter()
         report = run_score(model, archive, out, cfg)
         wall = time.perf_counter() - start
     return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
-            "peak_pss": tree.peak, "model_s": report.model_seconds}  # fmt: skip
+            "peak_pss": tree.peak, "model_s": report.model_seconds, "engine": report.engine}  # fmt: skip
 
 
 class ProcessTree:
@@ -213,6 +223,12 @@ def main() -> None:
     p.add_argument("--backbone", default="dinov3-s", help="backbone architecture (random weights)")
     p.add_argument("--image-size", type=int, default=224, help="model input side")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "torch", "onnx"],
+        help="score.engine for (a) and (b); (c) is always PyTorch eager, as written by hand",
+    )
     p.add_argument("--memory", action="store_true", help="measure peak memory at 2,000 and 20,000 images instead")
     p.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -262,16 +278,17 @@ def main() -> None:
         half = Path(tmp) / "half.txt"  # the first n images, as a manifest
         half.write_text("\n".join(files[:n]) + "\n")
         model = _model(Path(tmp) / "model", args.backbone, args.image_size)
-        a_here = ceiling(model, files[:n], args.batch_size)
-        a_actor = ceiling_in_actor(model, files[:n], args.batch_size)
+        a_here = ceiling(model, files[:n], args.batch_size, args.engine)
+        a_actor = ceiling_in_actor(model, files[:n], args.batch_size, args.engine)
         a = max(a_here, a_actor, key=lambda r: r["ips"])
+        a_torch = ceiling(model, files[:n], args.batch_size, "torch") if args.engine != "torch" else a_here
         c = naive(model, files[: args.naive_images], Path(tmp) / "naive")
         rows = 4 * args.batch_size
         warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
         warm.write_text("\n".join(files[-4:]) + "\n")
-        pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows)
-        b1 = pipeline(model, str(half), str(Path(tmp) / "scores-n"), args.batch_size, rows)
-        b2 = pipeline(model, str(archive), str(Path(tmp) / "scores-2n"), args.batch_size, rows)
+        pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows, engine=args.engine)
+        b1 = pipeline(model, str(half), str(Path(tmp) / "scores-n"), args.batch_size, rows, engine=args.engine)
+        b2 = pipeline(model, str(archive), str(Path(tmp) / "scores-2n"), args.batch_size, rows, engine=args.engine)
         steady = n / (b2["wall_s"] - b1["wall_s"]) if b2["wall_s"] > b1["wall_s"] else float("nan")
         per_cpu = {  # images per CPU-second: what contention from other jobs on the machine barely moves
             "a": n / a["cpu_s"],
@@ -288,7 +305,9 @@ def main() -> None:
                     "image_px": args.size,
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
+                    "engine": b2["engine"],
                     "a_ceiling_ips": round(a["ips"], 2),
+                    "a_torch_ips": round(a_torch["ips"], 2),
                     "a_in_process_ips": round(a_here["ips"], 2),
                     "a_in_actor_ips": round(a_actor["ips"], 2),
                     "b_e2e_ips": round(b2["ips"], 2),

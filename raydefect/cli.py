@@ -887,6 +887,12 @@ def tune_cmd(
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per model batch [score.batch_size].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="Model replicas [score.model_actors].")
 @click.option(
+    "--engine",
+    type=click.Choice(["auto", "torch", "onnx"]),
+    default=None,
+    help="Model runtime: auto = ONNX Runtime on CPU when installed, PyTorch on GPU [score.engine].",
+)
+@click.option(
     "--rows-per-file", type=click.IntRange(1), default=None, help="Most rows per Parquet file [score.rows_per_file]."
 )
 @click.option(
@@ -915,6 +921,7 @@ def score_cmd(
     retry_errors: bool,
     batch_size: int | None,
     actors: int | None,
+    engine: str | None,
     rows_per_file: int | None,
     submit: bool,
     env_names: tuple[str, ...],
@@ -936,7 +943,12 @@ def score_cmd(
     cfg = build_config(
         config_name,
         sets,
-        **{"score.batch_size": batch_size, "score.model_actors": actors, "score.rows_per_file": rows_per_file},
+        **{
+            "score.batch_size": batch_size,
+            "score.model_actors": actors,
+            "score.rows_per_file": rows_per_file,
+            "score.engine": engine,
+        },
     )
     if submit:
         from raydefect.pipelines.submit import submit_score

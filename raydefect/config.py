@@ -234,6 +234,10 @@ class ScoreConfig:
     extensions: tuple[str, ...] = _f(IMAGE_EXTENSIONS, "File extensions picked up from folders and globs.")
     incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
+    engine: str = _f(
+        "auto",
+        "'auto' (ONNX Runtime on CPU when installed, ~1.5x PyTorch there; PyTorch on GPU), 'torch' or 'onnx'.",
+    )
     max_image_pixels: int = _f(178_956_970, "Larger images are recorded as errors (decompression bombs).")
     commit_interval_s: float = _f(
         30.0, "Commit written files at least this often (seconds): a killed run loses at most this much work."
@@ -280,6 +284,11 @@ class ScoreConfig:
             self.precision in ("auto", "bf16", "fp32"),
             "score.precision",
             f"must be 'auto', 'bf16' or 'fp32', got {self.precision!r}",
+        )
+        _check(
+            self.engine in ("auto", "torch", "onnx"),
+            "score.engine",
+            f"must be 'auto', 'torch' or 'onnx', got {self.engine!r}",
         )
 
 

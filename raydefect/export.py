@@ -494,3 +494,95 @@ def _remove(path: Path) -> None:
     for p in (path, path.with_name(path.name + ".data"), sidecar_path(path)):
         with contextlib.suppress(OSError):
             os.remove(p)
+
+
+# ------------------------------------------------------------------------------------------ runtime engine
+#: Where `OnnxPredictor` keeps the graphs it exported, per node: ``<tmp>/raydefect-onnx/<model_id>-<torch>.onnx``.
+ENGINE_CACHE = "raydefect-onnx"
+
+
+def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Path:
+    """The model as an ONNX graph for `OnnxPredictor`, exported once per model and torch version into
+    ``cache_dir`` (default: a folder in the system temp dir) and reused by later actors and runs on that machine.
+
+    Uses the TorchScript-based exporter: ~3 s for a ViT-S where torch.export takes ~26 s, and ONNX Runtime runs
+    both graphs equally fast (measured). Concurrent exporters write their own temporary file and rename it.
+    """
+    import tempfile
+
+    import torch
+
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / ENGINE_CACHE
+    path = folder / f"{loaded.meta.model_id}-torch{torch.__version__.split('+')[0]}.onnx"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    wrapper = _wrapped(loaded.model.to("cpu").eval())
+    example = torch.from_numpy(parity_inputs(loaded.meta, 2))
+    try:
+        with _quiet_export(), torch.no_grad():
+            _export_onnx(wrapper, example, tmp, None, legacy=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class OnnxPredictor:
+    """`inference.Predictor` on ONNX Runtime (CPU): the same ``predict(float32 [N, 3, S, S]) -> dict`` on the graph
+    `engine_file` exports. On CPU it runs a ViT-S/16 at 224 px ~1.5x faster than PyTorch eager (11.4 vs 7.6 images/s
+    at batch 16 on 2 cores, measured), with outputs within 1e-6 of PyTorch's. On construction the graph is checked
+    against the PyTorch model on two inputs; a miss beyond ``tolerance`` raises `ExportError`.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+    ) -> None:
+        import onnxruntime as ort
+        import torch
+
+        self.meta = loaded.meta
+        self.device = torch.device("cpu")
+        self.precision, self.engine = "fp32", "onnx"
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        for attempt in range(2):
+            path = engine_file(loaded, cache_dir)
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                break
+            except Exception as e:  # a damaged cache file (a full disk, a killed copy): export it once more
+                path.unlink(missing_ok=True)
+                if attempt:
+                    raise ExportError(
+                        f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {_short(e)})"
+                    ) from None
+        x = parity_inputs(self.meta, 2, seed=1)
+        ours, theirs = self.predict(x), _reference(_wrapped(loaded.model.to("cpu").eval()), x)
+        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in OUTPUT_NAMES)
+        if worst > tolerance:
+            raise ExportError(f"the ONNX graph of model {self.meta.model_id} differs from PyTorch by {worst:.2g}")
+
+    @property
+    def image_size(self) -> int:
+        return self.meta.image_size
+
+    def predict(self, batch: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        s = self.image_size
+        shape = tuple(batch.shape)
+        if len(shape) != 4 or shape[1:] != (3, s, s):
+            raise ValueError(f"expected a float32 batch [N, 3, {s}, {s}] (see Preprocessor), got {shape}")
+        x = batch.numpy() if not isinstance(batch, np.ndarray) else batch
+        if shape[0] == 0:
+            c = self.meta.num_classes
+            return {"defect_score": np.zeros(0, np.float32), "class_probs": np.zeros((0, c), np.float32),
+                    "mask_prob": np.zeros((0, s, s), np.float32)}  # fmt: skip
+        outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        return dict(zip(OUTPUT_NAMES, outs, strict=True))

@@ -111,6 +111,60 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+ENGINES = ("auto", "torch", "onnx")
+
+
+def resolve_engine(engine: str, device: str | torch.device, precision: str = "auto") -> str:
+    """'torch' or 'onnx' (ONNX Runtime, CPU only). ``auto``: ONNX Runtime on CPU in fp32 when it is installed (the
+    ``onnx`` extra; ~1.5x PyTorch eager there), PyTorch otherwise (GPUs: bf16 autocast). ``device`` is a
+    torch.device or its type ("cpu", "cuda"); nothing heavy is imported here (the score driver calls it)."""
+    from importlib.util import find_spec
+
+    from raydefect.errors import ConfigError
+    from raydefect.export import _ONNX_INSTALL
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    kind = str(getattr(device, "type", device))
+    cpu_fp32 = kind == "cpu" and precision in ("auto", "fp32")
+    if engine == "onnx" and not cpu_fp32:
+        raise ConfigError(
+            f"engine 'onnx' runs on CPU in fp32 only (here: {kind}, precision {precision}); use engine 'torch'"
+        )
+    available = all(find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    if engine == "onnx" and not available:
+        raise ConfigError(f"engine 'onnx' needs ONNX Runtime: {_ONNX_INSTALL}; or use engine 'torch'")
+    if engine == "auto":
+        return "onnx" if cpu_fp32 and available else "torch"
+    return engine
+
+
+def make_predictor(
+    model: LoadedModel | str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    engine: str = "auto",
+    threads: int | None = None,
+) -> Any:
+    """`Predictor` or, by `resolve_engine`, `export.OnnxPredictor` (same ``predict``). With ``engine="auto"`` an
+    ONNX export or parity failure falls back to PyTorch with a warning; with ``engine="onnx"`` it raises."""
+    from raydefect import console
+    from raydefect.models.artifact import LoadedModel, load_artifact
+
+    loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device="cpu")
+    chosen = resolve_engine(engine, resolve_device(device), precision)
+    if chosen == "onnx":
+        from raydefect.export import OnnxPredictor
+
+        try:
+            return OnnxPredictor(loaded, threads=threads)
+        except Exception as e:
+            if engine == "onnx":
+                raise
+            console.warn(f"ONNX Runtime engine unavailable for model {loaded.meta.model_id} ({e}); using PyTorch")
+    return Predictor(loaded, device=device, precision=precision)
+
+
 class Predictor:
     """Batched forward pass of a loaded model: ``predict(float32 [N, 3, S, S]) -> dict of numpy arrays``.
 
@@ -132,6 +186,7 @@ class Predictor:
         use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         self.precision = "bf16" if use_bf16 else "fp32"
+        self.engine = "torch"
 
     @property
     def image_size(self) -> int:

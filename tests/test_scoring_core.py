@@ -207,6 +207,60 @@ def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archiv
     assert n_err == synth_archive["corrupt"]
 
 
+def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_path, monkeypatch):
+    import raydefect.export as export
+    from raydefect.export import OnnxPredictor, engine_file, parity_inputs
+
+    loaded = load_artifact(tiny_artifact)
+    x = parity_inputs(loaded.meta, 5, seed=3)
+    onnx = OnnxPredictor(loaded, threads=1, cache_dir=tmp_path)
+    torch_out = Predictor(loaded, device="cpu").predict(x)
+    for n in (1, 5):  # a dynamic batch size
+        got = onnx.predict(x[:n])
+        for key in ("defect_score", "class_probs", "mask_prob"):
+            assert got[key].dtype == np.float32 and got[key].shape == torch_out[key][:n].shape
+            assert np.max(np.abs(got[key] - torch_out[key][:n])) < 1e-5
+    assert onnx.engine == "onnx" and onnx.predict(x[:0])["mask_prob"].shape == (0, 32, 32)
+    cached = engine_file(loaded, tmp_path)
+    assert cached.name.startswith(loaded.meta.model_id) and [p.name for p in tmp_path.iterdir()] == [cached.name]
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "_export_onnx", no_export)
+    OnnxPredictor(loaded, cache_dir=tmp_path)  # the cached graph: no second export
+    monkeypatch.undo()
+    cached.write_bytes(b"not onnx")  # a damaged cache file is exported again, once
+    assert OnnxPredictor(loaded, cache_dir=tmp_path).predict(x[:1])["defect_score"].shape == (1,)
+
+
+def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
+    import raydefect.export as export
+    from raydefect.errors import ConfigError
+    from raydefect.inference import make_predictor, resolve_engine
+    from raydefect.scoring.scorer import ModelStep
+
+    assert resolve_engine("auto", "cpu") == "onnx"  # the test environment has the onnx extra
+    assert resolve_engine("auto", "cuda") == "torch" and resolve_engine("auto", "cpu", "bf16") == "torch"
+    assert resolve_engine("torch", "cpu") == "torch"
+    with pytest.raises(ConfigError, match=r"engine 'onnx' runs on CPU in fp32 only \(here: cuda"):
+        resolve_engine("onnx", "cuda")
+    with pytest.raises(ConfigError, match="engine must be one of auto, torch, onnx, got 'trt'"):
+        resolve_engine("trt", "cpu")
+    assert ModelStep(str(tiny_artifact), device="cpu").engine == "onnx"
+    assert ModelStep(str(tiny_artifact), device="cpu", engine="torch").engine == "torch"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter cannot capture this graph")
+
+    monkeypatch.setattr(export, "engine_file", broken)
+    capsys.readouterr()
+    assert make_predictor(str(tiny_artifact), device="cpu").engine == "torch"  # auto: falls back, says so
+    assert "ONNX Runtime engine unavailable" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="cannot capture"):
+        make_predictor(str(tiny_artifact), device="cpu", engine="onnx")
+
+
 def test_drop_known_filters_by_stat_key():
     listing = listing_table([("/a.png", 1, 1), ("/b.png", 2, 2), ("/a.png", 1, 1)])
     known = KeySet(key_digests("m", ["/b.png"], [2], [2], [], "stat")).array

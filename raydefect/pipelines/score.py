@@ -33,6 +33,7 @@ import pyarrow as pa
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import DataError
+from raydefect.inference import resolve_engine
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
 from raydefect.scoring.keys import KeySet
@@ -74,6 +75,7 @@ class ScoreReport:
     recovery: Recovery = field(default_factory=Recovery)
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
     device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
+    engine: str = "torch"  # what runs the model there: "torch" or "onnx" (ONNX Runtime, CPU)
     actors: int = 1
     model_seconds: float = 0.0  # time the model actors spent in their batches (all actors summed)
 
@@ -89,7 +91,8 @@ class ScoreReport:
             f"defects:  {self.defects:,}",
             f"errors:   {self.errors:,} (rows with `error` set)",
             f"output:   {self.out} ({self.files} new file(s))",
-            f"model:    {self.actors} actor(s) on {self.device}",
+            f"model:    {self.actors} actor(s) on {self.device} "
+            f"({'ONNX Runtime' if self.engine == 'onnx' else 'PyTorch'})",
         ]
         if len(self.nodes) > 1:
             lines.append("nodes:    " + ", ".join(f"{n[:8]}: {c:,}" for n, c in sorted(self.nodes.items())))
@@ -158,7 +161,14 @@ class _ModelActor:
     nodes need no shared disk; they are written to a temporary folder only while loading."""
 
     def __init__(
-        self, artifact: dict[str, bytes], model_id: str, device: str, precision: str, threads: int | None, counter: Any
+        self,
+        artifact: dict[str, bytes],
+        model_id: str,
+        device: str,
+        precision: str,
+        engine: str,
+        threads: int | None,
+        counter: Any,
     ):
         import tempfile
 
@@ -167,7 +177,7 @@ class _ModelActor:
         with tempfile.TemporaryDirectory(prefix="raydefect-model-") as folder:  # gone once the weights are loaded
             for name, data in artifact.items():
                 (Path(folder) / name).write_bytes(data)
-            self.step = ModelStep(folder, device=device, precision=precision, threads=threads)
+            self.step = ModelStep(folder, device=device, precision=precision, threads=threads, engine=engine)
         if self.step.meta.model_id != model_id:
             raise RuntimeError(f"model actor loaded model {self.step.meta.model_id}, expected {model_id}")
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -429,6 +439,9 @@ def _run(
         nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
         threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
+        # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
+        # again in each actor, on its own node
+        report.engine = resolve_engine(sc.engine, report.device, sc.precision)
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 
@@ -460,6 +473,7 @@ def _run(
                 "model_id": meta.model_id,
                 "device": report.device,
                 "precision": sc.precision,
+                "engine": sc.engine,
                 "threads": threads,
                 "counter": counter,
             },

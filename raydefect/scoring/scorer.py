@@ -160,22 +160,29 @@ class Decoder:
 
 
 class ModelStep:
-    """decoded batch -> + defect_score, class_probs, mask_prob (pixels dropped). Wraps `inference.Predictor`.
+    """decoded batch -> + defect_score, class_probs, mask_prob (pixels dropped). Wraps `inference.make_predictor`:
+    PyTorch, or ONNX Runtime on CPU (``engine``, see `inference.resolve_engine`).
 
-    ``threads`` sets torch's intra-op threads on CPU (Ray gives each worker OMP_NUM_THREADS = its reserved CPUs,
-    which would leave a CPU model actor on one core).
+    ``threads`` sets the intra-op threads on CPU (Ray gives each worker OMP_NUM_THREADS = its reserved CPUs, which
+    would leave a CPU model actor on one core).
     """
 
     def __init__(
-        self, model: LoadedModel | str, device: str = "auto", precision: str = "auto", threads: int | None = None
+        self,
+        model: LoadedModel | str,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        engine: str = "auto",
     ) -> None:
         import torch
 
-        from raydefect.inference import Predictor
+        from raydefect.inference import make_predictor
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.predictor = Predictor(model, device=device, precision=precision)
+        self.predictor = make_predictor(model, device=device, precision=precision, engine=engine, threads=threads)
+        self.engine = self.predictor.engine
         self.meta = self.predictor.meta
         self.pre = Preprocessor(self.meta)
         self._scale = self._shift = None
@@ -268,8 +275,9 @@ class BatchScorer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device: str = "auto",
         precision: str = "auto",
+        engine: str = "auto",
     ) -> None:
-        self.step = ModelStep(model, device=device, precision=precision)
+        self.step = ModelStep(model, device=device, precision=precision, engine=engine)
         self.storage = storage or Storage()
         self.decoder = Decoder(self.step.meta.image_size, self.storage, max_pixels)
         self.run_id = run_id
