@@ -6,7 +6,7 @@
 Throughput, on the same random-init model artifact and the same synthetic images (JPEG/PNG mix):
 
 - (a) ceiling: the bare model forward on pre-decoded, pre-normalised tensors, batched, on the engine the pipeline
-  uses (``--engine``, default auto: ONNX Runtime on CPU); timed in this process and in a Ray actor like the
+  uses (``--engine``: score.engine, PyTorch by default); timed in this process and in a Ray actor like the
   pipeline's model actor, and the faster of the two taken (``a_torch_ips``: the same with PyTorch eager);
 - (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
   Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
@@ -66,7 +66,7 @@ def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
 
-def ceiling(model: str, files: list[str], batch_size: int, engine: str = "auto") -> dict:
+def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch") -> dict:
     """(a) images/s of the bare forward on pre-decoded tensors, on the engine the pipeline uses."""
     import torch
 
@@ -85,7 +85,7 @@ def ceiling(model: str, files: list[str], batch_size: int, engine: str = "auto")
     return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "auto") -> dict:
+def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "torch") -> dict:
     """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
     its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
     import ray
@@ -121,7 +121,7 @@ def naive(model: str, files: list[str], out: Path) -> dict:
 
 
 def pipeline(
-    model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False, engine: str = "auto"
+    model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False, engine: str = "torch"
 ) -> dict:
     """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
@@ -225,7 +225,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--engine",
-        default="auto",
+        default="torch",
         choices=["auto", "torch", "onnx"],
         help="score.engine for (a) and (b); (c) is always PyTorch eager, as written by hand",
     )

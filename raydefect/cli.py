@@ -890,7 +890,7 @@ def tune_cmd(
     "--engine",
     type=click.Choice(["auto", "torch", "onnx"]),
     default=None,
-    help="Model runtime: auto = ONNX Runtime on CPU when installed, PyTorch on GPU [score.engine].",
+    help="Model runtime: torch, onnx (ONNX Runtime on CPU) or auto (onnx on CPU when installed) [score.engine].",
 )
 @click.option(
     "--rows-per-file", type=click.IntRange(1), default=None, help="Most rows per Parquet file [score.rows_per_file]."

@@ -235,8 +235,9 @@ class ScoreConfig:
     incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
     engine: str = _f(
-        "auto",
-        "'auto' (ONNX Runtime on CPU when installed, ~1.5x PyTorch there; PyTorch on GPU), 'torch' or 'onnx'.",
+        "torch",
+        "'torch', 'onnx' (ONNX Runtime, CPU only; no faster than PyTorch on the 2-core dev machine, may be on larger "
+        "CPUs) or 'auto' (ONNX Runtime on CPU when installed, else PyTorch).",
     )
     max_image_pixels: int = _f(178_956_970, "Larger images are recorded as errors (decompression bombs).")
     commit_interval_s: float = _f(

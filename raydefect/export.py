@@ -531,9 +531,9 @@ def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Pat
 
 class OnnxPredictor:
     """`inference.Predictor` on ONNX Runtime (CPU): the same ``predict(float32 [N, 3, S, S]) -> dict`` on the graph
-    `engine_file` exports. On CPU it runs a ViT-S/16 at 224 px ~1.5x faster than PyTorch eager (11.4 vs 7.6 images/s
-    at batch 16 on 2 cores, measured), with outputs within 1e-6 of PyTorch's. On construction the graph is checked
-    against the PyTorch model on two inputs; a miss beyond ``tolerance`` raises `ExportError`.
+    `engine_file` exports, outputs within 1e-6 of PyTorch's (see `inference.resolve_engine` for what it gains). On
+    construction the graph is checked against the PyTorch model on two inputs; a miss beyond ``tolerance`` raises
+    `ExportError`.
     """
 
     def __init__(
@@ -553,6 +553,10 @@ class OnnxPredictor:
         options.log_severity_level = 3
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
+        # ORT's pool threads spin while they wait for work by default: in a pipeline whose decode tasks share the
+        # cores, that burns the CPU those tasks need (measured: 4.1 images per CPU-second with spinning vs 6.0 for
+        # PyTorch in `benchmarks/score_throughput.py`)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for attempt in range(2):
             path = engine_file(loaded, cache_dir)
             try:

@@ -47,14 +47,18 @@ def first(ray_session, tiny_artifact, synth_archive, tmp_path_factory):
     archive = base / "archive"
     shutil.copytree(synth_archive["out"], archive)
     out = base / "scores"
+    # the first run uses the ONNX Runtime engine (the later runs PyTorch, the default): the mask and score checks
+    # below compare it with PyTorch
+    onnx = load_config("default", sets=[*SETS, "score.engine=onnx"])
+    report = run_score(str(tiny_artifact), str(archive), str(out), onnx)
     cfg = load_config("default", sets=SETS)
-    report = run_score(str(tiny_artifact), str(archive), str(out), cfg)
     return SimpleNamespace(archive=archive, out=out, report=report, cfg=cfg, base=base)
 
 
 def test_first_run_scores_every_file_once(first, synth_archive):
     r = first.report
     assert (r.listed, r.skipped, r.scored, r.errors) == (40, 0, 40, synth_archive["corrupt"])
+    assert r.engine == "onnx" and "actor(s) on cpu (ONNX Runtime)" in "\n".join(r.summary_lines())
     table = pq.read_table(str(first.out))
     assert sorted(table.column("path").to_pylist()) == _files(first.archive)
     files = _data_files(first.out)

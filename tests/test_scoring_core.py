@@ -247,15 +247,15 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
         resolve_engine("onnx", "cuda")
     with pytest.raises(ConfigError, match="engine must be one of auto, torch, onnx, got 'trt'"):
         resolve_engine("trt", "cpu")
-    assert ModelStep(str(tiny_artifact), device="cpu").engine == "onnx"
-    assert ModelStep(str(tiny_artifact), device="cpu", engine="torch").engine == "torch"
+    assert ModelStep(str(tiny_artifact), device="cpu").engine == "torch"  # the default
+    assert ModelStep(str(tiny_artifact), device="cpu", engine="onnx").engine == "onnx"
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter cannot capture this graph")
 
     monkeypatch.setattr(export, "engine_file", broken)
     capsys.readouterr()
-    assert make_predictor(str(tiny_artifact), device="cpu").engine == "torch"  # auto: falls back, says so
+    assert make_predictor(str(tiny_artifact), device="cpu", engine="auto").engine == "torch"  # falls back, says so
     assert "ONNX Runtime engine unavailable" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="cannot capture"):
         make_predictor(str(tiny_artifact), device="cpu", engine="onnx")

@@ -173,7 +173,7 @@ class ModelStep:
         device: str = "auto",
         precision: str = "auto",
         threads: int | None = None,
-        engine: str = "auto",
+        engine: str = "torch",
     ) -> None:
         import torch
 
@@ -275,7 +275,7 @@ class BatchScorer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device: str = "auto",
         precision: str = "auto",
-        engine: str = "auto",
+        engine: str = "torch",
     ) -> None:
         self.step = ModelStep(model, device=device, precision=precision, engine=engine)
         self.storage = storage or Storage()
