@@ -48,6 +48,76 @@ def _per_cpu_s(history: list[dict]) -> float:
     return sum(r["train_images"] for r in rows) / sum(r["cpu_seconds"] for r in rows)
 
 
+def _compute_only(config: dict) -> dict:
+    """The model's forward + backward + AdamW step on one fixed random batch, ``steps`` times: no data, no
+    validation, no checkpoints. Returns wall and CPU seconds of the timed steps (after 3 warm-up steps)."""
+    import torch
+
+    from raydefect.config import ModelConfig
+    from raydefect.models.model import DefectModel
+
+    torch.set_num_threads(config["cpus"])
+    torch.manual_seed(0)
+    size, batch = config["size"], config["batch_size"]
+    net = DefectModel(ModelConfig(backbone=config["backbone"], pretrained=False), size, ("normal", "a", "b", "c"))
+    opt = torch.optim.AdamW(net.parameters(), 1e-4)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 4, (batch,))
+    masks = (torch.rand(batch, 1, size, size) > 0.9).float()
+
+    def step() -> None:
+        out = net(x)
+        loss = torch.nn.functional.cross_entropy(out.class_logits, y)
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(config["steps"]):
+        step()
+    return {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+
+
+def _floor_worker(config: dict) -> None:
+    import ray.train
+
+    Path(config["out"]).write_text(json.dumps(_compute_only(config)))
+    ray.train.report({})
+
+
+def floor(args: argparse.Namespace, tmp: str) -> dict:
+    """The same compute-only loop in a plain process and in a one-worker `TorchTrainer`, alternating: what Ray
+    Train's own processes (controller, worker actor, Ray's daemons) cost on this machine, whatever raydefect does."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydefect.pipelines.cluster import connect
+
+    config = {"backbone": args.backbone, "size": args.size, "batch_size": args.batch_size, "cpus": args.cpus,
+              "steps": args.floor_steps, "out": str(Path(tmp) / "floor.json")}  # fmt: skip
+    connect(None, num_cpus=args.cpus)
+    plain, ray_side = [], []
+    for i in range(args.repeats):
+        plain.append(_compute_only(config))
+        TorchTrainer(
+            _floor_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cpus}),
+            run_config=RunConfig(name=f"floor{i}", storage_path=str(Path(tmp) / "floor")),
+        ).fit()
+        ray_side.append(json.loads(Path(config["out"]).read_text()))
+    best_plain, best_ray = min(r["wall_s"] for r in plain), min(r["wall_s"] for r in ray_side)
+    return {
+        "floor_steps": args.floor_steps,
+        "floor_plain_wall_s": [round(r["wall_s"], 2) for r in plain],
+        "floor_ray_wall_s": [round(r["wall_s"], 2) for r in ray_side],
+        "floor_ratio": round(best_plain / best_ray, 3),  # Ray Train's rate / plain rate, compute only
+        "floor_cpu_ratio": round(min(r["cpu_s"] for r in plain) / min(r["cpu_s"] for r in ray_side), 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="dinov3-s")
@@ -58,6 +128,13 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="torch threads / CPUs of the Ray worker")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time a compute-only loop (random batch, no data/validation/checkpoints) plain and in a bare "
+        "TorchTrainer: the ratio Ray Train itself allows on this machine",
+    )
+    p.add_argument("--floor-steps", type=int, default=40, help="steps of the compute-only loop")
     args = p.parse_args()
     # The Ray worker gets OMP_NUM_THREADS from Ray (= its CPUs); give the plain loop the same OpenMP set-up. Without
     # it, libgomp spins differently and the plain loop runs up to 10x slower on a busy machine (measured here).
@@ -139,6 +216,8 @@ def main() -> None:
             out["loop_ratio"] = round(out["ray_loop_images_per_s"] / out["plain_loop_images_per_s"], 3)
             out["cpu_ratio"] = round(out["ray_images_per_cpu_s"] / out["plain_images_per_cpu_s"], 3)
         out["runs"] = runs
+        if args.floor:
+            out.update(floor(args, tmp))
         print(json.dumps(out), flush=True)
 
 
