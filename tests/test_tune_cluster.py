@@ -53,6 +53,7 @@ def test_tune_runs_trials_on_both_nodes_of_a_cluster(synth_dataset, tmp_path):
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["code"] == 0 and len(result["nodes"]) == 2, (result, proc.stdout[-3000:])
     assert "2 of 2 trials finished, 0 failed" in proc.stdout and "(2 at a time)" in proc.stdout, proc.stdout[-3000:]
+    assert "Configuration for experiment" not in proc.stdout  # our summary, not Ray Tune's boxes
     study = runs / "tune-demo"
     rows = list(csv.DictReader((study / "trials.csv").open()))
     assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]

@@ -422,6 +422,8 @@ def tune_study(
 
     # Tune snapshots its experiment state at most this often (default 10 s): a killed driver loses less
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if not verbose:  # Ray 2.60's new console output prints its configuration box and paths even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     previous = signal.getsignal(signal.SIGTERM)
     _route_sigterm()
     try:
