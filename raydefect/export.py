@@ -579,14 +579,11 @@ class OnnxPredictor:
         return self.meta.image_size
 
     def predict(self, batch: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        s = self.image_size
-        shape = tuple(batch.shape)
-        if len(shape) != 4 or shape[1:] != (3, s, s):
-            raise ValueError(f"expected a float32 batch [N, 3, {s}, {s}] (see Preprocessor), got {shape}")
+        from raydefect.inference import check_batch
+
+        empty = check_batch(self.meta, batch)
+        if empty is not None:
+            return empty
         x = batch.numpy() if not isinstance(batch, np.ndarray) else batch
-        if shape[0] == 0:
-            c = self.meta.num_classes
-            return {"defect_score": np.zeros(0, np.float32), "class_probs": np.zeros((0, c), np.float32),
-                    "mask_prob": np.zeros((0, s, s), np.float32)}  # fmt: skip
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         return dict(zip(OUTPUT_NAMES, outs, strict=True))

@@ -168,6 +168,22 @@ def make_predictor(
     return Predictor(loaded, device=device, precision=precision)
 
 
+def check_batch(meta: ArtifactMeta, batch: np.ndarray | torch.Tensor) -> dict[str, np.ndarray] | None:
+    """A predictor's input check: ``[N, 3, S, S]`` or `ValueError`; for N = 0 the (empty) outputs, else None."""
+    s = meta.image_size
+    shape = tuple(batch.shape)
+    if len(shape) != 4 or shape[1:] != (3, s, s):
+        raise ValueError(f"expected a float32 batch [N, 3, {s}, {s}] (see Preprocessor), got {shape}")
+    if shape[0]:
+        return None
+    c = meta.num_classes
+    return {
+        "defect_score": np.zeros(0, np.float32),
+        "class_probs": np.zeros((0, c), np.float32),
+        "mask_prob": np.zeros((0, s, s), np.float32),
+    }
+
+
 class Predictor:
     """Batched forward pass of a loaded model: ``predict(float32 [N, 3, S, S]) -> dict of numpy arrays``.
 
@@ -199,18 +215,9 @@ class Predictor:
         """``defect_score`` [N] = 1 - p(normal), ``class_probs`` [N, C], ``mask_prob`` [N, S, S]; all float32."""
         import torch
 
-        s = self.image_size
-        shape = tuple(batch.shape)
-        if len(shape) != 4 or shape[1:] != (3, s, s):
-            raise ValueError(f"expected a float32 batch [N, 3, {s}, {s}] (see Preprocessor), got {shape}")
-        n = shape[0]
-        if n == 0:
-            c = self.meta.num_classes
-            return {
-                "defect_score": np.zeros(0, np.float32),
-                "class_probs": np.zeros((0, c), np.float32),
-                "mask_prob": np.zeros((0, s, s), np.float32),
-            }
+        empty = check_batch(self.meta, batch)
+        if empty is not None:
+            return empty
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
         x = x.float()
         if self.device.type == "cuda":

@@ -160,3 +160,27 @@ def tiny_train_config(dataset=None, runs_dir=None, *sets: str):
 def make_train_config():
     """`tiny_train_config(dataset=None, runs_dir=None, *sets)` as a fixture (training and tuning tests)."""
     return tiny_train_config
+
+
+def run_result_script(code: str, timeout: float = 900):
+    """Run ``code`` in a fresh Python process (for a `ray.cluster_utils.Cluster`: pytest's own process already has
+    the session's Ray) that prints one ``RESULT <json>`` line; returns (the completed process, that JSON)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(line[7:])
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """`run_result_script(code, timeout=900) -> (CompletedProcess, dict)` as a fixture (two-node cluster tests)."""
+    return run_result_script

@@ -7,12 +7,7 @@ the run summary built from it) shows which node scored each image.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_work_spreads_over_two_nodes(tiny_artifact, synth_archive, tmp_path):
+def test_work_spreads_over_two_nodes(tiny_artifact, synth_archive, tmp_path, run_script):
     out = tmp_path / "scores"
     code = textwrap.dedent(
         f"""
@@ -50,11 +45,7 @@ def test_work_spreads_over_two_nodes(tiny_artifact, synth_archive, tmp_path):
         cluster.shutdown()
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    _, result = run_script(code)
     assert result["scored"] == synth_archive["files"] and len(result["cluster"]) == 2
     assert set(result["nodes"]) == set(result["cluster"]), result  # both nodes scored images
     assert all(n > 0 for n in result["nodes"].values())

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_tune_runs_trials_on_both_nodes_of_a_cluster(synth_dataset, tmp_path):
+def test_tune_runs_trials_on_both_nodes_of_a_cluster(synth_dataset, tmp_path, run_script):
     runs = tmp_path / "runs"
     code = textwrap.dedent(
         f"""
@@ -46,11 +42,7 @@ def test_tune_runs_trials_on_both_nodes_of_a_cluster(synth_dataset, tmp_path):
         cluster.shutdown()
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    proc, result = run_script(code)
     assert result["code"] == 0 and len(result["nodes"]) == 2, (result, proc.stdout[-3000:])
     assert "2 of 2 trials finished, 0 failed" in proc.stdout and "(2 at a time)" in proc.stdout, proc.stdout[-3000:]
     assert "Configuration for experiment" not in proc.stdout  # our summary, not Ray Tune's boxes
