@@ -44,19 +44,13 @@ def main() -> None:
 
     from raydefect import console
     from raydefect.config import load_config
-    from raydefect.data.importers import import_classic
-    from raydefect.data.prepare import prepare_dataset
-    from raydefect.data.synth import DEFECT_CLASSES, generate_raw
+    from raydefect.data.synth import synthetic_dataset
     from raydefect.pipelines.cluster import connect
     from raydefect.pipelines.tune import tune_study
 
     console.set_verbosity(-1)
-    per_class = args.images // 10
-    normal = args.images - per_class * len(DEFECT_CLASSES)
     with tempfile.TemporaryDirectory(prefix="raydefect-bench-") as tmp:
-        raw = generate_raw(Path(tmp) / "raw", per_class, normal, args.size, seed=0)
-        listing = import_classic(raw["defect_images"], raw["defect_masks"], raw["normal_images"])
-        prepare_dataset(listing, Path(tmp) / "ds", split=(0.8, 0.1, 0.1), workers=1)
+        synthetic_dataset(tmp, args.images, args.size)
         sets = [
             f"data.dataset={Path(tmp) / 'ds'}",
             f"data.image_size={args.size}",

@@ -154,3 +154,11 @@ def test_cli_synth_writes_raw_and_archive(tmp_path):
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = CliRunner().invoke(cli, ["synth", str(out), "--size", "4"])
     assert bad.exit_code == 2
+
+
+def test_synthetic_dataset_for_benchmarks(tmp_path):
+    from raydefect.data.manifest import load_dataset
+    from raydefect.data.synth import DEFECT_CLASSES, synthetic_dataset
+
+    ds = load_dataset(synthetic_dataset(tmp_path, 50, 32))
+    assert ds.table.num_rows == 50 and ds.class_names[0] == "normal" and set(ds.class_names[1:]) == set(DEFECT_CLASSES)

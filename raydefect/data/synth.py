@@ -502,3 +502,17 @@ def generate_archive(
         "truth_csv": str(truth),
         "seconds": time.perf_counter() - start,
     }
+
+
+def synthetic_dataset(out: str | Path, images: int, size: int, seed: int = 0) -> Path:
+    """A prepared dataset of ``images`` synthetic images (10 % per defect class, the rest normal) at ``size`` px:
+    raw files in ``out/raw``, the dataset (split 0.8/0.1/0.1) in ``out/ds``, which is returned. For benchmarks."""
+    from raydefect.data.importers import import_classic
+    from raydefect.data.prepare import prepare_dataset
+
+    per_class = images // 10
+    normal = images - per_class * len(DEFECT_CLASSES)
+    raw = generate_raw(Path(out) / "raw", per_class, normal, size, seed=seed)
+    listing = import_classic(raw["defect_images"], raw["defect_masks"], raw["normal_images"])
+    prepare_dataset(listing, Path(out) / "ds", split=(0.8, 0.1, 0.1), workers=1)
+    return Path(out) / "ds"
