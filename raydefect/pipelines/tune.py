@@ -234,8 +234,8 @@ class StudyCallback(tune.Callback):
         values = config_params(trial.config)
         shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items())
         console.info(f"trial {trial.trial_id} started: {shown}")
-        planned = trial_config(self.base, values).schedule.total_epochs if self.base is not None else 0
         try:  # the driver's own record: a trial that dies before its function runs still gets a row
+            planned = trial_config(self.base, values).schedule.total_epochs if self.base is not None else 0
             write_driver_record(
                 self._run_dir(trial),
                 trial_id=str(trial.trial_id),
