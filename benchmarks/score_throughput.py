@@ -62,6 +62,19 @@ def _model(out: Path, backbone: str, image_size: int) -> str:
     return str(out)
 
 
+def _reencode(archive: Path, fmt: str) -> None:
+    """Every archive file as JPEG (quality 90) or PNG, in place (the names change extension)."""
+    from PIL import Image
+
+    for f in _files(str(archive)):
+        path = Path(f)
+        if path.suffix.lstrip(".") == fmt:
+            continue
+        with Image.open(path) as img:
+            img.convert("RGB").save(path.with_suffix("." + fmt), quality=90)
+        path.unlink()
+
+
 def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
@@ -102,7 +115,7 @@ def naive(model: str, files: list[str], out: Path) -> dict:
     """(c) images/s one image at a time, saving each mask as a PNG."""
     import torch
 
-    from raydefect.imaging import decode_image, encode_png
+    from raydefect.imaging import decode_image
     from raydefect.inference import Predictor, Preprocessor, postprocess
     from raydefect.models.artifact import load_artifact
 
@@ -116,7 +129,7 @@ def naive(model: str, files: list[str], out: Path) -> dict:
         image = decode_image(f)
         result = predictor.predict(pre(image)[None])
         mask = postprocess(result["mask_prob"][0], image.shape[1], image.shape[0], loaded.meta.pixel_threshold)
-        (out / f"{i:06d}.png").write_bytes(encode_png(mask.mask))
+        (out / f"{i:06d}.png").write_bytes(mask.png)
     return {"ips": len(files) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
@@ -219,7 +232,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=384, help="images for (a) and (b)")
     p.add_argument("--naive-images", type=int, default=96, help="images for (c), a subset (it is slow)")
-    p.add_argument("--size", type=int, default=256, help="side of the synthetic images in pixels")
+    p.add_argument("--size", default="256", help="synthetic image size: a side (256) or WxH (2048x1536, a camera's)")
+    p.add_argument(
+        "--format",
+        default="mixed",
+        choices=["mixed", "jpg", "png"],
+        help="archive files: the synthetic archive's own PNG/JPEG mix, or all re-encoded as JPEG (quality 90) or PNG",
+    )
     p.add_argument("--backbone", default="dinov3-s", help="backbone architecture (random weights)")
     p.add_argument("--image-size", type=int, default=224, help="model input side")
     p.add_argument("--batch-size", type=int, default=16)
@@ -273,7 +292,10 @@ def main() -> None:
 
         n = args.images
         archive = Path(tmp) / "archive"
-        generate_archive(archive, 2 * n, args.size, seed=0, n_corrupt=0, workers=os.cpu_count())
+        w, _, h = args.size.partition("x")
+        generate_archive(archive, 2 * n, (int(w), int(h or w)), seed=0, n_corrupt=0, workers=os.cpu_count())
+        if args.format != "mixed":
+            _reencode(archive, args.format)
         files = _files(str(archive))
         half = Path(tmp) / "half.txt"  # the first n images, as a manifest
         half.write_text("\n".join(files[:n]) + "\n")
@@ -303,6 +325,7 @@ def main() -> None:
                     "image_size": args.image_size,
                     "images": [n, 2 * n],
                     "image_px": args.size,
+                    "format": args.format,
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
                     "engine": b2["engine"],

@@ -194,6 +194,23 @@ def decode_image(
 
     Raises `CorruptImageError` (typed, names the file) or `ImageTooLargeError`.
     """
+    return decode_image_sized(source, mode, path, max_pixels)[0]
+
+
+def decode_image_sized(
+    source: Source,
+    mode: str = "RGB",
+    path: str | Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_to: int | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image`, plus the image's full (width, height) after EXIF orientation.
+
+    ``reduce_to=S``: the caller only needs the image at S x S (a model's input), so a JPEG is decoded at the smallest
+    of 1/2, 1/4 or 1/8 scale whose sides are still >= S (libjpeg's DCT scaling, Pillow's ``Image.draft``); the array
+    is then smaller than (width, height). A 2048x1536 JPEG for a 224 px model decodes ~5x faster at 1/4 scale.
+    Other formats decode in full.
+    """
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     name = _name(source, path)
@@ -204,6 +221,10 @@ def decode_image(
             _check_pixels(img, name, max_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            full_size = img.size
+            if reduce_to and img.format == "JPEG" and min(img.size) >= 2 * int(reduce_to):
+                img.draft(None, (int(reduce_to), int(reduce_to)))
+            stored, decoded = full_size, img.size  # full_size: before draft; both before EXIF orientation
             try:
                 img.load()
             except Image.DecompressionBombError as e:
@@ -217,11 +238,13 @@ def decode_image(
                 oriented = img
             out = _convert(oriented if oriented is not None else img, mode)
             arr = np.asarray(out, dtype=np.uint8)
+            # rotated by EXIF (or not, if its EXIF was broken): the full size turns as the pixels did
+            full = stored[::-1] if (arr.shape[1], arr.shape[0]) != decoded else stored
         finally:
             img.close()
     if mode == "RGB" and arr.ndim == 2:  # pragma: no cover - _convert guarantees 3 channels
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), (int(full[0]), int(full[1]))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ Conventions (shared with training, so train and inference see the same pixels):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from raydefect.imaging import DEFAULT_MAX_PIXELS, Source, decode_image, encode_png
+from raydefect.imaging import DEFAULT_MAX_PIXELS, Source, decode_image_sized, encode_png
 
 if TYPE_CHECKING:
     import torch
@@ -92,15 +93,18 @@ class Preprocessor:
         data: Source,
         path: str | Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        reduced_jpeg: bool = True,
     ) -> tuple[np.ndarray, tuple[int, int]]:
         """Encoded image (bytes, path or file) -> (float32 3xSxS, (width, height) after EXIF orientation).
 
+        ``reduced_jpeg``: a JPEG of at least twice S is decoded at reduced scale (`imaging.decode_image_sized`), as
+        `raydefect score` does by default (``score.reduced_jpeg``).
         Raises `CorruptImageError` / `ImageTooLargeError` (both `ImageError`, with ``path`` and ``reason``), which
         bulk jobs record per item.
         """
-        image = decode_image(data, mode="RGB", path=path, max_pixels=max_pixels)
-        height, width = image.shape[:2]
-        return self(image), (int(width), int(height))
+        reduce_to = self.image_size if reduced_jpeg else None
+        image, size = decode_image_sized(data, "RGB", path, max_pixels, reduce_to)
+        return self(image), size
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -270,13 +274,34 @@ def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def _below(threshold: float) -> float:
+    """A bound safely under ``threshold``: float32 rounding in the resize may lift a value by a few ulps."""
+    return float(threshold) - 1e-5 * max(1.0, abs(float(threshold)))
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_png(width: int, height: int) -> bytes:
+    return encode_png(np.zeros((height, width), bool))
+
+
 def postprocess(
     mask_prob: np.ndarray, width: int, height: int, pixel_threshold: float, *, encode: bool = True
 ) -> MaskResult:
     """Upsample the probability to (height, width), threshold (``>=``), and describe the mask."""
     if width < 1 or height < 1:
         raise ValueError(f"width and height must be >= 1, got {width}x{height}")
-    mask = upsample_prob(mask_prob, width, height) >= pixel_threshold
+    prob = np.asarray(mask_prob, dtype=np.float32)
+    if prob.ndim == 2 and float(prob.max(initial=0.0)) < _below(pixel_threshold):
+        # Bilinear upsampling weighs input pixels with non-negative weights that sum to 1, so no output pixel exceeds
+        # the input's maximum: the full-size mask is empty, known without upsampling (most images of a nightly run).
+        return MaskResult(
+            mask=np.zeros((int(height), int(width)), bool),
+            png=_empty_png(int(width), int(height)) if encode else None,
+            area_px=0,
+            fraction=0.0,
+            bbox=None,
+        )
+    mask = upsample_prob(prob, width, height) >= pixel_threshold
     area = int(np.count_nonzero(mask))
     return MaskResult(
         mask=mask,

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from raydefect.errors import CorruptImageError, ImageTooLargeError
-from raydefect.imaging import decode_image, decode_mask, decode_png_mask, encode_png, read_info
+from raydefect.imaging import decode_image, decode_image_sized, decode_mask, decode_png_mask, encode_png, read_info
+from raydefect.inference import resize_rgb
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -45,6 +46,42 @@ def test_exif_orientation_is_applied_to_pixels_and_header_size():
     out = decode_image(data)
     assert out.shape == (30, 10, 3)
     assert out[:5].mean() > 200 and out[-5:].mean() < 50  # the band is now at the top
+
+
+def _camera_jpeg(width: int, height: int, orientation: int = 1) -> bytes:
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    arr = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)).copy()
+    arr[: height // 4, : width // 8] = 255  # a bright block at the top left, to check orientation
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    return _save(img, "JPEG", quality=92, exif=exif.tobytes())
+
+
+def test_reduced_jpeg_decode_keeps_the_full_size_and_the_models_input():
+    data = _camera_jpeg(1024, 768)
+    full, full_size = decode_image_sized(data)
+    small, size = decode_image_sized(data, reduce_to=112)
+    assert full.shape == (768, 1024, 3) and full_size == size == (1024, 768)
+    assert small.shape == (192, 256, 3)  # 1/4 scale: the smallest whose sides stay >= 112
+    diff = np.abs(resize_rgb(full, 112).astype(int) - resize_rgb(small, 112).astype(int))
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 6  # JPEG's own noise is larger
+
+
+def test_reduced_jpeg_decode_follows_exif_orientation():
+    data = _camera_jpeg(1024, 768, orientation=6)  # displayed rotated 90 degrees clockwise
+    small, size = decode_image_sized(data, reduce_to=100)
+    assert size == (768, 1024) and small.shape[:2] == (256, 192)
+    assert small[:20, -20:].mean() > 200  # the block, top left when stored, is top right on display
+    assert decode_image_sized(data)[0].shape == (1024, 768, 3)
+
+
+@pytest.mark.parametrize("fmt,side", [("PNG", 1024), ("JPEG", 200)])
+def test_reduced_decode_is_full_for_other_formats_and_small_jpegs(fmt, side):
+    rgb = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    arr, size = decode_image_sized(_save(Image.fromarray(rgb), fmt), reduce_to=112)
+    assert arr.shape == (side, side, 3) and size == (side, side)  # PNG has no reduced decode; 200 < 2 x 112
 
 
 def test_palette_with_transparency_and_rgba_composite_onto_black():

@@ -126,6 +126,23 @@ def test_postprocess_empty_full_and_same_size():
     assert upsample_prob(prob, 4, 4) is not None and bbox_of(np.zeros((2, 2), bool)) is None
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.01])
+def test_postprocess_skips_the_upsampling_exactly_when_nothing_can_reach_the_threshold(threshold):
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        prob = rng.random((16, 16)).astype(np.float32)
+        prob *= np.float32(threshold * (1 - 10.0 ** -rng.integers(1, 7)) / prob.max())  # max just under it
+        if trial % 3 == 0:  # a blob at and over it: the full path, a mask that is not empty
+            r, c = rng.integers(1, 14, 2)
+            prob[r - 1 : r + 2, c - 1 : c + 2] = np.float32(threshold)
+            prob[r, c] = np.float32(min(1.0, threshold * 1.05))
+        fast = postprocess(prob, 301, 173, threshold)
+        slow = upsample_prob(prob, 301, 173) >= threshold
+        assert np.array_equal(fast.mask, slow) and fast.area_px == int(slow.sum())
+        assert np.array_equal(decode_png_mask(fast.png), slow) and fast.bbox == bbox_of(slow)
+        assert slow.any() == (trial % 3 == 0)
+
+
 def test_decide_uses_the_stored_threshold(meta):
     assert decide(0.49, [0.51, 0.3, 0.19], meta) == (False, "normal")
     assert decide(0.5, [0.5, 0.2, 0.3], meta) == (True, "spot")  # argmax over defect classes only

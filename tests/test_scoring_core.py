@@ -176,6 +176,20 @@ def test_decoder_turns_every_bad_file_into_an_error_row(tmp_path, synth_archive)
     assert out["sha1"][0] and out["width"][0] == 64 and out["height"][0] == 64
 
 
+@pytest.mark.parametrize("reduced", [True, False])
+def test_decoder_reduced_jpeg_decode_reports_the_full_size(tmp_path, reduced):
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(coarse).resize((512, 384), Image.Resampling.BICUBIC).save(path, quality=92)
+    out = Decoder(64, STORAGE, reduced_jpeg=reduced)(stat_locations([str(path)], STORAGE))
+    assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == (512, 384)
+    x, size = Preprocessor(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)).from_bytes(path, reduced_jpeg=reduced)
+    assert size == (512, 384) and np.allclose(x.transpose(1, 2, 0) * 255, out["pixels"][0], atol=1e-3)
+    full = Preprocessor(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)).from_bytes(path, reduced_jpeg=False)[0]
+    assert np.array_equal(x, full) == (not reduced)  # the reduced decode differs a little from the full one
+
+
 def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archive):
     files = _archive_files(synth_archive["out"])
     table = BatchScorer(str(tiny_artifact), device="cpu").score(files, batch_size=16)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydefect.errors import ImageError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
+from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
 from raydefect.scoring.keys import contains, first_occurrence, key_digests
 from raydefect.scoring.schema import SCORE_SCHEMA
@@ -97,8 +97,10 @@ class Decoder:
         key_mode: str = "stat",
         model_id: str = "",
         known: np.ndarray | None = None,
+        reduced_jpeg: bool = True,
     ) -> None:
         self.image_size = int(image_size)
+        self.reduce = bool(reduced_jpeg)
         self.storage = storage or Storage()
         self.max_pixels = int(max_pixels)
         self.key_mode = key_mode
@@ -149,13 +151,14 @@ class Decoder:
 
     def _decode(self, data: bytes, loc: str, i: int, pixels: np.ndarray, width: np.ndarray, height: np.ndarray) -> str:
         try:
-            image = decode_image(data, mode="RGB", path=loc, max_pixels=self.max_pixels)
+            reduce_to = self.image_size if self.reduce else None
+            image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, reduce_to)
             pixels[i] = resize_rgb(image, self.image_size)
         except ImageError as e:
             return e.reason
         except Exception as e:  # Pillow raises odd types on malformed files; one image must never fail the job
             return f"cannot decode: {type(e).__name__}: {e}"
-        height[i], width[i] = image.shape[:2]
+        height[i], width[i] = h, w
         return ""
 
 
@@ -276,10 +279,11 @@ class BatchScorer:
         device: str = "auto",
         precision: str = "auto",
         engine: str = "torch",
+        reduced_jpeg: bool = True,
     ) -> None:
         self.step = ModelStep(model, device=device, precision=precision, engine=engine)
         self.storage = storage or Storage()
-        self.decoder = Decoder(self.step.meta.image_size, self.storage, max_pixels)
+        self.decoder = Decoder(self.step.meta.image_size, self.storage, max_pixels, reduced_jpeg=reduced_jpeg)
         self.run_id = run_id
 
     def score(self, locations: Sequence[str], batch_size: int = 32) -> pa.Table:
