@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +37,15 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointUploadMode,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.api.config import LoggingConfig
@@ -140,6 +148,29 @@ def _write_placement_group(path: str) -> None:
         Path(path).write_text(pg.id.hex() + "\n", encoding="utf-8")
 
 
+def _report(trainer: Any, metrics: dict[str, Any], epoch: int, rank: int, run_dir: str) -> None:
+    """Every rank reports the epoch (a barrier); rank 0 with the checkpoint.
+
+    Rank 0 writes the checkpoint straight into the run folder, which is Ray's experiment folder (``storage_path /
+    name``), as a hidden folder renamed into place once complete, and reports it with ``NO_UPLOAD``: Ray registers
+    it where it is instead of copying a checkpoint that holds the optimizer state (~260 MB for dinov3-s) every
+    epoch. On a multi-node cluster the run folder must be shared storage, as Ray's own copy would need."""
+    name = checkpoint_name(epoch)
+    saved = None
+    if rank == 0:
+        final = Path(run_dir) / name
+        partial = final.with_name(f".{name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        trainer.save(str(partial))
+        if final.exists():  # written before a failure, never reported: this epoch ran again
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        saved = Checkpoint.from_directory(str(final))
+    ray.train.report(
+        metrics, checkpoint=saved, checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
+    )
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: rebuild the config, restore the latest checkpoint, train the remaining epochs."""
     import torch
@@ -175,12 +206,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         _maybe_fail(config.get("fail_once"), epoch, rank)
         metrics = {k: _report_value(v) for k, v in metrics.items()}
         metrics[SCORE_KEY] = _rank_value(metrics.get(cfg.schedule.metric), cfg.schedule.mode)
-        with tempfile.TemporaryDirectory(prefix="raydefect-ckpt-") as tmp:
-            saved = None
-            if rank == 0:
-                trainer.save(tmp)
-                saved = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=checkpoint_name(epoch))
+        _report(trainer, metrics, epoch, rank, config["run_dir"])
         if trainer.state.stopped:
             break
 
@@ -336,6 +362,7 @@ def run_training(
             "resume_from": resume_from,
             "pid_file": os.environ.get(PID_FILE_ENV) or None,
             "placement_group_file": placement_group_file,
+            "run_dir": str(run_dir),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.resources.num_workers, use_gpu=use_gpu, resources_per_worker=resources
