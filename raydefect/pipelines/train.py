@@ -11,9 +11,10 @@ encoded images) for no gain; with rows only, Ray Data needs no CPU of its own, s
 On GPU clusters decoding stays off the GPU either way, on the worker's reserved CPUs (``resources.cpus_per_worker``,
 ``data.loader_threads``).
 
-Checkpoints and resume (Ray Train V2). Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 passes
-the checkpoint folder (`raydefect.engine.checkpoint`), named ``checkpoint_epoch_NNNN``, into
-``<runs_dir>/<name>/``. `CheckpointConfig` keeps the best ``train.keep_checkpoints`` by ``schedule.metric`` and
+Checkpoints and resume (Ray Train V2). Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 writes
+the checkpoint folder (`raydefect.engine.checkpoint`), named ``checkpoint_epoch_NNNN``, straight into
+``<runs_dir>/<name>/`` (Ray's experiment folder) and reports it with ``NO_UPLOAD``, so Ray registers it in place.
+`CheckpointConfig` keeps the best ``train.keep_checkpoints`` by ``schedule.metric`` and
 the latest. Re-running the same name builds a `TorchTrainer` with the same ``RunConfig(name, storage_path)``: Ray
 restores its checkpoint-manager snapshot and ``ray.train.get_checkpoint()`` returns the latest checkpoint, from
 which the worker continues with the next epoch. `FailureConfig(max_failures)` restarts a failed worker group the
