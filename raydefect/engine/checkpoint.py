@@ -13,8 +13,10 @@ needs no saved generator state to see the same random numbers as an uninterrupte
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,11 +95,28 @@ def save_checkpoint(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), out / OPTIMIZER)
+    try:
+        save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), out / OPTIMIZER)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' and torch's writers do not raise OSError on a full disk
+        if _disk_full(out, e):
+            raise OSError(errno.ENOSPC, f"No space left on device writing the checkpoint {out} ({e})") from e
+        raise
     write_text_atomic(out / STATE, state.to_json())
     return out
+
+
+def _disk_full(directory: Path, error: BaseException) -> bool:
+    text = str(error).lower()
+    if "no space left" in text or "storagefull" in text or "quota" in text:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def is_checkpoint(directory: str | Path) -> bool:

@@ -162,7 +162,11 @@ def _report(trainer: Any, metrics: dict[str, Any], epoch: int, rank: int, run_di
         final = Path(run_dir) / name
         partial = final.with_name(f".{name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        trainer.save(str(partial))
+        try:
+            trainer.save(str(partial))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a full disk: leave no half checkpoint behind
+            raise
         if final.exists():  # written before a failure, never reported: this epoch ran again
             shutil.rmtree(final)
         os.replace(partial, final)
