@@ -59,6 +59,11 @@ class DataConfig:
         178_956_970, "Images declaring more pixels are rejected as decompression bombs (Pillow's default)."
     )
     loader_threads: int = _f(2, "Threads per training worker that decode and augment images.")
+    loader_processes: int | None = _f(
+        None,
+        "Processes per training worker that decode and augment images instead of threads; null: none on CPU, on a "
+        "GPU the worker's CPUs (resources.cpus_per_worker) minus one, at least 2.",
+    )
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 4096, "data.image_size", f"must be in [16, 4096], got {self.image_size}")
@@ -68,6 +73,9 @@ class DataConfig:
         _check(0.0 <= self.contrast < 1.0, "data.contrast", f"must be in [0, 1), got {self.contrast}")
         _check(self.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
         _check(self.loader_threads >= 0, "data.loader_threads", "must be >= 0")
+        _check(
+            self.loader_processes is None or self.loader_processes >= 0, "data.loader_processes", "must be >= 0 or null"
+        )
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ from raydefect.engine.data import (
     class_counts,
     epoch_order,
     iterate_batches,
+    loader_processes,
     manifest_rows,
     subset_rows,
 )
-from raydefect.errors import DataError
+from raydefect.errors import ConfigError, DataError
 from raydefect.inference import Preprocessor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -166,6 +167,37 @@ def test_threaded_loader_matches_inline_and_skips_bad_files(synth_dataset, tmp_p
     assert stats.skipped and stats.skipped[0][0] == str(bad)
     with pytest.raises(DataError, match="every image of a batch failed"):
         list(iterate_batches(source, [dict(r, image=str(bad)) for r in rows[:2]], range(2), 2, threads=0))
+
+
+def test_process_loader_gives_the_same_batches_and_records_bad_files(synth_dataset, tmp_path):
+    rows = manifest_rows(synth_dataset, "train")[:12]
+    source = SampleSource(32, MEAN, STD, augment=DataConfig(image_size=32))
+    order = list(range(len(rows)))[::-1]
+    inline = list(iterate_batches(source, rows, order, 5, threads=0, seed=(7,)))
+    spawned = list(iterate_batches(source, rows, order, 5, seed=(7,), processes=2))
+    assert len(spawned) == len(inline) == 3
+    for a, b in zip(inline, spawned, strict=True):
+        for key in a:
+            assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    stats = LoadStats()
+    broken = [*rows[:2], dict(rows[2], image=str(bad)), *rows[3:6]]
+    batches = list(iterate_batches(source, broken, range(6), 3, stats=stats, processes=2))
+    assert [b["image"].shape[0] for b in batches] == [2, 3]
+    assert stats.skipped == [(str(bad), "not a recognised image format")]
+    with pytest.raises(DataError, match="every image of a batch failed"):
+        list(iterate_batches(source, [dict(r, image=str(bad)) for r in rows[:2]], range(2), 2, processes=2))
+
+
+def test_loader_processes_default_to_none_on_cpu_and_the_cores_on_a_gpu():
+    assert loader_processes(DataConfig(), "cpu", 16) == 0
+    assert loader_processes(DataConfig(), "cuda", 16) == 15
+    assert loader_processes(DataConfig(), "cuda", 1) == 2
+    assert loader_processes(DataConfig(loader_processes=3), "cpu", 16) == 3
+    with pytest.raises(ConfigError, match="data.loader_processes"):
+        DataConfig(loader_processes=-1)
 
 
 def test_non_square_images_become_square(tmp_path):

@@ -30,7 +30,7 @@ from raydefect.engine.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from raydefect.engine.data import LoadStats, SampleSource, epoch_order, iterate_batches
+from raydefect.engine.data import LoadStats, SampleSource, epoch_order, iterate_batches, loader_processes
 from raydefect.engine.schedule import (
     Stage,
     apply_stage,
@@ -310,6 +310,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.train_source = SampleSource.for_config(cfg, train=True)
+        self.loader_processes = loader_processes(cfg.data, self.device.type, cfg.resources.cpus_per_worker)
         self.eval_source = SampleSource.for_config(cfg, train=False)
         self.load_stats = LoadStats()
         self._restored_optimizer: dict[str, Any] | None = None
@@ -397,6 +398,7 @@ class Trainer:
             threads=cfg.data.loader_threads,
             seed=(cfg.train.seed, epoch, self.rank),
             stats=self.load_stats,
+            processes=self.loader_processes,
         )
         sums = train_one_epoch(
             self.net,
@@ -459,6 +461,7 @@ class Trainer:
             self.cfg.train.eval_batch_size,
             threads=self.cfg.data.loader_threads,
             stats=self.load_stats,
+            processes=self.loader_processes,
         )
         local = evaluate(
             self.model,

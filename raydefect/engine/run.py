@@ -94,6 +94,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.eval_batch_size",
     "data.loader_threads",
+    "data.loader_processes",
     "schedule.frozen_epochs",
     "schedule.partial_epochs",
     "schedule.full_epochs",

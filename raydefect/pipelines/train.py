@@ -4,12 +4,13 @@ Data path. The driver reads the manifest (small: one row per image) and hands th
 Ray Data (``ray.data.from_pandas``). `TorchTrainer` splits the training dataset into equal shards (``streaming_split``;
 equal row counts keep DDP's collectives in step) and gives every worker the whole validation dataset, of which each
 rank scores ``rows[rank::world]`` and the accumulators are all-gathered, so metrics are exact with any worker count.
-Each epoch a worker reads its shard's rows and decodes + augments them on its own loader threads, prefetching while
+Each epoch a worker reads its shard's rows and decodes + augments them on its own loader threads (CPU workers) or
+loader processes (GPU workers: threads share one interpreter lock and fed an H200 half as fast), prefetching while
 the model computes. Why not decode in a Ray Data ``map_batches`` step: on CPU nodes those tasks would compete with
 the training workers for the same cores and ship float tensors through the object store (4x the bytes of the
 encoded images) for no gain; with rows only, Ray Data needs no CPU of its own, so a worker may reserve every core.
 On GPU clusters decoding stays off the GPU either way, on the worker's reserved CPUs (``resources.cpus_per_worker``,
-``data.loader_threads``).
+``data.loader_processes``).
 
 Checkpoints and resume (Ray Train V2). Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 writes
 the checkpoint folder (`raydefect.engine.checkpoint`), named ``checkpoint_epoch_NNNN``, straight into
