@@ -83,6 +83,9 @@ def test_predictor_outputs(predictor, meta):
     single = predictor.predict(batch[1:2])  # batch composition does not change a row's result
     assert np.allclose(single["mask_prob"][0], out["mask_prob"][1], atol=1e-5)
     assert predictor.precision == "fp32" and predictor.device.type == "cpu"
+    half = predictor.predict(batch, half_masks=True)  # what the GPU model actors ship to the finish tasks
+    assert half["mask_prob"].dtype == np.float16 and half["class_probs"].dtype == np.float32
+    assert np.abs(half["mask_prob"].astype(np.float32) - out["mask_prob"]).max() <= 5e-4
 
 
 def test_predictor_checks_its_input(predictor):

@@ -176,6 +176,20 @@ def test_decoder_turns_every_bad_file_into_an_error_row(tmp_path, synth_archive)
     assert out["sha1"][0] and out["width"][0] == 64 and out["height"][0] == 64
 
 
+def test_model_step_gives_failed_images_zeros_and_the_others_their_own_outputs(tiny_artifact, synth_archive):
+    from raydefect.scoring.scorer import ModelStep
+
+    good = [p for p in _archive_files(synth_archive["out"]) if os.path.getsize(p) > 200][:3]
+    batch = Decoder(32, STORAGE)(stat_locations(good, STORAGE))
+    step = ModelStep(str(tiny_artifact), device="cpu", precision="fp32")
+    whole = step(dict(batch))
+    assert whole["mask_prob"].shape == (3, 32, 32) and "pixels" not in whole
+    partial = step(dict(batch, error=np.asarray(["", "broken", ""], dtype=object)))
+    for key in ("defect_score", "class_probs", "mask_prob"):
+        assert not partial[key][1].any(), key
+        assert np.allclose(partial[key][[0, 2]], whole[key][[0, 2]], atol=1e-5), key
+
+
 @pytest.mark.parametrize("reduced", [True, False])
 def test_decoder_reduced_jpeg_decode_reports_the_full_size(tmp_path, reduced):
     rng = np.random.default_rng(0)
