@@ -237,7 +237,14 @@ class TuneConfig:
 class ScoreConfig:
     batch_size: int = _f(32, "Images per model batch.")
     rows_per_file: int = _f(5000, "Upper bound of rows per output Parquet file.")
-    model_actors: int | None = _f(None, "Model replicas in the actor pool; default: one per GPU, else 1.")
+    model_actors: int | None = _f(
+        None, "Model replicas in the actor pool; default: score.actors_per_gpu per GPU, else 1."
+    )
+    actors_per_gpu: int = _f(
+        4,
+        "Replicas per GPU when model_actors is null (fewer if they would hold over half the CPUs): while one "
+        "replica's batch moves through Ray, another computes. Lower it for a model that does not fit that often.",
+    )
     decode_tasks: int | None = _f(None, "Parallel decode tasks; default: Ray Data's choice.")
     extensions: tuple[str, ...] = _f(IMAGE_EXTENSIONS, "File extensions picked up from folders and globs.")
     incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
@@ -284,6 +291,7 @@ class ScoreConfig:
         _check(self.model_threads is None or self.model_threads >= 1, "score.model_threads", "must be >= 1")
         _check(self.rows_per_file >= 1, "score.rows_per_file", "must be >= 1")
         _check(self.model_actors is None or self.model_actors >= 1, "score.model_actors", "must be >= 1")
+        _check(self.actors_per_gpu >= 1, "score.actors_per_gpu", "must be >= 1")
         _check(self.decode_tasks is None or self.decode_tasks >= 1, "score.decode_tasks", "must be >= 1")
         _check(
             all(isinstance(e, str) and e.startswith(".") for e in self.extensions),

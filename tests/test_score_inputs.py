@@ -133,3 +133,26 @@ def test_s3_input_and_output(ray_session, s3, tiny_artifact, inputs, tmp_path):
     assert summarize("s3://factory/scores")["images"] == len(expected)
     r2 = run_score("s3://factory/models/m1", "s3://factory/archive/", "s3://factory/scores", inputs.cfg)
     assert (r2.scored, r2.skipped) == (0, len(expected))
+
+
+def test_model_actors_that_would_take_every_cpu_are_refused(ray_session, inputs, tiny_artifact, tmp_path):
+    """Actors holding every CPU would leave none to decode: Ray Data would wait forever. Refused before any work."""
+    from raydefect.config import load_config
+    from raydefect.errors import ConfigError
+    from raydefect.pipelines.score import run_score
+
+    cfg = load_config("default", sets=["score.model_actors=4"])  # the session's Ray has 4 CPUs
+    with pytest.raises(ConfigError, match=r"score.model_actors=4 x score.actor_cpus=1 reserve 4 of the cluster's 4"):
+        run_score(str(tiny_artifact), str(inputs.archive), str(tmp_path / "scores"), cfg)
+    assert not list((tmp_path / "scores").glob("*.parquet"))
+
+
+def test_default_model_actors_share_each_gpu_but_leave_cpus_to_decode():
+    from raydefect.pipelines.score import default_actors
+
+    assert default_actors(0, 16, 1.0, 4) == 1  # CPU: one actor with every core's threads
+    assert default_actors(1, 16, 1.0, 4) == 4  # one H200, 16 CPUs: the measured best
+    assert default_actors(1, 4, 1.0, 4) == 2  # no more than half the CPUs
+    assert default_actors(8, 32, 1.0, 4) == 16  # 2 per GPU: the same on every GPU
+    assert default_actors(8, 8, 1.0, 4) == 8  # never fewer than one per GPU
+    assert default_actors(2, 64, 2.0, 4) == 8
