@@ -12,7 +12,10 @@ Throughput, on the same random-init model artifact and the same synthetic images
 - (b) pipeline: `run_score` end to end on an embedded local Ray (list, read, decode, model actor, masks, PNG,
   Parquet, commit), over N and over 2N images, each into a new output. ``b_e2e`` is the 2N run's images over its
   wall time (Ray Data start-up and the model actor loading torch included); ``b_steady = N / (wall(2N) - wall(N))``
-  removes that fixed start-up cost: the rate a nightly run over millions of images sees;
+  removes that fixed start-up cost: the rate a nightly run over millions of images sees; ``b_timeline`` is the rate
+  inside the 2N run while its committed rows went from 20 % to 90 % (on a GPU, N images take less time than the
+  start-up varies by, and only this one is meaningful); ``--model-actors 0,2,4`` repeats (b) per replica count;
+- On a GPU (``--device auto``) (a) and (c) run there too, in bf16 like the pipeline, (a) on tensors already on it;
 - (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one in PyTorch eager (what one
   writes by hand), threshold, save a PNG mask.
 
@@ -107,8 +110,9 @@ def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
 
-def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch") -> dict:
-    """(a) images/s of the bare forward on pre-decoded tensors, on the engine the pipeline uses."""
+def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu") -> dict:
+    """(a) images/s of the bare forward on pre-decoded tensors, on the engine and device the pipeline uses. On a GPU
+    the tensors are put on it first: the forward (bf16 autocast) and the outputs' copy back are all that is timed."""
     import torch
 
     from raydefect.inference import Preprocessor, make_predictor
@@ -117,16 +121,20 @@ def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch"
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_artifact(model)
     pre = Preprocessor(loaded.meta)
-    predictor = make_predictor(loaded, device="cpu", engine=engine, threads=os.cpu_count() or 1)
+    predictor = make_predictor(loaded, device=device, engine=engine, threads=os.cpu_count() or 1)
     x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
-    predictor.predict(x[:batch_size])  # warm-up
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    if device != "cpu":
+        batches = [torch.from_numpy(b).to(device) for b in batches]
+    for b in batches[:3]:  # warm-up (on a GPU: kernel selection)
+        predictor.predict(b)
     start, cpu = time.perf_counter(), _cpu()
-    for i in range(0, len(x), batch_size):
-        predictor.predict(x[i : i + batch_size])
+    for b in batches:
+        predictor.predict(b)
     return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "torch") -> dict:
+def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu") -> dict:
     """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
     its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
     import ray
@@ -135,11 +143,11 @@ def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str 
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     connect(None, num_cpus=os.cpu_count())
-    remote = ray.remote(num_cpus=1)(ceiling)
-    return ray.get(remote.remote(model, files, batch_size, engine))
+    remote = ray.remote(num_cpus=1, num_gpus=0 if device == "cpu" else 1)(ceiling)
+    return ray.get(remote.remote(model, files, batch_size, engine, device))
 
 
-def naive(model: str, files: list[str], out: Path) -> dict:
+def naive(model: str, files: list[str], out: Path, device: str = "cpu") -> dict:
     """(c) images/s one image at a time, saving each mask as a PNG."""
     import torch
 
@@ -149,9 +157,10 @@ def naive(model: str, files: list[str], out: Path) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_artifact(model)
-    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device="cpu")
+    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device=device)
     out.mkdir(parents=True, exist_ok=True)
-    predictor.predict(pre(decode_image(files[0]))[None])  # warm-up
+    for f in files[:3]:  # warm-up
+        predictor.predict(pre(decode_image(f))[None])
     start, cpu = time.perf_counter(), _cpu()
     for i, f in enumerate(files):
         image = decode_image(f)
@@ -162,7 +171,14 @@ def naive(model: str, files: list[str], out: Path) -> dict:
 
 
 def pipeline(
-    model: str, archive: str, out: str, batch_size: int, rows_per_file: int, memory: bool = False, engine: str = "torch"
+    model: str,
+    archive: str,
+    out: str,
+    batch_size: int,
+    rows_per_file: int,
+    memory: bool = False,
+    engine: str = "torch",
+    model_actors: int = 0,
 ) -> dict:
     """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
@@ -180,6 +196,7 @@ def pipeline(
             f"score.rows_per_file={rows_per_file}",
             "score.commit_interval_s=0",
             f"score.engine={engine}",
+            f"score.model_actors={model_actors or 'null'}",
         ],
     )
     with ProcessTree(interval=0.5 if memory else 2.0, memory=memory) as tree:
@@ -187,7 +204,29 @@ def pipeline(
         report = run_score(model, archive, out, cfg)
         wall = time.perf_counter() - start
     return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
-            "peak_pss": tree.peak, "model_s": report.model_seconds, "engine": report.engine}  # fmt: skip
+            "peak_pss": tree.peak, "model_s": report.model_seconds, "engine": report.engine,
+            "device": report.device, "timeline": report.timeline, "actors": report.actors}  # fmt: skip
+
+
+def _summary(b1: dict, b2: dict) -> dict:
+    return {
+        "actors": b2["actors"],
+        "b_timeline_ips": round(_timeline_rate(b2["timeline"]), 2),
+        "b_e2e_ips": round(b2["ips"], 2),
+        "b_wall_s": [round(b1["wall_s"], 1), round(b2["wall_s"], 1)],
+        "b_actor_ips": round(b2["scored"] / b2["model_s"], 2) if b2["model_s"] else None,
+    }
+
+
+def _timeline_rate(timeline: list[tuple[float, int]], lo: float = 0.2, hi: float = 0.9) -> float:
+    """Images/s while the run's committed rows went from `lo` to `hi` of its total (commits after every staged
+    file): the steady rate inside one run, without start-up and the last batches' drain."""
+    if not timeline or timeline[-1][1] <= 0:
+        return float("nan")
+    total = timeline[-1][1]
+    t0, n0 = next((t, n) for t, n in timeline if n >= lo * total)
+    t1, n1 = next((t, n) for t, n in timeline if n >= hi * total)
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
 class ProcessTree:
@@ -276,6 +315,18 @@ def main() -> None:
         choices=["auto", "torch", "onnx"],
         help="score.engine for (a) and (b); (c) is always PyTorch eager, as written by hand",
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where (a) and (c) run the model: auto = CUDA when present, as `raydefect score` does for (b)",
+    )
+    p.add_argument(
+        "--model-actors",
+        default="0",
+        help="score.model_actors for (b), a comma list to compare (e.g. 0,2); 0 = the default (one per GPU, else 1); "
+        "the first is reported as (b)",
+    )
     p.add_argument("--memory", action="store_true", help="measure peak memory at 2,000 and 20,000 images instead")
     p.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -316,8 +367,11 @@ def main() -> None:
                 )
             )
             return
+        import torch
+
         from raydefect.data.synth import generate_archive
 
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         n = args.images
         archive = Path(tmp) / "archive"
         w, _, h = args.size.partition("x")
@@ -328,18 +382,25 @@ def main() -> None:
         half = Path(tmp) / "half.txt"  # the first n images, as a manifest
         half.write_text("\n".join(files[:n]) + "\n")
         model = _model(Path(tmp) / "model", args.backbone, args.image_size, files[:: max(1, len(files) // 48)])
-        a_here = ceiling(model, files[:n], args.batch_size, args.engine)
-        a_actor = ceiling_in_actor(model, files[:n], args.batch_size, args.engine)
+        a_here = ceiling(model, files[:n], args.batch_size, args.engine, device)
+        a_actor = ceiling_in_actor(model, files[:n], args.batch_size, args.engine, device)
         a = max(a_here, a_actor, key=lambda r: r["ips"])
-        a_torch = ceiling(model, files[:n], args.batch_size, "torch") if args.engine != "torch" else a_here
-        c = naive(model, files[: args.naive_images], Path(tmp) / "naive")
+        a_torch = ceiling(model, files[:n], args.batch_size, "torch", device) if args.engine != "torch" else a_here
+        c = naive(model, files[: args.naive_images], Path(tmp) / "naive", device)
         rows = 4 * args.batch_size
         warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
         warm.write_text("\n".join(files[-4:]) + "\n")
         pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows, engine=args.engine)
-        b1 = pipeline(model, str(half), str(Path(tmp) / "scores-n"), args.batch_size, rows, engine=args.engine)
-        b2 = pipeline(model, str(archive), str(Path(tmp) / "scores-2n"), args.batch_size, rows, engine=args.engine)
+        by_actors = {}
+        for k in [int(v) for v in args.model_actors.split(",")]:
+            b1, b2 = (
+                pipeline(model, src, str(Path(tmp) / f"b{k}-{name}"), args.batch_size, rows, False, args.engine, k)
+                for name, src in (("n", str(half)), ("2n", str(archive)))
+            )
+            by_actors[k] = (b1, b2)
+        b1, b2 = by_actors[int(args.model_actors.split(",")[0])]
         steady = n / (b2["wall_s"] - b1["wall_s"]) if b2["wall_s"] > b1["wall_s"] else float("nan")
+        timeline = _timeline_rate(b2["timeline"])
         per_cpu = {  # images per CPU-second: what contention from other jobs on the machine barely moves
             "a": n / a["cpu_s"],
             "b": n / (b2["cpu_s"] - b1["cpu_s"]),  # steady state, as for b_steady
@@ -357,6 +418,8 @@ def main() -> None:
                     "thresholds": _thresholds(model),
                     "batch_size": args.batch_size,
                     "cpus": os.cpu_count(),
+                    "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                    "b_device": b2["device"],
                     "engine": b2["engine"],
                     "a_ceiling_ips": round(a["ips"], 2),
                     "a_torch_ips": round(a_torch["ips"], 2),
@@ -364,6 +427,8 @@ def main() -> None:
                     "a_in_actor_ips": round(a_actor["ips"], 2),
                     "b_e2e_ips": round(b2["ips"], 2),
                     "b_steady_ips": round(steady, 2),
+                    "b_timeline_ips": round(timeline, 2),
+                    "b_timeline_over_a": round(timeline / a["ips"], 3),
                     "c_naive_ips": round(c["ips"], 2),
                     "b_steady_over_a": round(steady / a["ips"], 3),
                     "b_e2e_over_a": round(b2["ips"] / a["ips"], 3),
@@ -375,6 +440,7 @@ def main() -> None:
                     "images_per_cpu_s": {k: round(v, 3) for k, v in per_cpu.items()},
                     "b_over_a_per_cpu_s": round(per_cpu["b"] / per_cpu["a"], 3),
                     "b_over_c_per_cpu_s": round(per_cpu["b"] / per_cpu["c"], 3),
+                    "b_by_model_actors": {str(k): _summary(r1, r2) for k, (r1, r2) in by_actors.items()},
                     "load_avg_1m": round(os.getloadavg()[0], 2),
                 }
             )

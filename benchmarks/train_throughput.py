@@ -127,6 +127,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="torch threads / CPUs of the Ray worker")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
+    p.add_argument(
+        "--loader-threads",
+        type=int,
+        default=1,
+        help="data.loader_threads: decode + augment threads per worker (a GPU needs several to be fed)",
+    )
+    p.add_argument(
+        "--loader-processes",
+        default="null",
+        help="data.loader_processes: decode + augment processes per worker (null: none on CPU, the CPUs - 1 on a GPU)",
+    )
+    p.add_argument("--precision", default="auto", help="train.precision: auto (bf16 on GPU), bf16 or fp32")
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument(
         "--floor",
@@ -159,7 +171,9 @@ def main() -> None:
                 f"model.backbone={args.backbone}",
                 "model.pretrained=false",
                 f"data.image_size={args.size}",
-                "data.loader_threads=1",
+                f"data.loader_threads={args.loader_threads}",
+                f"data.loader_processes={args.loader_processes}",
+                f"train.precision={args.precision}",
                 "schedule.frozen_epochs=0",
                 "schedule.partial_epochs=0",
                 f"schedule.full_epochs={args.epochs}",
@@ -176,7 +190,10 @@ def main() -> None:
             "batch_size": args.batch_size,
             "cpus": args.cpus,
             "repeats": args.repeats,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "precision": "bf16" if torch.cuda.is_available() and args.precision != "fp32" else "fp32",
+            "loader_threads": args.loader_threads,
+            "loader_processes": args.loader_processes,
         }
         torch.set_num_threads(args.cpus)
         runs: dict[str, list[dict]] = {"plain": [], "ray": []}
