@@ -6,7 +6,7 @@ The stages (each a function or class from `raydefect.scoring`, which knows nothi
       -> list / stat in parallel tasks -> drop what this model already scored (stat key)
       -> streaming repartition (decode parallelism does not depend on the folder layout)
       -> read bytes, sha1, decode, resize           CPU tasks
-      -> model                                      actor pool: one per GPU (num_gpus=1, bf16), else CPU actors
+      -> model                                      actor pool: score.actors_per_gpu per GPU (bf16), else CPU actors
       -> masks at each image's size, PNG, bbox      CPU tasks
       -> staged Parquet files, <= rows_per_file     CPU tasks; each hands back name, counts, key digests
     driver: commits the staged files every score.commit_interval_s (see `raydefect.scoring.store`)
