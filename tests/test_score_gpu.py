@@ -37,3 +37,4 @@ def test_pipeline_puts_model_actors_on_gpus(ray_session, tiny_artifact, synth_ar
     cfg = load_config("default", sets=["score.batch_size=16"])
     r = run_score(str(tiny_artifact), synth_archive["out"], str(tmp_path / "scores"), cfg)
     assert r.device == "cuda" and r.scored == synth_archive["files"]
+    assert r.actors == 2  # score.actors_per_gpu 4, capped at half of the session's 4 CPUs: two replicas share the GPU
