@@ -100,3 +100,18 @@ def test_rerunning_a_crashed_run_resumes_from_its_last_checkpoint(
     assert [r["attempt"] for r in after] == [1, 2, 2]
     assert after[0]["seconds"] == before[0]["seconds"]  # epoch 1 was not trained again
     assert (tmp_path / "runs" / "crash" / "model" / "model.yaml").is_file()
+
+
+def test_gpu_workers_with_one_cpu_on_a_cpu_rich_cluster_get_a_hint():
+    from raydefect.config import load_config
+    from raydefect.pipelines.train import gpu_loader_hint
+
+    default = load_config("default")
+    hint = gpu_loader_hint(default, cpus=16, gpus=1)
+    assert hint and "reserves 1 CPU(s)" in hint and "16 per GPU" in hint and hint.endswith("--cpus-per-worker 15")
+    assert gpu_loader_hint(default, cpus=64, gpus=8).endswith(
+        "has 8 per GPU; the loader will likely starve the GPU: pass --cpus-per-worker 7"
+    )
+    assert gpu_loader_hint(default, cpus=4, gpus=1) is None  # few CPUs to give
+    assert gpu_loader_hint(load_config("default", sets=["resources.cpus_per_worker=8"]), cpus=16, gpus=1) is None
+    assert gpu_loader_hint(load_config("default", sets=["data.loader_processes=3"]), cpus=16, gpus=1) is None

@@ -272,6 +272,20 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.resources.use_gpu == "auto" and cluster_gpus() > 0
 
 
+def gpu_loader_hint(cfg: Config, cpus: float, gpus: float) -> str | None:
+    """A warning when GPU workers reserve few CPUs while the cluster has many per GPU: those CPUs decode and augment
+    (``data.loader_processes``), and on an H200 the loader, not the GPU, set the pace (262 vs 520 images/s)."""
+    per_gpu = cpus / gpus if gpus else 0.0
+    share = math.floor(per_gpu * cfg.resources.gpus_per_worker) - 1
+    if cfg.data.loader_processes is not None or cfg.resources.cpus_per_worker >= 4 or share < 4:
+        return None
+    return (
+        f"each GPU worker reserves {cfg.resources.cpus_per_worker:g} CPU(s) to decode and augment images "
+        f"(resources.cpus_per_worker) while this cluster has {per_gpu:g} per GPU; the loader will likely starve the "
+        f"GPU: pass --cpus-per-worker {share}"
+    )
+
+
 def _root_error(exc: BaseException) -> BaseException:
     """The first RaydefectError inside Ray's wrappers (worker_failures, cause, __cause__), else ``exc``."""
     return user_error(exc) or exc
@@ -353,6 +367,11 @@ def run_training(
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
+        from raydefect.pipelines.cluster import cluster_cpus, cluster_gpus
+
+        hint = gpu_loader_hint(cfg, cluster_cpus(), cluster_gpus())
+        if hint:
+            console.warn(hint)
     verbose = console.verbosity() >= 1
     quiet_ray_data()
     datasets = {"train": ray.data.from_pandas(_frame(train_rows)), "val": ray.data.from_pandas(_frame(val_rows))}
