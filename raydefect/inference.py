@@ -288,6 +288,33 @@ def _empty_png(width: int, height: int) -> bytes:
     return encode_png(np.zeros((height, width), bool))
 
 
+def _upsampled_mask(prob: np.ndarray, width: int, height: int, threshold: float) -> np.ndarray:
+    """``upsample_prob(prob, width, height) >= threshold``, upsampling only the part of the image that can reach it.
+
+    An output pixel of a bilinear enlargement mixes the 2x2 model pixels around its centre, so it can reach the
+    threshold only near a model pixel that does: the box around those (plus a pixel of margin on each side) is
+    upsampled with PIL's ``box`` (the same sampling positions as the full image), the rest of the mask is False.
+    On a 3-megapixel image with a small defect this takes the upsampling from ~13 ms to well under one. When the
+    image is smaller than the model's grid on either side (antialiased shrinking, wider support) the whole image
+    is upsampled."""
+    rows_in, cols_in = prob.shape
+    if prob.ndim != 2 or width < cols_in or height < rows_in:
+        return upsample_prob(prob, width, height) >= threshold
+    hot = prob >= _below(threshold)
+    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    sx, sy = width / cols_in, height / rows_in
+    x0, x1 = max(0, int(np.floor((cols[0] - 1) * sx)) - 1), min(width, int(np.ceil((cols[-1] + 2) * sx)) + 1)
+    y0, y1 = max(0, int(np.floor((rows[0] - 1) * sy)) - 1), min(height, int(np.ceil((rows[-1] + 2) * sy)) + 1)
+    if (x1 - x0) * (y1 - y0) >= 0.5 * width * height:
+        return upsample_prob(prob, width, height) >= threshold
+    crop = Image.fromarray(prob).resize(
+        (x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=(x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+    )
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = np.asarray(crop, dtype=np.float32) >= threshold
+    return mask
+
+
 def postprocess(
     mask_prob: np.ndarray, width: int, height: int, pixel_threshold: float, *, encode: bool = True
 ) -> MaskResult:
@@ -305,7 +332,7 @@ def postprocess(
             fraction=0.0,
             bbox=None,
         )
-    mask = upsample_prob(prob, width, height) >= pixel_threshold
+    mask = _upsampled_mask(prob, int(width), int(height), pixel_threshold)
     area = int(np.count_nonzero(mask))
     return MaskResult(
         mask=mask,

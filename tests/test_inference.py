@@ -170,3 +170,24 @@ def test_cuda_auto_precision_is_bf16_and_matches_cpu(tiny_artifact, predictor):
     a, b = predictor.predict(x), gpu.predict(x)
     assert np.abs(a["class_probs"] - b["class_probs"]).max() < 0.05
     assert np.abs(a["mask_prob"] - b["mask_prob"]).max() < 0.05
+
+
+def test_postprocess_upsamples_only_around_the_pixels_that_can_reach_the_threshold():
+    """The cropped upsampling (a box around the model pixels at the threshold) gives the very mask of the full one:
+    small hot spots anywhere, near the edges, two far apart, and odd enlargement factors."""
+    rng = np.random.default_rng(11)
+    cropped = 0
+    for trial in range(200):
+        side = int(rng.integers(4, 40))
+        width, height = int(rng.integers(side, 420)), int(rng.integers(side, 320))
+        prob = (rng.random((side, side)) * 0.4).astype(np.float32)
+        prob[rng.integers(0, side), rng.integers(0, side)] = 0.9
+        if trial % 2:
+            prob[rng.integers(0, side), rng.integers(0, side)] = 0.7
+        threshold = float(rng.choice([0.35, 0.41, 0.5, 0.65]))
+        expected = upsample_prob(prob, width, height) >= threshold
+        got = postprocess(prob, width, height, threshold)
+        assert np.array_equal(got.mask, expected), (trial, side, width, height, threshold)
+        assert got.area_px == int(expected.sum()) and got.bbox == bbox_of(expected)
+        cropped += got.area_px < 0.1 * width * height
+    assert cropped > 50  # most cases took the cropped path
