@@ -110,7 +110,9 @@ def _files(root: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 
 
-def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu") -> dict:
+def ceiling(
+    model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu", threads: int = 0
+) -> dict:
     """(a) images/s of the bare forward on pre-decoded tensors, on the engine and device the pipeline uses. On a GPU
     the tensors are put on it first: the forward (bf16 autocast) and the outputs' copy back are all that is timed."""
     import torch
@@ -118,10 +120,11 @@ def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch"
     from raydefect.inference import Preprocessor, make_predictor
     from raydefect.models.artifact import load_artifact
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     loaded = load_artifact(model)
     pre = Preprocessor(loaded.meta)
-    predictor = make_predictor(loaded, device=device, engine=engine, threads=os.cpu_count() or 1)
+    predictor = make_predictor(loaded, device=device, engine=engine, threads=threads)
     x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
     if device != "cpu":
@@ -134,17 +137,24 @@ def ceiling(model: str, files: list[str], batch_size: int, engine: str = "torch"
     return {"ips": len(x) / (time.perf_counter() - start), "cpu_s": _cpu() - cpu}
 
 
-def ceiling_in_actor(model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu") -> dict:
-    """(a) again, inside a Ray actor with the model actor's resources and threads (Ray sets OMP_NUM_THREADS for
-    its workers, which changes how MKL and OpenMP use the cores): the ceiling is the faster of the two."""
+def ceiling_in_actors(
+    model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu", actors: int = 1
+) -> dict:
+    """(a) again, in Ray actors laid out as the pipeline's model actors (on CPU: `actors` replicas at once, the
+    node's cores split between them, as `raydefect score` does by default; on a GPU: one) and summed over them:
+    the ceiling is the fastest of this and the in-process figure. Each replica times its own pass over `files`;
+    the first to finish leaves the others the machine, so the sum errs high (a ceiling, not a floor)."""
     import ray
 
     from raydefect.pipelines.cluster import connect
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     connect(None, num_cpus=os.cpu_count())
-    remote = ray.remote(num_cpus=1, num_gpus=0 if device == "cpu" else 1)(ceiling)
-    return ray.get(remote.remote(model, files, batch_size, engine, device))
+    k = 1 if device != "cpu" else actors
+    threads = max(1, (os.cpu_count() or 1) // k)
+    remote = ray.remote(num_cpus=(os.cpu_count() or 1) / 2 / k, num_gpus=0 if device == "cpu" else 1)(ceiling)
+    runs = ray.get([remote.remote(model, files, batch_size, engine, device, threads) for _ in range(k)])
+    return {"ips": sum(r["ips"] for r in runs), "cpu_s": sum(r["cpu_s"] for r in runs) / k, "actors": k}
 
 
 def naive(model: str, files: list[str], out: Path, device: str = "cpu") -> dict:
@@ -179,6 +189,7 @@ def pipeline(
     memory: bool = False,
     engine: str = "torch",
     model_actors: int = 0,
+    sets: list[str] | None = None,
 ) -> dict:
     """(b) `run_score` end to end on an embedded local Ray: wall time, and CPU time of every Ray process."""
     from raydefect.config import load_config
@@ -197,6 +208,7 @@ def pipeline(
             "score.commit_interval_s=0",
             f"score.engine={engine}",
             f"score.model_actors={model_actors or 'null'}",
+            *(sets or []),
         ],
     )
     with ProcessTree(interval=0.5 if memory else 2.0, memory=memory) as tree:
@@ -327,6 +339,7 @@ def main() -> None:
         help="score.model_actors for (b), a comma list to compare (e.g. 0,2); 0 = the default (one per GPU, else 1); "
         "the first is reported as (b)",
     )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for (b); repeat")
     p.add_argument("--memory", action="store_true", help="measure peak memory at 2,000 and 20,000 images instead")
     p.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -383,18 +396,23 @@ def main() -> None:
         half.write_text("\n".join(files[:n]) + "\n")
         model = _model(Path(tmp) / "model", args.backbone, args.image_size, files[:: max(1, len(files) // 48)])
         a_here = ceiling(model, files[:n], args.batch_size, args.engine, device)
-        a_actor = ceiling_in_actor(model, files[:n], args.batch_size, args.engine, device)
+        from raydefect.pipelines.score import default_actors
+
+        layout = int(args.model_actors.split(",")[0]) or default_actors(0, os.cpu_count() or 1, 0.0, 0)
+        a_actor = ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout)
         a = max(a_here, a_actor, key=lambda r: r["ips"])
         a_torch = ceiling(model, files[:n], args.batch_size, "torch", device) if args.engine != "torch" else a_here
         c = naive(model, files[: args.naive_images], Path(tmp) / "naive", device)
         rows = 4 * args.batch_size
         warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
         warm.write_text("\n".join(files[-4:]) + "\n")
-        pipeline(model, str(warm), str(Path(tmp) / "scores-warm"), args.batch_size, rows, engine=args.engine)
+        pipeline(model, str(warm), str(Path(tmp) / "warm-out"), args.batch_size, rows, False, args.engine, 0, args.set)
         by_actors = {}
         for k in [int(v) for v in args.model_actors.split(",")]:
             b1, b2 = (
-                pipeline(model, src, str(Path(tmp) / f"b{k}-{name}"), args.batch_size, rows, False, args.engine, k)
+                pipeline(
+                    model, src, str(Path(tmp) / f"b{k}-{name}"), args.batch_size, rows, False, args.engine, k, args.set
+                )
                 for name, src in (("n", str(half)), ("2n", str(archive)))
             )
             by_actors[k] = (b1, b2)
@@ -425,6 +443,7 @@ def main() -> None:
                     "a_torch_ips": round(a_torch["ips"], 2),
                     "a_in_process_ips": round(a_here["ips"], 2),
                     "a_in_actor_ips": round(a_actor["ips"], 2),
+                    "a_actors": a_actor["actors"],
                     "b_e2e_ips": round(b2["ips"], 2),
                     "b_steady_ips": round(steady, 2),
                     "b_timeline_ips": round(timeline, 2),

@@ -238,7 +238,10 @@ class ScoreConfig:
     batch_size: int = _f(32, "Images per model batch.")
     rows_per_file: int = _f(5000, "Upper bound of rows per output Parquet file.")
     model_actors: int | None = _f(
-        None, "Model replicas in the actor pool; default: score.actors_per_gpu per GPU, else 1."
+        None,
+        "Model replicas in the actor pool; default: score.actors_per_gpu per GPU; without GPUs one single-threaded "
+        "replica per CPU, at most 8 per node (independent replicas keep computing while decode tasks take a core; "
+        "one replica's threads all wait for the slowest).",
     )
     actors_per_gpu: int = _f(
         4,
@@ -264,7 +267,16 @@ class ScoreConfig:
     commit_interval_s: float = _f(
         30.0, "Commit written files at least this often (seconds): a killed run loses at most this much work."
     )
-    actor_cpus: float = _f(1.0, "CPUs reserved per model actor (decode tasks use the rest).")
+    actor_cpus: float | None = _f(
+        None,
+        "CPUs reserved per model actor (the other stages' tasks use the rest); default: 1 with GPUs, else the "
+        "actors together reserve half of the CPUs (they compute on every core; Ray's reservations only place them).",
+    )
+    task_cpus: float | None = _f(
+        None,
+        "CPUs each listing, decode and finish task reserves (writes reserve none); default: 1, or what the model "
+        "actors leave when that is less.",
+    )
     model_threads: int | None = _f(
         None, "torch threads per model actor on CPU; default: the node's CPUs divided by the actors (at least 1)."
     )
@@ -287,7 +299,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.commit_interval_s >= 0, "score.commit_interval_s", "must be >= 0 (0 commits every file)")
-        _check(self.actor_cpus > 0, "score.actor_cpus", "must be > 0")
+        _check(self.actor_cpus is None or self.actor_cpus > 0, "score.actor_cpus", "must be > 0")
+        _check(self.task_cpus is None or self.task_cpus > 0, "score.task_cpus", "must be > 0")
         _check(self.model_threads is None or self.model_threads >= 1, "score.model_threads", "must be >= 1")
         _check(self.rows_per_file >= 1, "score.rows_per_file", "must be >= 1")
         _check(self.model_actors is None or self.model_actors >= 1, "score.model_actors", "must be >= 1")

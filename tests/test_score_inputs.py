@@ -141,7 +141,7 @@ def test_model_actors_that_would_take_every_cpu_are_refused(ray_session, inputs,
     from raydefect.errors import ConfigError
     from raydefect.pipelines.score import run_score
 
-    cfg = load_config("default", sets=["score.model_actors=4"])  # the session's Ray has 4 CPUs
+    cfg = load_config("default", sets=["score.model_actors=4", "score.actor_cpus=1"])  # the session's Ray has 4 CPUs
     with pytest.raises(ConfigError, match=r"score.model_actors=4 x score.actor_cpus=1 reserve 4 of the cluster's 4"):
         run_score(str(tiny_artifact), str(inputs.archive), str(tmp_path / "scores"), cfg)
     assert not list((tmp_path / "scores").glob("*.parquet"))
@@ -150,9 +150,32 @@ def test_model_actors_that_would_take_every_cpu_are_refused(ray_session, inputs,
 def test_default_model_actors_share_each_gpu_but_leave_cpus_to_decode():
     from raydefect.pipelines.score import default_actors
 
-    assert default_actors(0, 16, 1.0, 4) == 1  # CPU: one actor with every core's threads
+    assert default_actors(0, 2, 0.0, 0) == 2  # CPU: one single-threaded replica per core
+    assert default_actors(0, 64, 0.0, 0, nodes=2) == 16  # at most 8 per node: more threads each instead
+    assert default_actors(0, 1, 0.0, 0) == 1
     assert default_actors(1, 16, 1.0, 4) == 4  # one H200, 16 CPUs: the measured best
     assert default_actors(1, 4, 1.0, 4) == 2  # no more than half the CPUs
     assert default_actors(8, 32, 1.0, 4) == 16  # 2 per GPU: the same on every GPU
     assert default_actors(8, 8, 1.0, 4) == 8  # never fewer than one per GPU
     assert default_actors(2, 64, 2.0, 4) == 8
+
+
+def test_cpu_replicas_and_task_reservations_leave_every_stage_room():
+    """Without GPUs: one single-threaded replica per CPU reserving half of them together; the other stages' tasks
+    ask for what is left (1 at most), so that Ray Data's reservations can start decode, finish and write tasks
+    while the replicas run (writes reserve nothing: see `_run`)."""
+    from raydefect.config import load_config
+    from raydefect.pipelines.score import _check_cpus_left, light_task_cpus, resolve_actors
+
+    sc = load_config("default").score
+    assert resolve_actors(sc, 0, 2) == (2, 0.5)  # the dev machine: two replicas, one CPU left for tasks
+    assert resolve_actors(sc, 0, 1) == (1, 0.5)  # one CPU: half for the replica, half for tasks
+    assert resolve_actors(sc, 0, 32, nodes=2) == (16, 1.0)
+    assert resolve_actors(sc, 1, 16) == (4, 1.0)  # GPUs: as before, one CPU per replica
+    explicit = load_config("default", sets=["score.model_actors=3", "score.actor_cpus=0.25"]).score
+    assert resolve_actors(explicit, 0, 8) == (3, 0.25)
+    assert light_task_cpus(2, 1.0) == 1.0 and light_task_cpus(1, 0.5) == 0.5 and light_task_cpus(64, 8) == 1.0
+    for cpus in (1, 2, 4, 64):
+        actors, actor_cpus = resolve_actors(sc, 0, cpus)
+        _check_cpus_left(actors, actor_cpus, cpus)  # the defaults never leave the tasks without a CPU
+        assert light_task_cpus(cpus, actors * actor_cpus) <= cpus - actors * actor_cpus

@@ -6,7 +6,8 @@ The stages (each a function or class from `raydefect.scoring`, which knows nothi
       -> list / stat in parallel tasks -> drop what this model already scored (stat key)
       -> streaming repartition (decode parallelism does not depend on the folder layout)
       -> read bytes, sha1, decode, resize           CPU tasks
-      -> model                                      actor pool: score.actors_per_gpu per GPU (bf16), else CPU actors
+      -> model                                      actor pool: score.actors_per_gpu per GPU (bf16), else one
+                                                    single-threaded CPU actor per core
       -> masks at each image's size, PNG, bbox      CPU tasks
       -> staged Parquet files, <= rows_per_file     CPU tasks; each hands back name, counts, key digests
     driver: commits the staged files every score.commit_interval_s (see `raydefect.scoring.store`)
@@ -246,7 +247,9 @@ def _fetch_model(location: str, storage: Storage) -> str:
     return str(folder)
 
 
-def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict) -> Any:
+def _listing_dataset(
+    spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict, task_cpus: float = 1.0
+) -> Any:
     import ray
 
     if spec.kind == "manifest":
@@ -276,6 +279,7 @@ def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: st
             batch_format="pyarrow",
             batch_size=1000,
             fn_kwargs={"column": column, "base": base, "storage": storage},
+            num_cpus=task_cpus,
             **remote_args,
         )
     exclude = None
@@ -299,6 +303,7 @@ def _listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: st
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"spec": spec, "storage": storage, "filt": filt},
+        num_cpus=task_cpus,
         **remote_args,
     )
 
@@ -344,15 +349,18 @@ def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict
     return {"runtime_env": {"env_vars": env}} if env and remote else {}
 
 
-def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any) -> Any:
+def _pending(
+    s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any, task_cpus: float = 1.0
+) -> Any:
     """listing -> drop what is already scored (stat key): the images a run will score."""
-    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args)
+    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args, task_cpus)
     return ds.map_batches(
         _filter_known,
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs={"known": known_ref, "model_id": s.meta.model_id, "key_mode": sc.incremental_key,
                    "counter": counter},
+        num_cpus=task_cpus,
         **remote_args,
     )  # fmt: skip
 
@@ -433,26 +441,30 @@ def _run(
         )
         known_ref = [ray.put(known.array)] if len(known) else []
         counter = _make_counter()
-        gpus = cluster_gpus()
-        actors = sc.model_actors or default_actors(gpus, cluster_cpus(), sc.actor_cpus, sc.actors_per_gpu)
-        num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
+        gpus, cpus = cluster_gpus(), cluster_cpus()
         nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        actors, actor_cpus = resolve_actors(sc, gpus, cpus, nodes)
+        num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
         threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
-        _check_cpus_left(actors, sc.actor_cpus, cluster_cpus())
+        _check_cpus_left(actors, actor_cpus, cpus)
+        task_cpus = sc.task_cpus or light_task_cpus(cpus, actors * actor_cpus)
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
         # again in each actor, on its own node
         report.engine = resolve_engine(sc.engine, report.device, sc.precision)
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 
-        ds = _pending(s, sc, out, remote_args, known_ref, counter)
-        ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
+        ds = _pending(s, sc, out, remote_args, known_ref, counter, task_cpus)
+        # strict: every block holds exactly batch_size rows (the last excepted); without it each input block leaves
+        # a remainder of its own, and half the model batches held 2 or 3 images
+        ds = ds.repartition(target_num_rows_per_block=sc.batch_size, strict=True)
         ds = ds.map_batches(
             _decode,
             batch_format="pyarrow",
             batch_size=sc.batch_size,
             concurrency=sc.decode_tasks,
+            num_cpus=task_cpus,
             fn_kwargs={"image_size": meta.image_size, "storage": storage, "max_pixels": sc.max_image_pixels,
                        "reduced_jpeg": sc.reduced_jpeg,
                        "key_mode": sc.incremental_key, "model_id": meta.model_id, "known": known_ref,
@@ -462,14 +474,14 @@ def _run(
         # A streaming repartition between stages keeps Ray Data from fusing them: decoding stays in parallel CPU
         # tasks instead of running inside the model actor, and masks are finished batch by batch instead of
         # piling up model outputs until a whole output file's worth of rows is there.
-        ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
+        ds = ds.repartition(target_num_rows_per_block=sc.batch_size, strict=True)
         ds = ds.map_batches(
             _ModelActor,
             batch_format="numpy",
             batch_size=sc.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=num_gpus,
-            num_cpus=sc.actor_cpus,
+            num_cpus=actor_cpus,
             fn_constructor_kwargs={
                 "artifact": _artifact_files(s.model),
                 "model_id": meta.model_id,
@@ -482,9 +494,17 @@ def _run(
             **remote_args,
         )
         ds = ds.map_batches(
-            _finish, batch_format="numpy", batch_size=sc.batch_size, fn_kwargs={"meta": meta, "run_id": run_id}
+            _finish,
+            batch_format="numpy",
+            batch_size=sc.batch_size,
+            fn_kwargs={"meta": meta, "run_id": run_id},
+            num_cpus=task_cpus,
         )
-        ds = ds.repartition(target_num_rows_per_block=min(sc.rows_per_file, 1024))
+        # Writes reserve no CPU: Ray Data reserves CPUs for upstream stages first, and on a small cluster (2 CPUs, the
+        # model actors holding one) whole-CPU writes got none until every image was scored: nothing was committed
+        # before the run's last second (measured). Writing is light (Parquet of PNG bytes), and the different request
+        # also keeps Ray Data from fusing it with `_finish` (the fused task would wait for a whole file of model
+        # outputs, float masks, before finishing any).
         ds = ds.map_batches(
             _write,
             batch_format="pyarrow",
@@ -495,6 +515,7 @@ def _run(
                 "metadata": file_metadata(meta, run_id, sc.incremental_key),
                 "key_mode": sc.incremental_key,
             },
+            num_cpus=0,
             **remote_args,
         )
         seen = KeySet() if rescore else known
@@ -543,24 +564,50 @@ def _run(
     return report
 
 
-def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int) -> int:
-    """Model replicas when score.model_actors is null: 1 without GPUs; else `per_gpu` per GPU (they share it, so
+def resolve_actors(sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1) -> tuple[int, float]:
+    """(model replicas, CPUs each reserves) from score.model_actors / score.actor_cpus and the cluster: with GPUs
+    `default_actors` and 1 CPU each; without, one replica per CPU (at most `CPU_ACTORS_PER_NODE` per node) that
+    together reserve half of the CPUs."""
+    if gpus > 0:
+        actor_cpus = 1.0 if sc.actor_cpus is None else sc.actor_cpus
+        return sc.model_actors or default_actors(gpus, cpus, actor_cpus, sc.actors_per_gpu), actor_cpus
+    actors = sc.model_actors or default_actors(0, cpus, 0.0, 0, nodes)
+    return actors, (sc.actor_cpus if sc.actor_cpus is not None else max(cpus, 1.0) / 2 / actors)
+
+
+#: Default CPU replicas per node: beyond this, replicas get more threads each instead (memory: one model per replica).
+CPU_ACTORS_PER_NODE = 8
+
+
+def light_task_cpus(cpus: float, reserved: float) -> float:
+    """CPUs that each listing / decode / finish task asks for: 1, or what the model actors leave when that is less
+    (a one-CPU machine). Not less: at a quarter CPU each, Ray ran four times the tasks at once in more worker
+    processes, and camera-size images scored at 5.9 images/s instead of 10.5 on 2 cores (measured)."""
+    return round(min(1.0, max(0.05, cpus - reserved)), 3)
+
+
+def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int, nodes: int = 1) -> int:
+    """Model replicas when score.model_actors is null. Without GPUs, one per CPU, at most `CPU_ACTORS_PER_NODE` per
+    node, each on one thread: on 2 cores, two single-threaded replicas scored 256 px images at 0.91 of the bare
+    forward where one two-threaded replica reached 0.72 -- whenever a decode or write task takes a core, both of its
+    threads wait at every operation. With GPUs, `per_gpu` per GPU (they share it, so
     one computes while another's batch is (de)serialised: measured on an H200 with dinov3-b, 1, 2 and 4 replicas
     reached 0.67, 0.86 and 0.94 of the bare forward), fewer if they would hold more than half the CPUs that decode
     for them, never fewer than one per GPU; always the same number on every GPU, so that each takes 1/k of one."""
     if gpus <= 0:
-        return 1
+        return max(1, min(int(cpus), CPU_ACTORS_PER_NODE * max(1, nodes)))
     whole = max(1, int(gpus))
     return whole * max(1, min(per_gpu, int(cpus / 2 / actor_cpus) // whole))
 
 
 def _check_cpus_left(actors: int, actor_cpus: float, cpus: float) -> None:
     """The model actors hold their CPUs for the whole run: if they took every CPU, no decode task could ever start
-    and Ray Data would wait forever."""
-    if cpus - actors * actor_cpus < 1:
+    and Ray Data would wait forever. They must leave one CPU (half of a one-CPU machine)."""
+    need = min(1.0, cpus / 2)
+    if cpus - actors * actor_cpus < need:
         raise ConfigError(
             f"score.model_actors={actors} x score.actor_cpus={actor_cpus:g} reserve {actors * actor_cpus:g} of the "
-            f"cluster's {cpus:g} CPUs, leaving less than one to decode images: lower score.model_actors or "
+            f"cluster's {cpus:g} CPUs, leaving less than {need:g} to decode images: lower score.model_actors or "
             "score.actor_cpus, or add CPUs"
         )
 
