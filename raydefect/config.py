@@ -270,12 +270,13 @@ class ScoreConfig:
     actor_cpus: float | None = _f(
         None,
         "CPUs reserved per model actor (the other stages' tasks use the rest); default: 1 with GPUs, else the "
-        "actors together reserve half of the CPUs (they compute on every core; Ray's reservations only place them).",
+        "actors together reserve half of the CPUs and leave at least one (they compute on every core; Ray's "
+        "reservations only place them).",
     )
-    task_cpus: float | None = _f(
-        None,
-        "CPUs each listing, decode and finish task reserves (writes reserve none); default: 1, or what the model "
-        "actors leave when that is less.",
+    task_cpus: float = _f(
+        1.0,
+        "CPUs each listing, decode and finish task reserves (writes reserve none). Less than 1 runs more tasks at "
+        "once in more Ray workers: at 0.25, camera-size images scored at 5.9 images/s instead of 10.5 on 2 cores.",
     )
     model_threads: int | None = _f(
         None, "torch threads per model actor on CPU; default: the node's CPUs divided by the actors (at least 1)."
@@ -300,7 +301,7 @@ class ScoreConfig:
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.commit_interval_s >= 0, "score.commit_interval_s", "must be >= 0 (0 commits every file)")
         _check(self.actor_cpus is None or self.actor_cpus > 0, "score.actor_cpus", "must be > 0")
-        _check(self.task_cpus is None or self.task_cpus > 0, "score.task_cpus", "must be > 0")
+        _check(self.task_cpus > 0, "score.task_cpus", "must be > 0")
         _check(self.model_threads is None or self.model_threads >= 1, "score.model_threads", "must be >= 1")
         _check(self.rows_per_file >= 1, "score.rows_per_file", "must be >= 1")
         _check(self.model_actors is None or self.model_actors >= 1, "score.model_actors", "must be >= 1")

@@ -448,7 +448,7 @@ def _run(
         threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
         _check_cpus_left(actors, actor_cpus, cpus)
-        task_cpus = sc.task_cpus or light_task_cpus(cpus, actors * actor_cpus)
+        task_cpus = sc.task_cpus
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
         # again in each actor, on its own node
         report.engine = resolve_engine(sc.engine, report.device, sc.precision)
@@ -572,18 +572,14 @@ def resolve_actors(sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1) ->
         actor_cpus = 1.0 if sc.actor_cpus is None else sc.actor_cpus
         return sc.model_actors or default_actors(gpus, cpus, actor_cpus, sc.actors_per_gpu), actor_cpus
     actors = sc.model_actors or default_actors(0, cpus, 0.0, 0, nodes)
-    return actors, (sc.actor_cpus if sc.actor_cpus is not None else max(cpus, 1.0) / 2 / actors)
+    if sc.actor_cpus is not None:
+        return actors, sc.actor_cpus
+    # at most half the CPUs, and one CPU always left to the other stages (a one-CPU machine: the actor reserves none)
+    return actors, max(0.0, min(cpus / 2, cpus - 1)) / actors
 
 
 #: Default CPU replicas per node: beyond this, replicas get more threads each instead (memory: one model per replica).
 CPU_ACTORS_PER_NODE = 8
-
-
-def light_task_cpus(cpus: float, reserved: float) -> float:
-    """CPUs that each listing / decode / finish task asks for: 1, or what the model actors leave when that is less
-    (a one-CPU machine). Not less: at a quarter CPU each, Ray ran four times the tasks at once in more worker
-    processes, and camera-size images scored at 5.9 images/s instead of 10.5 on 2 cores (measured)."""
-    return round(min(1.0, max(0.05, cpus - reserved)), 3)
 
 
 def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int, nodes: int = 1) -> int:
@@ -602,8 +598,9 @@ def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int, no
 
 def _check_cpus_left(actors: int, actor_cpus: float, cpus: float) -> None:
     """The model actors hold their CPUs for the whole run: if they took every CPU, no decode task could ever start
-    and Ray Data would wait forever. They must leave one CPU (half of a one-CPU machine)."""
-    need = min(1.0, cpus / 2)
+    and Ray Data would wait forever (also with less than one CPU left: measured, a one-CPU Ray whose actor held half
+    of it never finished)."""
+    need = 1.0
     if cpus - actors * actor_cpus < need:
         raise ConfigError(
             f"score.model_actors={actors} x score.actor_cpus={actor_cpus:g} reserve {actors * actor_cpus:g} of the "
