@@ -230,14 +230,14 @@ def _summary(b1: dict, b2: dict) -> dict:
     }
 
 
-def _timeline_rate(timeline: list[tuple[float, int]], lo: float = 0.2, hi: float = 0.9) -> float:
+def _timeline_rate(timeline: list[tuple[float, int, int]], lo: float = 0.2, hi: float = 0.9) -> float:
     """Images/s while the run's committed rows went from `lo` to `hi` of its total (commits after every staged
     file): the steady rate inside one run, without start-up and the last batches' drain."""
     if not timeline or timeline[-1][1] <= 0:
         return float("nan")
     total = timeline[-1][1]
-    t0, n0 = next((t, n) for t, n in timeline if n >= lo * total)
-    t1, n1 = next((t, n) for t, n in timeline if n >= hi * total)
+    t0, n0 = next((t, n) for t, n, _ in timeline if n >= lo * total)
+    t1, n1 = next((t, n) for t, n, _ in timeline if n >= hi * total)
     return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
 
 

@@ -236,7 +236,9 @@ class TuneConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     batch_size: int = _f(32, "Images per model batch.")
-    rows_per_file: int = _f(5000, "Upper bound of rows per output Parquet file.")
+    rows_per_file: int = _f(
+        5000, "Upper bound of rows per output Parquet file (rounded down to whole model batches: 4992 by default)."
+    )
     model_actors: int | None = _f(
         None,
         "Model replicas in the actor pool; default: score.actors_per_gpu per GPU; without GPUs one single-threaded "
@@ -275,8 +277,9 @@ class ScoreConfig:
     )
     task_cpus: float = _f(
         1.0,
-        "CPUs each listing, decode and finish task reserves (writes reserve none). Less than 1 runs more tasks at "
-        "once in more Ray workers: at 0.25, camera-size images scored at 5.9 images/s instead of 10.5 on 2 cores.",
+        "CPUs each decode task reserves (listing, mask-finishing and write tasks reserve none, so that they never "
+        "wait for a reservation held upstream). Less than 1 runs more tasks at once in more Ray workers: at 0.25, "
+        "camera-size images scored at 5.9 images/s instead of 10.5 on 2 cores.",
     )
     model_threads: int | None = _f(
         None, "torch threads per model actor on CPU; default: the node's CPUs divided by the actors (at least 1)."

@@ -177,3 +177,17 @@ def test_cpu_replicas_reserve_half_the_cpus_and_leave_one():
         actors, actor_cpus = resolve_actors(sc, 0, cpus)
         _check_cpus_left(actors, actor_cpus, cpus)  # the defaults never leave the tasks without a CPU
         assert actors * actor_cpus <= cpus / 2
+
+
+def test_output_files_hold_whole_model_batches():
+    """A file is a whole number of model batches (a write task gets whole blocks of batch_size rows: 2,000 rows per
+    file in 64-row blocks wrote files of 2,000 and 48 rows), never more than score.rows_per_file."""
+    from raydefect.pipelines.score import file_rows
+
+    assert file_rows(2000, 64) == 1984
+    assert file_rows(5000, 32) == 4992  # the defaults
+    assert file_rows(16, 8) == 16
+    assert file_rows(10, 32) == 10  # smaller than a batch: blocks are split
+    for rows, batch in ((1, 1), (7, 3), (100, 7), (4096, 100)):
+        n = file_rows(rows, batch)
+        assert 0 < n <= rows and (n % batch == 0 or rows < batch)

@@ -74,7 +74,8 @@ class ScoreReport:
     seconds: float = 0.0
     nodes: dict[str, int] = field(default_factory=dict)
     recovery: Recovery = field(default_factory=Recovery)
-    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, rows committed)
+    # (seconds since start, rows committed, images the model had scored by then): how far commits trail scoring
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)
     device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
     engine: str = "torch"  # what runs the model there: "torch" or "onnx" (ONNX Runtime, CPU)
     actors: int = 1
@@ -247,8 +248,18 @@ def _fetch_model(location: str, storage: Storage) -> str:
     return str(folder)
 
 
+def _light(tasks: int) -> dict[str, Any]:
+    """Remote args of a light stage (listing, finishing masks): no CPU reservation, at most `tasks` at once. Ray Data
+    reserves CPUs for its stages upstream first: a stage that reserved a CPU behind the listing would wait for the
+    whole listing, and one behind decoding for the last image (measured: nothing decoded until 8,000 files were
+    listed, no mask finished while images remained to decode, all output files committed in a run's last seconds)."""
+    import ray
+
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, tasks))}
+
+
 def _listing_dataset(
-    spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict, task_cpus: float = 1.0
+    spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict, tasks: int
 ) -> Any:
     import ray
 
@@ -262,7 +273,8 @@ def _listing_dataset(
             with fs.open_input_file(path) as f:
                 names = pq.read_schema(f).names
             column = manifest_column(names, loc)
-            ds = ray.data.read_parquet(path, filesystem=fs, **remote_args).select_columns([column])
+            ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=0, concurrency=tasks, **remote_args)
+            ds = ds.select_columns([column])
         elif spec.manifest_format == "csv":
             with fs.open_input_stream(path) as f:
                 header = f.read(64 * 1024).decode("utf-8", "replace").splitlines()[:1]
@@ -270,16 +282,17 @@ def _listing_dataset(
             if not names:
                 raise DataError(f"{loc}: empty CSV manifest; write a header line 'path' and one path per line")
             column = manifest_column(names, loc)
-            ds = ray.data.read_csv(path, filesystem=fs, **remote_args).select_columns([column])
+            ds = ray.data.read_csv(path, filesystem=fs, num_cpus=0, concurrency=tasks, **remote_args)
+            ds = ds.select_columns([column])
         else:
             column = "text"
-            ds = ray.data.read_text(path, filesystem=fs, **remote_args)
+            ds = ray.data.read_text(path, filesystem=fs, num_cpus=0, concurrency=tasks, **remote_args)
         return ds.map_batches(
             _manifest_rows,
             batch_format="pyarrow",
             batch_size=1000,
             fn_kwargs={"column": column, "base": base, "storage": storage},
-            num_cpus=task_cpus,
+            **_light(tasks),
             **remote_args,
         )
     exclude = None
@@ -303,7 +316,7 @@ def _listing_dataset(
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"spec": spec, "storage": storage, "filt": filt},
-        num_cpus=task_cpus,
+        **_light(tasks),
         **remote_args,
     )
 
@@ -349,18 +362,16 @@ def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict
     return {"runtime_env": {"env_vars": env}} if env and remote else {}
 
 
-def _pending(
-    s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any, task_cpus: float = 1.0
-) -> Any:
-    """listing -> drop what is already scored (stat key): the images a run will score."""
-    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args, task_cpus)
+def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any, tasks: int) -> Any:
+    """listing -> drop what is already scored (stat key): the images a run will score; `tasks` listing tasks at once."""
+    ds = _listing_dataset(s.spec, s.storage, sc, out, remote_args, tasks)
     return ds.map_batches(
         _filter_known,
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs={"known": known_ref, "model_id": s.meta.model_id, "key_mode": sc.incremental_key,
                    "counter": counter},
-        num_cpus=task_cpus,
+        **_light(tasks),
         **remote_args,
     )  # fmt: skip
 
@@ -385,7 +396,7 @@ def list_pending(
 def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, address: str | None) -> pa.Table:
     import ray
 
-    from raydefect.pipelines.cluster import connect
+    from raydefect.pipelines.cluster import cluster_cpus, connect
 
     connect(address)
     quiet_ray_data()
@@ -393,7 +404,7 @@ def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: boo
     if not rescore and s.store.exists():
         known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
     known_ref = [ray.put(known.array)] if len(known) else []
-    ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None)
+    ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None, int(cluster_cpus()))
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
 
@@ -449,13 +460,14 @@ def _run(
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
         _check_cpus_left(actors, actor_cpus, cpus)
         task_cpus = sc.task_cpus
+        light = int(cpus - actors * actor_cpus)  # listing and finishing tasks at once (they reserve no CPU)
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
         # again in each actor, on its own node
         report.engine = resolve_engine(sc.engine, report.device, sc.precision)
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 
-        ds = _pending(s, sc, out, remote_args, known_ref, counter, task_cpus)
+        ds = _pending(s, sc, out, remote_args, known_ref, counter, light)
         # strict: every block holds exactly batch_size rows (the last excepted); without it each input block leaves
         # a remainder of its own, and half the model batches held 2 or 3 images
         ds = ds.repartition(target_num_rows_per_block=sc.batch_size, strict=True)
@@ -463,7 +475,7 @@ def _run(
             _decode,
             batch_format="pyarrow",
             batch_size=sc.batch_size,
-            concurrency=sc.decode_tasks,
+            compute=ray.data.TaskPoolStrategy(size=sc.decode_tasks) if sc.decode_tasks else None,
             num_cpus=task_cpus,
             fn_kwargs={"image_size": meta.image_size, "storage": storage, "max_pixels": sc.max_image_pixels,
                        "reduced_jpeg": sc.reduced_jpeg,
@@ -498,17 +510,16 @@ def _run(
             batch_format="numpy",
             batch_size=sc.batch_size,
             fn_kwargs={"meta": meta, "run_id": run_id},
-            num_cpus=task_cpus,
+            **_light(light),
         )
-        # Writes reserve no CPU: Ray Data reserves CPUs for upstream stages first, and on a small cluster (2 CPUs, the
-        # model actors holding one) whole-CPU writes got none until every image was scored: nothing was committed
-        # before the run's last second (measured). Writing is light (Parquet of PNG bytes), and the different request
-        # also keeps Ray Data from fusing it with `_finish` (the fused task would wait for a whole file of model
-        # outputs, float masks, before finishing any).
+        # Writes reserve no CPU either (see `_light`; writing Parquet of PNG bytes is light), and their different
+        # request keeps Ray Data from fusing them with `_finish` (the fused task would wait for a whole file of model
+        # outputs, float masks, before finishing any). A file is a whole number of model batches: otherwise each
+        # write task also wrote a small file of the rows left over (2,000 rows in 64-row blocks: files of 2,000 and 48).
         ds = ds.map_batches(
             _write,
             batch_format="pyarrow",
-            batch_size=sc.rows_per_file,
+            batch_size=file_rows(sc.rows_per_file, sc.batch_size),
             fn_kwargs={
                 "staging": store.staging(run_id),
                 "storage": storage,
@@ -521,7 +532,7 @@ def _run(
         seen = KeySet() if rescore else known
         start = time.perf_counter()
         stop = threading.Event()
-        state = {"committed": 0, "start": start}
+        state = {"committed": 0, "start": start, "counter": counter}
         progress = threading.Thread(
             target=_progress, args=(counter, start, stop, state), daemon=True, name="raydefect-score-progress"
         )
@@ -530,7 +541,9 @@ def _run(
         last_commit = time.monotonic()
         record.stats = {"listed": 0}
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # no prefetching: with it each written file reached this loop only when the next one was written (measured:
+            # commits 4-5 s after the write), and the last file of a killed run would be lost for nothing
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 pending.extend(StagedFile.from_row(row) for row in batch.to_pylist())
                 if time.monotonic() - last_commit >= sc.commit_interval_s:
                     _commit(store, record, pending, seen, report, state)
@@ -562,6 +575,11 @@ def _run(
         if report.listed == 0:
             raise DataError(f"--input {input}: no images found; check the path and score.extensions")
     return report
+
+
+def file_rows(rows_per_file: int, batch_size: int) -> int:
+    """Rows per output file: score.rows_per_file rounded down to whole model batches (when it holds one)."""
+    return rows_per_file - rows_per_file % batch_size if rows_per_file >= batch_size else rows_per_file
 
 
 def resolve_actors(sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1) -> tuple[int, float]:
@@ -628,8 +646,8 @@ def _commit(
             report.nodes[n] = report.nodes.get(n, 0) + f.rows
     state["committed"] = report.scored
     if done:
-        report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored))
-    if done:
+        scored = _snapshot(state["counter"]).get("scored", -1) if state.get("counter") is not None else -1
+        report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored, scored))
         console.debug(f"committed {len(done)} file(s), {sum(f.rows for f in done):,} rows")
 
 
