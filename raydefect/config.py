@@ -242,8 +242,8 @@ class ScoreConfig:
     model_actors: int | None = _f(
         None,
         "Model replicas in the actor pool; default: score.actors_per_gpu per GPU; without GPUs one single-threaded "
-        "replica per CPU, at most 8 per node (independent replicas keep computing while decode tasks take a core; "
-        "one replica's threads all wait for the slowest).",
+        "replica per CPU, at most 8 per node and on one node no more than its cores (independent replicas keep "
+        "computing while decode tasks take a core; one replica's threads all wait for the slowest).",
     )
     actors_per_gpu: int = _f(
         4,

@@ -153,6 +153,8 @@ def test_default_model_actors_share_each_gpu_but_leave_cpus_to_decode():
     assert default_actors(0, 2, 0.0, 0) == 2  # CPU: one single-threaded replica per core
     assert default_actors(0, 64, 0.0, 0, nodes=2) == 16  # at most 8 per node: more threads each instead
     assert default_actors(0, 1, 0.0, 0) == 1
+    assert default_actors(0, 4, 0.0, 0, cores=2) == 2  # one node: at most its cores (tests: 4 CPUs on 2 cores)
+    assert default_actors(0, 64, 0.0, 0, nodes=2, cores=2) == 16  # several nodes: the driver's cores say nothing
     assert default_actors(1, 16, 1.0, 4) == 4  # one H200, 16 CPUs: the measured best
     assert default_actors(1, 4, 1.0, 4) == 2  # no more than half the CPUs
     assert default_actors(8, 32, 1.0, 4) == 16  # 2 per GPU: the same on every GPU
@@ -169,6 +171,7 @@ def test_cpu_replicas_reserve_half_the_cpus_and_leave_one():
     sc = load_config("default").score
     assert resolve_actors(sc, 0, 2) == (2, 0.5)  # the dev machine: two replicas, one CPU left for tasks
     assert resolve_actors(sc, 0, 1) == (1, 0.0)
+    assert resolve_actors(sc, 0, 4, cores=2) == (2, 1.0)  # the tests' Ray: 4 logical CPUs on 2 cores
     assert resolve_actors(sc, 0, 32, nodes=2) == (16, 1.0)
     assert resolve_actors(sc, 1, 16) == (4, 1.0)  # GPUs: as before, one CPU per replica
     explicit = load_config("default", sets=["score.model_actors=3", "score.actor_cpus=0.25"]).score

@@ -454,7 +454,7 @@ def _run(
         counter = _make_counter()
         gpus, cpus = cluster_gpus(), cluster_cpus()
         nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
-        actors, actor_cpus = resolve_actors(sc, gpus, cpus, nodes)
+        actors, actor_cpus = resolve_actors(sc, gpus, cpus, nodes, _cores())
         num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
         threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
@@ -582,14 +582,21 @@ def file_rows(rows_per_file: int, batch_size: int) -> int:
     return rows_per_file - rows_per_file % batch_size if rows_per_file >= batch_size else rows_per_file
 
 
-def resolve_actors(sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1) -> tuple[int, float]:
+def _cores() -> int:
+    """Cores this process may run on (a cpuset/taskset limit included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_actors(
+    sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1, cores: int | None = None
+) -> tuple[int, float]:
     """(model replicas, CPUs each reserves) from score.model_actors / score.actor_cpus and the cluster: with GPUs
     `default_actors` and 1 CPU each; without, one replica per CPU (at most `CPU_ACTORS_PER_NODE` per node) that
     together reserve half of the CPUs."""
     if gpus > 0:
         actor_cpus = 1.0 if sc.actor_cpus is None else sc.actor_cpus
         return sc.model_actors or default_actors(gpus, cpus, actor_cpus, sc.actors_per_gpu), actor_cpus
-    actors = sc.model_actors or default_actors(0, cpus, 0.0, 0, nodes)
+    actors = sc.model_actors or default_actors(0, cpus, 0.0, 0, nodes, cores)
     if sc.actor_cpus is not None:
         return actors, sc.actor_cpus
     # at most half the CPUs, and one CPU always left to the other stages (a one-CPU machine: the actor reserves none)
@@ -600,7 +607,9 @@ def resolve_actors(sc: ScoreConfig, gpus: float, cpus: float, nodes: int = 1) ->
 CPU_ACTORS_PER_NODE = 8
 
 
-def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int, nodes: int = 1) -> int:
+def default_actors(
+    gpus: float, cpus: float, actor_cpus: float, per_gpu: int, nodes: int = 1, cores: int | None = None
+) -> int:
     """Model replicas when score.model_actors is null. Without GPUs, one per CPU, at most `CPU_ACTORS_PER_NODE` per
     node, each on one thread: on 2 cores, two single-threaded replicas scored 256 px images at 0.91 of the bare
     forward where one two-threaded replica reached 0.72 -- whenever a decode or write task takes a core, both of its
@@ -609,7 +618,12 @@ def default_actors(gpus: float, cpus: float, actor_cpus: float, per_gpu: int, no
     reached 0.67, 0.86 and 0.94 of the bare forward), fewer if they would hold more than half the CPUs that decode
     for them, never fewer than one per GPU; always the same number on every GPU, so that each takes 1/k of one."""
     if gpus <= 0:
-        return max(1, min(int(cpus), CPU_ACTORS_PER_NODE * max(1, nodes)))
+        per_node = CPU_ACTORS_PER_NODE
+        if nodes <= 1 and cores:  # one node: the driver's own (Ray has no other kind of driver); no more than its cores
+            per_node = min(
+                per_node, cores
+            )  # (an embedded Ray given more logical CPUs than cores, as the tests' 4 on 2)
+        return max(1, min(int(cpus), per_node * max(1, nodes)))
     whole = max(1, int(gpus))
     return whole * max(1, min(per_gpu, int(cpus / 2 / actor_cpus) // whole))
 
