@@ -619,10 +619,10 @@ def default_actors(
     for them, never fewer than one per GPU; always the same number on every GPU, so that each takes 1/k of one."""
     if gpus <= 0:
         per_node = CPU_ACTORS_PER_NODE
-        if nodes <= 1 and cores:  # one node: the driver's own (Ray has no other kind of driver); no more than its cores
-            per_node = min(
-                per_node, cores
-            )  # (an embedded Ray given more logical CPUs than cores, as the tests' 4 on 2)
+        # one node is the driver's own (Ray has no other kind of driver): no more replicas than its cores (an embedded
+        # Ray may be given more logical CPUs than cores, as the tests' 4 on 2)
+        if nodes <= 1 and cores:
+            per_node = min(per_node, cores)
         return max(1, min(int(cpus), per_node * max(1, nodes)))
     whole = max(1, int(gpus))
     return whole * max(1, min(per_gpu, int(cpus / 2 / actor_cpus) // whole))
@@ -660,7 +660,7 @@ def _commit(
             report.nodes[n] = report.nodes.get(n, 0) + f.rows
     state["committed"] = report.scored
     if done:
-        scored = _snapshot(state["counter"]).get("scored", -1) if state.get("counter") is not None else -1
+        scored = _snapshot(state["counter"]).get("scored", -1)
         report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored, scored))
         console.debug(f"committed {len(done)} file(s), {sum(f.rows for f in done):,} rows")
 
