@@ -297,9 +297,9 @@ def _upsampled_mask(prob: np.ndarray, width: int, height: int, threshold: float)
     On a 3-megapixel image with a small defect this takes the upsampling from ~13 ms to well under one. When the
     image is smaller than the model's grid on either side (antialiased shrinking, wider support) the whole image
     is upsampled."""
-    rows_in, cols_in = prob.shape
-    if prob.ndim != 2 or width < cols_in or height < rows_in:
+    if prob.ndim != 2 or width < prob.shape[1] or height < prob.shape[0]:
         return upsample_prob(prob, width, height) >= threshold
+    rows_in, cols_in = prob.shape
     hot = prob >= _below(threshold)
     rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
     sx, sy = width / cols_in, height / rows_in
