@@ -176,3 +176,21 @@ def test_nightly_entry_point_reports_user_errors_with_exit_1(tmp_path, capsys):
     code = _load_job_module().main(["--model", str(tmp_path / "none"), "--input", str(tmp_path), "--out", "o"])
     assert code == 1
     assert capsys.readouterr().err.startswith("error: model artifact not found")
+
+
+def test_ray_data_warnings_a_user_cannot_act_on_are_hidden_unless_verbose():
+    """A nightly delta with fewer model batches than replicas made Ray Data warn about idle actors at every run."""
+    import warnings
+
+    from raydefect import console
+    from raydefect.pipelines.cluster import quiet_ray_data
+
+    idle = "The minimum number of concurrent actors for 'MapBatches(_ModelActor)' is set to 2, but the operator only "
+    assert console.verbosity() == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_ray_data()
+        caught.clear()  # importing Ray Data may warn about its own settings
+        warnings.warn(idle + "received 1 input(s).", UserWarning, stacklevel=1)
+        warnings.warn("some other warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["some other warning"]

@@ -6,6 +6,7 @@ work offline) and Ray's own log forwarding only with -v.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -45,6 +46,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
     if not ray.is_initialized():
         verbose = console.verbosity() >= 1
+        if not verbose:
+            # "Token authentication is enabled for this Ray cluster" at every embedded start: the secure default,
+            # nothing for the user to do (logged by Ray's authentication setup; shown with -v)
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING"}
         if resolved is None:
             # An explicit address=None would still pick up RAY_ADDRESS; "local" forces a new embedded instance.
@@ -96,7 +101,7 @@ def cluster_cpus() -> float:
 
 def quiet_ray_data() -> None:
     """Ray Data's progress bars and INFO lines (printed when stdout is not a terminal) only with -v."""
-    import logging
+    import warnings
 
     import ray
 
@@ -106,3 +111,5 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # a run with fewer model batches than replicas (a small nightly delta) is fine: no warning about idle actors
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
