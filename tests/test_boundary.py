@@ -32,3 +32,24 @@ def test_importing_every_core_module_leaves_ray_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("CLEAN")
+
+
+def test_scoring_tasks_need_no_torch(tiny_artifact):
+    """Decoding, mask-finishing and write tasks get the pipeline's functions and an `ArtifactMeta` as arguments; only
+    the model replicas need PyTorch. When unpickling the meta imported torch, every Ray worker that finished masks
+    paid ~4 s of CPU and a few hundred MB for it (measured with py-spy in a camera-size run, 2026-11-24)."""
+    import pickle
+
+    from raydefect.models.artifact import read_artifact_meta
+
+    meta = pickle.dumps(read_artifact_meta(str(tiny_artifact)))
+    code = (
+        "import pickle, sys\n"
+        "import raydefect.pipelines.score, raydefect.scoring.scorer, raydefect.scoring.store\n"
+        f"meta = pickle.loads({meta!r})\n"
+        "assert meta.class_names\n"
+        "print('TORCH' if 'torch' in sys.modules else 'CLEAN')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("CLEAN")

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from raydefect import __version__, console
@@ -93,6 +92,8 @@ def tensors_sha256(state: Mapping[str, Any]) -> str:
     Hashing the tensors rather than the file keeps the id independent of how safetensors lays out its header
     (its metadata order is not deterministic), while still catching any changed, corrupt or swapped weight.
     """
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
@@ -416,6 +417,8 @@ def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True)
         )
         meta = dataclasses.replace(meta, model_id=actual_id)
     if device == "auto":
+        import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net.to(device).eval()
     return LoadedModel(net, meta)
