@@ -222,6 +222,7 @@ def pipeline(
         report = run_score(model, archive, out, cfg)
         wall = time.perf_counter() - start
     return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
+            "cpu_s_by_kind": tree.cpu_s_by_kind,
             "peak_pss": tree.peak, "model_s": report.model_seconds, "engine": report.engine,
             "device": report.device, "timeline": report.timeline, "actors": report.actors}  # fmt: skip
 
@@ -261,12 +262,38 @@ class ProcessTree:
         self.samples = 0
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def cpu_s(self) -> float:
         return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    @property
+    def cpu_s_by_kind(self) -> dict[str, float]:
+        """CPU seconds per kind of process (`_kind_of`)."""
+        out: dict[str, float] = {}
+        for key, v in self._cpu_last.items():
+            kind = self._kind.get(key, "other")
+            out[kind] = out.get(kind, 0.0) + v - self._cpu_start.get(key, 0.0)
+        return out
+
+    def _kind_of(self, p) -> str | None:
+        """driver, model actors, task workers (decode, masks, writes, listing: Ray reuses one process for several),
+        Ray's own actors (Ray Data's stats and autoscaling actors, the dashboard agent, ...) or Ray's daemons."""
+        if p.pid == self.me.pid:
+            return "driver"
+        cmd = " ".join(p.cmdline())
+        if not cmd:
+            return None
+        if "_ModelActor" in cmd:
+            return "model actors"
+        if cmd.startswith("ray::"):
+            name = cmd[5:].split(" ")[0]
+            service = name.startswith("_") or name in ("DashboardAgent", "RuntimeEnvAgent", "ActorLocationTracker")
+            return "ray actors" if service else "task workers"
+        return "ray daemons"  # raylet, gcs_server, log monitor, dashboard
 
     def _sample(self, first: bool = False) -> None:
         import psutil
@@ -281,6 +308,9 @@ class ProcessTree:
                     self._cpu_start[key] = t.user + t.system
                 if self.memory:
                     total += p.memory_full_info().pss
+                kind = self._kind_of(p)  # the latest readable name: a worker becomes an actor after it starts
+                if kind is not None:
+                    self._kind[key] = kind
         self.peak = max(self.peak, total)
         self.samples += 1
 
@@ -476,6 +506,12 @@ def main() -> None:
                     "b_actor_ips": round(b2["scored"] / b2["model_s"], 2) if b2["model_s"] else None,
                     "images_per_cpu_s": {k: round(v, 3) for k, v in per_cpu.items()},
                     "b_over_a_per_cpu_s": round(per_cpu["b"] / per_cpu["a"], 3),
+                    # where (b)'s CPU goes per image in steady state (2N run minus N run), by kind of process
+                    "b_cpu_ms_per_image": {
+                        k: round(1000 * (b2["cpu_s_by_kind"].get(k, 0.0) - b1["cpu_s_by_kind"].get(k, 0.0)) / n, 1)
+                        for k in sorted(set(b1["cpu_s_by_kind"]) | set(b2["cpu_s_by_kind"]))
+                    },
+                    "a_cpu_ms_per_image": round(1000 * a["cpu_s"] / n, 1),
                     "b_over_c_per_cpu_s": round(per_cpu["b"] / per_cpu["c"], 3),
                     "b_by_model_actors": {str(k): _summary(r1, r2) for k, (r1, r2) in by_actors.items()},
                     "load_avg_1m": round(os.getloadavg()[0], 2),
