@@ -427,10 +427,9 @@ def main() -> None:
         # two folders of n images: (b) scores the first, then both, as the same kind of input. With a manifest for
         # the first half and the folder for all, the 2N run's first commit came 5-6 s later than the N run's (23-28 s
         # against 17-22 s, camera-size), which b_steady counted as the cost of N images
-        half = archive / "part1"
+        half, size = archive / "part1", (int(w), int(h or w))
         for i, part in enumerate((half, archive / "part2")):
             truth = Path(tmp) / f"{part.name}_truth.csv"  # outside the archive
-            size = (int(w), int(h or w))
             generate_archive(part, n, size, seed=i, n_corrupt=0, workers=os.cpu_count(), truth_csv=truth)
         if args.format != "mixed":
             _reencode(archive, args.format)
