@@ -20,7 +20,10 @@ Throughput, on the same random-init model artifact and the same synthetic images
   all decoded 38 s into a 93 s run) and the 20-90 % window then sees the model alone, not the steady state in which
   decoding shares the cores; there ``b_steady`` is the estimate to trust. ``--model-actors 0,2,4`` repeats (b) per
   replica count;
-- On a GPU (``--device auto``) (a) and (c) run there too, in bf16 like the pipeline, (a) on tensors already on it;
+- On a GPU (``--device auto``) (a) and (c) run there too, (a) on tensors already on it;
+- all three in the same precision (``--precision``, score.precision): ``auto`` is bf16 autocast on a GPU and on a CPU
+  that computes bf16 in hardware (AVX512-BF16, AMX), fp32 on other CPUs, as `raydefect score` resolves it; so the
+  ratios measure the pipeline, not a precision;
 - (c) naive: one image at a time -- open, decode, preprocess, forward a batch of one in PyTorch eager (what one
   writes by hand), threshold, save a PNG mask.
 
@@ -117,7 +120,13 @@ def _files(root: str) -> list[str]:
 
 
 def ceiling(
-    model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu", threads: int = 0
+    model: str,
+    files: list[str],
+    batch_size: int,
+    engine: str = "torch",
+    device: str = "cpu",
+    threads: int = 0,
+    precision: str = "auto",
 ) -> dict:
     """(a) images/s of the bare forward on pre-decoded tensors, on the engine and device the pipeline uses. On a GPU
     the tensors are put on it first: the forward (bf16 autocast) and the outputs' copy back are all that is timed."""
@@ -130,7 +139,7 @@ def ceiling(
     torch.set_num_threads(threads)
     loaded = load_artifact(model)
     pre = Preprocessor(loaded.meta)
-    predictor = make_predictor(loaded, device=device, engine=engine, threads=threads)
+    predictor = make_predictor(loaded, device=device, precision=precision, engine=engine, threads=threads)
     x = np.stack([pre.from_bytes(Path(f).read_bytes(), path=f)[0] for f in files])
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
     if device != "cpu":
@@ -144,7 +153,13 @@ def ceiling(
 
 
 def ceiling_in_actors(
-    model: str, files: list[str], batch_size: int, engine: str = "torch", device: str = "cpu", actors: int = 1
+    model: str,
+    files: list[str],
+    batch_size: int,
+    engine: str = "torch",
+    device: str = "cpu",
+    actors: int = 1,
+    precision: str = "auto",
 ) -> dict:
     """(a) again, in Ray actors laid out as the pipeline's model actors (on CPU: `actors` replicas at once, the
     node's cores split between them, as `raydefect score` does by default; on a GPU: one) and summed over them:
@@ -159,12 +174,12 @@ def ceiling_in_actors(
     k = 1 if device != "cpu" else actors
     threads = max(1, (os.cpu_count() or 1) // k)
     remote = ray.remote(num_cpus=(os.cpu_count() or 1) / 2 / k, num_gpus=0 if device == "cpu" else 1)(ceiling)
-    runs = ray.get([remote.remote(model, files, batch_size, engine, device, threads) for _ in range(k)])
+    runs = ray.get([remote.remote(model, files, batch_size, engine, device, threads, precision) for _ in range(k)])
     return {"ips": sum(r["ips"] for r in runs), "cpu_s": sum(r["cpu_s"] for r in runs) / k, "actors": k}
 
 
-def naive(model: str, files: list[str], out: Path, device: str = "cpu") -> dict:
-    """(c) images/s one image at a time, saving each mask as a PNG."""
+def naive(model: str, files: list[str], out: Path, device: str = "cpu", precision: str = "auto") -> dict:
+    """(c) images/s one image at a time, saving each mask as a PNG; in the pipeline's precision."""
     import torch
 
     from raydefect.imaging import decode_image
@@ -173,7 +188,7 @@ def naive(model: str, files: list[str], out: Path, device: str = "cpu") -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     loaded = load_artifact(model)
-    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device=device)
+    pre, predictor = Preprocessor(loaded.meta), Predictor(loaded, device=device, precision=precision)
     out.mkdir(parents=True, exist_ok=True)
     for f in files[:3]:  # warm-up
         predictor.predict(pre(decode_image(f))[None])
@@ -224,7 +239,8 @@ def pipeline(
     return {"scored": report.scored, "ips": report.scored / wall, "wall_s": wall, "cpu_s": tree.cpu_s,
             "cpu_s_by_kind": tree.cpu_s_by_kind,
             "peak_pss": tree.peak, "model_s": report.model_seconds, "engine": report.engine,
-            "device": report.device, "timeline": report.timeline, "actors": report.actors}  # fmt: skip
+            "device": report.device, "precision": report.precision, "timeline": report.timeline,
+            "actors": report.actors}  # fmt: skip
 
 
 def _summary(b1: dict, b2: dict) -> dict:
@@ -364,6 +380,12 @@ def main() -> None:
         help="score.engine for (a) and (b); (c) is always PyTorch eager, as written by hand",
     )
     p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="score.precision for (b), and the same for (a) and (c): auto = bf16 on GPUs and on CPUs with native bf16",
+    )
+    p.add_argument(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda"],
@@ -435,22 +457,27 @@ def main() -> None:
             _reencode(archive, args.format)
         files = _files(str(archive))  # part1's files first
         model = _model(Path(tmp) / "model", args.backbone, args.image_size, files[:: max(1, len(files) // 48)])
-        a_here = ceiling(model, files[:n], args.batch_size, args.engine, device)
+        a_here = ceiling(model, files[:n], args.batch_size, args.engine, device, precision=args.precision)
         from raydefect.pipelines.score import default_actors
 
         layout = int(args.model_actors.split(",")[0]) or default_actors(0, os.cpu_count() or 1, 0.0, 0)
-        a_actor = ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout)
-        a_torch = ceiling(model, files[:n], args.batch_size, "torch", device) if args.engine != "torch" else a_here
-        c = naive(model, files[: args.naive_images], Path(tmp) / "naive", device)
+        a_actor = ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout, args.precision)
+        a_torch = (
+            ceiling(model, files[:n], args.batch_size, "torch", device, precision=args.precision)
+            if args.engine != "torch"
+            else a_here
+        )
+        c = naive(model, files[: args.naive_images], Path(tmp) / "naive", device, args.precision)
         rows = 4 * args.batch_size
         warm = Path(tmp) / "warm.txt"  # starts Ray's worker pool, so the N and 2N runs start alike
         warm.write_text("\n".join(files[-4:]) + "\n")
-        pipeline(model, str(warm), str(Path(tmp) / "warm-out"), args.batch_size, rows, False, args.engine, 0, args.set)
+        sets = [f"score.precision={args.precision}", *args.set]
+        pipeline(model, str(warm), str(Path(tmp) / "warm-out"), args.batch_size, rows, False, args.engine, 0, sets)
         by_actors = {}
         for k in [int(v) for v in args.model_actors.split(",")]:
             b1, b2 = (
                 pipeline(
-                    model, src, str(Path(tmp) / f"b{k}-{name}"), args.batch_size, rows, False, args.engine, k, args.set
+                    model, src, str(Path(tmp) / f"b{k}-{name}"), args.batch_size, rows, False, args.engine, k, sets
                 )
                 for name, src in (("n", str(half)), ("2n", str(archive)))
             )
@@ -459,8 +486,12 @@ def main() -> None:
         # (a) and (c) once more after (b), the faster pass of each kept: this machine's speed drifts by 10-15 % over
         # minutes (the naive loop over the same 48 camera-size images: 5.6-6.6 images/s in four passes), and a slow
         # pass of (a) or (c) would flatter (b)'s ratios
-        a_passes = [a_here, a_actor, ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout)]
-        c_passes = [c, naive(model, files[: args.naive_images], Path(tmp) / "naive2", device)]
+        a_passes = [
+            a_here,
+            a_actor,
+            ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout, args.precision),
+        ]
+        c_passes = [c, naive(model, files[: args.naive_images], Path(tmp) / "naive2", device, args.precision)]
         a, c = max(a_passes, key=lambda r: r["ips"]), max(c_passes, key=lambda r: r["ips"])
         steady = n / (b2["wall_s"] - b1["wall_s"]) if b2["wall_s"] > b1["wall_s"] else float("nan")
         timeline = _timeline_rate(b2["timeline"])
@@ -484,6 +515,7 @@ def main() -> None:
                     "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                     "b_device": b2["device"],
                     "engine": b2["engine"],
+                    "precision": b2["precision"],
                     "a_ceiling_ips": round(a["ips"], 2),
                     "a_torch_ips": round(a_torch["ips"], 2),
                     "a_in_process_ips": round(a_here["ips"], 2),

@@ -253,7 +253,7 @@ class ScoreConfig:
     decode_tasks: int | None = _f(None, "Parallel decode tasks; default: Ray Data's choice.")
     extensions: tuple[str, ...] = _f(IMAGE_EXTENSIONS, "File extensions picked up from folders and globs.")
     incremental_key: str = _f("stat", "Change detection: 'stat' (path, size, mtime) or 'hash' (content).")
-    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'.")
+    precision: str = _f("auto", "'auto' (bf16 on GPU and on CPUs with native bf16, else fp32), 'bf16' or 'fp32'.")
     engine: str = _f(
         "torch",
         "'torch', 'onnx' (ONNX Runtime, CPU only; no faster than PyTorch on the 2-core dev machine, may be on larger "

@@ -58,7 +58,7 @@ def first(ray_session, tiny_artifact, synth_archive, tmp_path_factory):
 def test_first_run_scores_every_file_once(first, synth_archive):
     r = first.report
     assert (r.listed, r.skipped, r.scored, r.errors) == (40, 0, 40, synth_archive["corrupt"])
-    assert r.engine == "onnx" and "actor(s) on cpu (ONNX Runtime)" in "\n".join(r.summary_lines())
+    assert r.engine == "onnx" and "actor(s) on cpu (ONNX Runtime, fp32)" in "\n".join(r.summary_lines())
     table = pq.read_table(str(first.out))
     assert sorted(table.column("path").to_pylist()) == _files(first.archive)
     files = _data_files(first.out)

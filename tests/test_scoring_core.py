@@ -206,7 +206,9 @@ def test_decoder_reduced_jpeg_decode_reports_the_full_size(tmp_path, reduced):
 
 def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archive):
     files = _archive_files(synth_archive["out"])
-    table = BatchScorer(str(tiny_artifact), device="cpu").score(files, batch_size=16)
+    # fp32, as the direct Predictor: the mechanics are compared exactly (on a CPU with native bf16 the scorer's
+    # 'auto' would be bf16; see test_scoring_precision_auto_is_bf16_on_gpus_and_cpus_with_native_bf16)
+    table = BatchScorer(str(tiny_artifact), device="cpu", precision="fp32").score(files, batch_size=16)
     assert table.schema == SCORE_SCHEMA and table.num_rows == len(files)
     loaded = load_artifact(tiny_artifact)
     pre, predictor, meta = Preprocessor(loaded.meta), Predictor(loaded, device="cpu"), loaded.meta
@@ -242,7 +244,7 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
     loaded = load_artifact(tiny_artifact)
     x = parity_inputs(loaded.meta, 5, seed=3)
     onnx = OnnxPredictor(loaded, threads=1, cache_dir=tmp_path)
-    torch_out = Predictor(loaded, device="cpu").predict(x)
+    torch_out = Predictor(loaded, device="cpu", precision="fp32").predict(x)
     for n in (1, 5):  # a dynamic batch size
         got = onnx.predict(x[:n])
         for key in ("defect_score", "class_probs", "mask_prob"):
@@ -264,12 +266,18 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
 
 def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
     import raydefect.export as export
+    import raydefect.inference as inference
     from raydefect.errors import ConfigError
     from raydefect.inference import make_predictor, resolve_engine
     from raydefect.scoring.scorer import ModelStep
 
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)  # a CPU where 'auto' means fp32
     assert resolve_engine("auto", "cpu") == "onnx"  # the test environment has the onnx extra
     assert resolve_engine("auto", "cuda") == "torch" and resolve_engine("auto", "cpu", "bf16") == "torch"
+    with monkeypatch.context() as m:  # a CPU with native bf16: 'auto' runs PyTorch in bf16, an explicit onnx fp32
+        m.setattr(inference, "cpu_has_native_bf16", lambda: True)
+        assert resolve_engine("auto", "cpu") == "torch" and resolve_engine("auto", "cpu", "fp32") == "onnx"
+        assert resolve_engine("onnx", "cpu") == "onnx"
     assert resolve_engine("torch", "cpu") == "torch"
     with pytest.raises(ConfigError, match=r"engine 'onnx' runs on CPU in fp32 only \(here: cuda"):
         resolve_engine("onnx", "cuda")
@@ -287,6 +295,37 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
     assert "ONNX Runtime engine unavailable" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="cannot capture"):
         make_predictor(str(tiny_artifact), device="cpu", engine="onnx")
+
+
+def test_scoring_precision_auto_is_bf16_on_gpus_and_cpus_with_native_bf16(tiny_artifact, monkeypatch):
+    import raydefect.inference as inference
+    from raydefect.inference import cpu_has_native_bf16, resolve_precision
+    from raydefect.scoring.scorer import ModelStep
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # what this machine says, read independently of the flags line's position
+        assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.read_text().split()))
+    loaded = load_artifact(tiny_artifact)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    batch = {"pixels": pixels, "error": np.asarray(["", "", ""], dtype=object)}
+    out = {}
+    for native in (False, True):
+        monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+        want = "bf16" if native else "fp32"
+        assert resolve_precision("auto", "cpu") == want and resolve_precision("bf16", "cpu") == "bf16"
+        step = ModelStep(loaded, device="cpu")  # bulk scoring: 'auto' resolved for this CPU
+        assert step.predictor.precision == want and step.engine == "torch"
+        assert ModelStep(loaded, device="cpu", precision="fp32").predictor.precision == "fp32"
+        assert ModelStep(loaded, device="cpu", engine="onnx").engine == "onnx"  # ONNX Runtime: fp32 on any CPU
+        # predict and evaluate keep fp32 on every CPU: their numbers match what training validated
+        assert Predictor(loaded, device="cpu").precision == "fp32"
+        out[want] = step(dict(batch))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
+    for key in ("defect_score", "class_probs", "mask_prob"):  # bf16 autocast: float32 outputs, close to fp32's
+        assert out["bf16"][key].dtype == np.float32
+        assert np.max(np.abs(out["bf16"][key] - out["fp32"][key])) < 0.05
 
 
 def test_drop_known_filters_by_stat_key():

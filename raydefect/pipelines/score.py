@@ -34,7 +34,7 @@ import pyarrow as pa
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import ConfigError, DataError
-from raydefect.inference import resolve_engine
+from raydefect.inference import resolve_engine, resolve_precision
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
 from raydefect.scoring.keys import KeySet
@@ -78,6 +78,7 @@ class ScoreReport:
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
     device: str = "cpu"  # where the model actors run: "cuda" when the cluster has GPUs
     engine: str = "torch"  # what runs the model there: "torch" or "onnx" (ONNX Runtime, CPU)
+    precision: str = "fp32"  # "bf16" (autocast) or "fp32", as resolved on the driver's machine
     actors: int = 1
     model_seconds: float = 0.0  # time the model actors spent in their batches (all actors summed)
 
@@ -94,7 +95,7 @@ class ScoreReport:
             f"errors:   {self.errors:,} (rows with `error` set)",
             f"output:   {self.out} ({self.files} new file(s))",
             f"model:    {self.actors} actor(s) on {self.device} "
-            f"({'ONNX Runtime' if self.engine == 'onnx' else 'PyTorch'})",
+            f"({'ONNX Runtime' if self.engine == 'onnx' else 'PyTorch'}, {self.precision})",
         ]
         if len(self.nodes) > 1:
             lines.append("nodes:    " + ", ".join(f"{n[:8]}: {c:,}" for n, c in sorted(self.nodes.items())))
@@ -476,6 +477,8 @@ def _run(
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
         # again in each actor, on its own node
         report.engine = resolve_engine(sc.engine, report.device, sc.precision)
+        # like the engine, 'auto' precision is resolved again in each actor, on its own node's CPU
+        report.precision = "fp32" if report.engine == "onnx" else resolve_precision(sc.precision, report.device)
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 

@@ -164,7 +164,8 @@ class Decoder:
 
 class ModelStep:
     """decoded batch -> + defect_score, class_probs, mask_prob (pixels dropped). Wraps `inference.make_predictor`:
-    PyTorch, or ONNX Runtime on CPU (``engine``, see `inference.resolve_engine`).
+    PyTorch, or ONNX Runtime on CPU (``engine``, see `inference.resolve_engine`). ``precision="auto"`` is bulk
+    scoring's (`inference.resolve_precision`): bf16 on GPUs and on CPUs with native bf16, else fp32.
 
     ``threads`` sets the intra-op threads on CPU (Ray gives each worker OMP_NUM_THREADS = its reserved CPUs, which
     would leave a CPU model actor on one core).
@@ -180,10 +181,12 @@ class ModelStep:
     ) -> None:
         import torch
 
-        from raydefect.inference import make_predictor
+        from raydefect.inference import make_predictor, resolve_device, resolve_engine, resolve_precision
 
         if threads:
             torch.set_num_threads(int(threads))
+        if resolve_engine(engine, resolve_device(device), precision) == "torch":  # ONNX Runtime runs in fp32
+            precision = resolve_precision(precision, resolve_device(device))
         self.predictor = make_predictor(model, device=device, precision=precision, engine=engine, threads=threads)
         self.engine = self.predictor.engine
         self.meta = self.predictor.meta
