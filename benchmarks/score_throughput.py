@@ -441,8 +441,11 @@ def main() -> None:
         import torch
 
         from raydefect.data.synth import generate_archive
+        from raydefect.inference import resolve_precision
 
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        # resolved as `raydefect score` resolves score.precision (`Predictor`'s own 'auto' keeps fp32 on every CPU)
+        args.precision = resolve_precision(args.precision, device)
         n = args.images
         archive = Path(tmp) / "archive"
         w, _, h = args.size.partition("x")
