@@ -174,6 +174,10 @@ def test_only_new_and_changed_images_are_scored(first, tiny_artifact):
     added.write_bytes(encode_png(image[:, ::-1].copy()))
     r = run_score(str(tiny_artifact), str(first.archive), str(first.out), first.cfg)
     assert (r.listed, r.skipped, r.scored, r.errors) == (41, 39, 2, 0)
+    from raydefect.inference import resolve_precision  # PyTorch, the default, in this CPU's precision
+
+    want = resolve_precision("auto", "cpu")
+    assert (r.engine, r.precision) == ("torch", want) and f"(PyTorch, {want})" in "\n".join(r.summary_lines())
     history = pq.read_table(str(first.out))
     assert history.num_rows == 42  # the old version's row stays: history
     current = read_scores(str(first.out))
