@@ -284,7 +284,7 @@ class ProcessTree:
 
     @property
     def cpu_s(self) -> float:
-        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+        return sum(self.cpu_s_by_kind.values())
 
     @property
     def cpu_s_by_kind(self) -> dict[str, float]:

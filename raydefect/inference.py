@@ -173,6 +173,14 @@ def resolve_engine(engine: str, device: str | torch.device, precision: str = "au
     return engine
 
 
+def resolve_scoring(engine: str, device: str | torch.device, precision: str = "auto") -> tuple[str, str]:
+    """What bulk scoring runs: (`resolve_engine`, the precision): ONNX Runtime in fp32, PyTorch in
+    `resolve_precision`'s. Used by each model actor (`scoring.scorer.ModelStep`) and, for the run summary, by the
+    score driver."""
+    chosen = resolve_engine(engine, device, precision)
+    return chosen, "fp32" if chosen == "onnx" else resolve_precision(precision, device)
+
+
 def make_predictor(
     model: LoadedModel | str | Path,
     device: str = "auto",

@@ -34,7 +34,7 @@ import pyarrow as pa
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import ConfigError, DataError
-from raydefect.inference import resolve_engine, resolve_precision
+from raydefect.inference import resolve_scoring
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
 from raydefect.scoring.keys import KeySet
@@ -474,11 +474,9 @@ def _run(
         _check_cpus_left(actors, actor_cpus, cpus)
         task_cpus = sc.task_cpus
         light = int(cpus - actors * actor_cpus)  # listing and finishing tasks at once (they reserve no CPU)
-        # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' is resolved
-        # again in each actor, on its own node
-        report.engine = resolve_engine(sc.engine, report.device, sc.precision)
-        # like the engine, 'auto' precision is resolved again in each actor, on its own node's CPU
-        report.precision = "fp32" if report.engine == "onnx" else resolve_precision(sc.precision, report.device)
+        # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' engine and
+        # precision are resolved again in each actor, on its own node's CPU
+        report.engine, report.precision = resolve_scoring(sc.engine, report.device, sc.precision)
         record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
         store.write_record(record)
 

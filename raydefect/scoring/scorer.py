@@ -181,12 +181,11 @@ class ModelStep:
     ) -> None:
         import torch
 
-        from raydefect.inference import make_predictor, resolve_device, resolve_engine, resolve_precision
+        from raydefect.inference import make_predictor, resolve_device, resolve_scoring
 
         if threads:
             torch.set_num_threads(int(threads))
-        if resolve_engine(engine, resolve_device(device), precision) == "torch":  # ONNX Runtime runs in fp32
-            precision = resolve_precision(precision, resolve_device(device))
+        _, precision = resolve_scoring(engine, resolve_device(device), precision)
         self.predictor = make_predictor(model, device=device, precision=precision, engine=engine, threads=threads)
         self.engine = self.predictor.engine
         self.meta = self.predictor.meta
