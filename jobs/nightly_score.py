@@ -39,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from raydefect import console
     from raydefect.config import load_config
     from raydefect.errors import RaydefectError
+    from raydefect.paths import check_report_file, write_text_atomic
     from raydefect.pipelines.score import run_score
 
     console.set_verbosity(-1 if args.quiet else 0)
     try:
+        if args.summary_json:
+            check_report_file(args.summary_json, "--summary-json", args.out)
         cfg = load_config(args.config, sets=args.sets)
         report = run_score(
             args.model,
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.summary_lines():
         console.result(line)
     if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1, default=str)
+        try:
+            write_text_atomic(args.summary_json, json.dumps(report.to_dict(), indent=1, default=str))
+        except RaydefectError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
     return 0
 
 

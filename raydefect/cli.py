@@ -950,6 +950,10 @@ def score_cmd(
             "score.engine": engine,
         },
     )
+    if json_path and not submit:
+        from raydefect.paths import check_report_file
+
+        check_report_file(json_path, "--json", out)
     if submit:
         from raydefect.pipelines.submit import submit_score
 
@@ -976,8 +980,9 @@ def score_cmd(
     for line in report.summary_lines():
         console.result(line)
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1, default=str)
+        from raydefect.paths import write_text_atomic
+
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=1, default=str))
 
 
 @cli.group("scores", cls=RaydefectGroup)
@@ -985,26 +990,36 @@ def scores_group() -> None:
     """Read a scores folder: summarize it, or write chosen masks and overlays as PNGs."""
 
 
+_MODEL_HELP = (
+    "The model whose scores to read: its id (or a unique prefix). Default: the model of the newest run (a folder "
+    "scored by several models holds every image once per model)."
+)
+
+
 @scores_group.command("summarize")
 @click.argument("out", metavar="OUT")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Top-scoring images to list.")
 @click.option("--folders", default=20, show_default=True, type=click.IntRange(0), help="Folders to list (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
-def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool) -> None:
-    """Counts, the defect rate per run and per folder, and the top-scoring images (newest row per image)."""
+@click.option("--model", "model", metavar="ID", default=None, help=_MODEL_HELP)
+def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool, model: str | None) -> None:
+    """Counts, the defect rate per run and per folder, and the top-scoring images (newest row per image) of one
+    model; the runs table lists every run."""
     import json
 
     from raydefect import console
     from raydefect.scoring.results import summarize
 
-    s = summarize(out, top=top, folders=folders)
+    s = summarize(out, top=top, folders=folders, model=model)
     if as_json:
         click.echo(json.dumps(s, indent=1, default=str))
         return
+    others = len(s["models"]) - 1
     console.result(
         f"{s['out']}: {s['images']:,} images, {s['defects']:,} defects ({100 * s['defect_rate']:.1f}% of scored), "
-        f"{s['errors']:,} errors; {len(s['runs'])} run(s), {s['history_rows']:,} rows in all, "
-        f"model(s) {', '.join(s['models']) or '-'}"
+        f"{s['errors']:,} errors; model {s['model'] or '-'}"
+        + (f" (the newest of {others + 1}; --model for another)" if others and model is None else "")
+        + f"; {len(s['runs'])} run(s), {s['history_rows']:,} rows in all"
     )
     console.result("\nruns")
     console.result(console.table(s["runs"]))
@@ -1023,11 +1038,14 @@ def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool) -> Non
     "--where",
     multiple=True,
     metavar="EXPR",
-    help="Filter like 'defect_class=crack' or 'defect_score>=0.9' (repeatable, all must hold).",
+    help="Filter COLUMN OP VALUE, e.g. 'defect_class=crack' or 'defect_score>=0.9' (repeatable, all must hold). "
+    "OP: = == != > >= < <=. COLUMN: path, defect_score, is_defect, defect_class, mask_fraction, mask_area_px, "
+    "width, height, size, mtime_ns, sha1, model_id, run_id, node_id, scored_at.",
 )
 @click.option("--paths", multiple=True, metavar="PATH", help="These images (repeatable).")
+@click.option("--model", "model", metavar="ID", default=None, help=_MODEL_HELP)
 def scores_extract_cmd(
-    scores_dir: str, dest: str, top: int | None, where: tuple[str, ...], paths: tuple[str, ...]
+    scores_dir: str, dest: str, top: int | None, where: tuple[str, ...], paths: tuple[str, ...], model: str | None
 ) -> None:
     """Write chosen masks (0/255 PNG at the image's size) and overlays on the original images, with index.csv.
 
@@ -1038,10 +1056,20 @@ def scores_extract_cmd(
 
     if top is None and not where and not paths:
         top = 20
-    r = extract(scores_dir, dest, top=top, where=where, paths=paths)
+    r = extract(scores_dir, dest, top=top, where=where, paths=paths, model=model)
+    if r["removed"]:
+        console.info(f"removed the {r['removed']} PNG(s) of the previous extract into {dest} (its index.csv)")
     console.result(f"wrote {r['masks']} mask(s) and {r['overlays']} overlay(s) to {dest}; index: {r['index']}")
-    for p in r["missing"]:
-        console.warn(f"{p}: not in the scores (or scored with an error)")
+    for p, why in r["missing"]:
+        console.warn(f"{p}: {why}")
+    if r["no_overlay"]:
+        first = r["no_overlay"][0]
+        console.warn(
+            f"{len(r['no_overlay'])} overlay(s) not drawn (the original image unreadable or changed since scoring), "
+            f"e.g. {first['path']}: {first['note']}; see the note column of index.csv"
+        )
+    if not r["masks"] and where:
+        console.warn(f"no scored image matched {' and '.join(where)} (rows with an error are never extracted)")
 
 
 def main() -> None:

@@ -61,11 +61,23 @@ def table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".
         return "" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    widths = [max(_width(c), *(_width(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c + " " * (w - _width(c)) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines += ["  ".join(" " * (w - _width(v)) + v for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def _width(text: str) -> int:
+    """Terminal columns of `text`: East Asian wide and full-width characters take two (a folder named in Japanese
+    would otherwise push its row out of line), combining marks none."""
+    import unicodedata
+
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text
+    )
 
 
 @contextmanager

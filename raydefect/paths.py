@@ -99,3 +99,27 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def check_report_file(path: str | Path, option: str, scores_out: str | None = None) -> Path:
+    """Refuse, before any work, a report file (``--json``, ``--summary-json``) that could not be written at the end
+    of a long run, or that would sit among the Parquet files of the scores folder `scores_out` (``pd.read_parquet``
+    and ``pq.read_table`` of the folder would then fail on it; names starting with ``_`` or ``.`` are skipped by
+    them and allowed)."""
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    out = Path(scores_out).expanduser().absolute() if scores_out and "://" not in scores_out else None
+    if out is not None and path.is_relative_to(out) and not path.relative_to(out).parts[0].startswith(("_", ".")):
+        raise OutputError(
+            f"{option} {path} is inside the scores folder {out}, where pandas and pyarrow would try to read it "
+            f"as Parquet; write it beside the folder, or name it _{path.name}"
+        )
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if parent == out and not out.exists():
+        return path  # OUT/_name.json: the folder is created by the run
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: the folder {parent} does not exist; create it or write elsewhere")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{option} {path} is not writable; fix the permissions or write elsewhere")
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from raydefect import __version__
@@ -63,3 +64,29 @@ def test_ray_client_addresses_are_refused_with_the_alternatives(tmp_path, tiny_a
     assert result.exit_code == 1, result.output
     assert "Ray Client (ray://) cannot run" in result.output and "--address auto" in result.output
     assert "ray job submit" in result.output and "Traceback" not in result.output
+    # the Jobs API's address where the GCS's is needed: the one thing it is for
+    args = ["score", "--model", str(tiny_artifact), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, ["--address", "http://127.0.0.1:8265", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "Ray Jobs API (dashboard) address" in result.output and "score --submit" in result.output
+
+
+def test_an_address_where_nothing_answers_fails_in_seconds_naming_it():
+    """ray.init retries a closed GCS port for good (11 minutes seen, the scores folder locked all along)."""
+    import socket
+    import time
+
+    from raydefect.errors import ClusterError
+    from raydefect.pipelines.cluster import _check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"cannot reach Ray at '127.0.0.1:{port}'.*is the cluster up"):
+        _check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 5
+    with socket.socket() as s:  # something listening: passes
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")

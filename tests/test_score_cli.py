@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from raydefect.cli import cli
 from raydefect.models.artifact import read_artifact_meta
 from raydefect.scoring.keys import KeySet
+from raydefect.scoring.results import WHERE_COLUMNS
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import BatchScorer
 from raydefect.scoring.sources import Storage
@@ -57,6 +58,13 @@ def test_score_user_errors_need_no_cluster(tmp_path, tiny_artifact, synth_archiv
         "score", "--model", str(tiny_artifact), "--input", archive, "--out", str(tmp_path), "--set", "score.x=1"
     )
     _one_line_error(r, "unknown key 'score.x'")
+    # a report file that could not be written at the end of a long run, or that would break pd.read_parquet(OUT)
+    base = ["score", "--model", str(tiny_artifact), "--input", archive, "--out", str(tmp_path / "s")]
+    r = _invoke(*base, "--json", str(tmp_path / "no-such-dir" / "r.json"))
+    _one_line_error(r, "--json", "no-such-dir does not exist")
+    r = _invoke(*base, "--json", str(tmp_path / "s" / "last-run.json"))
+    _one_line_error(r, "inside the scores folder", "name it _last-run.json")
+    assert not (tmp_path / "s").exists()  # refused before anything was created
 
 
 def test_score_refuses_an_output_locked_by_another_run(tmp_path, tiny_artifact, synth_archive):
@@ -103,7 +111,10 @@ def test_submit_builds_a_safe_entrypoint_and_passes_secrets_by_name(monkeypatch,
     assert "s3cr3t-value" not in call["entrypoint"] and "s3cr3t-value" not in r.output
     assert call["runtime_env"] == {"env_vars": {"FACTORY_S3_SECRET": "s3cr3t-value"}}
     r = _invoke("--address", "head:6379", "score", "--submit", "--model", "m", "--input", "i", "--out", "o")
-    _one_line_error(r, "--submit needs the cluster's dashboard address")
+    _one_line_error(r, "--submit needs the cluster's dashboard address", "(got 'head:6379', a GCS address)")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    r = _invoke("score", "--submit", "--model", "m", "--input", "i", "--out", "o")
+    _one_line_error(r, "--submit needs", "(none given: --address or RAY_ADDRESS)")
     r = _invoke("--address", "http://h:8265", "score", "--submit", "--model", "m", "--input", "i", "--out", "o",
                 "--env", "NOT_SET_ANYWHERE_42")  # fmt: skip
     _one_line_error(r, "NOT_SET_ANYWHERE_42", "not set")
@@ -136,6 +147,16 @@ def test_scores_summarize_and_extract_commands(scores_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "wrote 2 mask(s) and 2 overlay(s)" in r.output
     assert len(list((tmp_path / "x").glob("*_mask.png"))) == 2 and (tmp_path / "x" / "index.csv").exists()
+    # again into the same folder: the first extract's PNGs go (the folder holds what index.csv lists)
+    r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "x"), "--top", "1")
+    assert r.exit_code == 0 and "removed the 4 PNG(s) of the previous extract" in r.output, r.output
+    assert len(list((tmp_path / "x").glob("*.png"))) == 2
+    r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "x"), "--where", "defect_class=nosuch")
+    assert r.exit_code == 0 and "no scored image matched defect_class=nosuch" in r.output, r.output
+    help_text = " ".join(_invoke("scores", "extract", "--help").output.split())
+    assert all(c in help_text for c in WHERE_COLUMNS if c != "error") and "OP: = == != > >= < <=" in help_text
+    r = _invoke("scores", "summarize", str(scores_dir), "--model", "nope")
+    _one_line_error(r, "--model nope: no such model here")
     r = _invoke("scores", "summarize", str(tmp_path))
     _one_line_error(r, "no raydefect scores here")
     r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "y"), "--where", "colour=red")
@@ -176,6 +197,10 @@ def test_nightly_entry_point_reports_user_errors_with_exit_1(tmp_path, capsys):
     code = _load_job_module().main(["--model", str(tmp_path / "none"), "--input", str(tmp_path), "--out", "o"])
     assert code == 1
     assert capsys.readouterr().err.startswith("error: model artifact not found")
+    argv = ["--model", str(tmp_path / "none"), "--input", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert _load_job_module().main([*argv, "--summary-json", str(tmp_path / "gone" / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --summary-json") and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_ray_data_warnings_a_user_cannot_act_on_are_hidden_unless_verbose():
@@ -192,5 +217,7 @@ def test_ray_data_warnings_a_user_cannot_act_on_are_hidden_unless_verbose():
         quiet_ray_data()
         caught.clear()  # importing Ray Data may warn about its own settings
         warnings.warn(idle + "received 1 input(s).", UserWarning, stacklevel=1)
+        few = "The maximum number of concurrent tasks for 'MapBatches(_list_part)' is set to 2, but the operator "
+        warnings.warn(few + "only received 1 input(s).", UserWarning, stacklevel=1)
         warnings.warn("some other warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["some other warning"]

@@ -60,6 +60,12 @@ def test_csv_and_parquet_manifests(ray_session, inputs, tiny_artifact):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="name the column of image paths 'path'"):
         _pending(inputs, tiny_artifact, str(bad))
+    from raydefect.pipelines.score import run_score
+
+    out = inputs.base / "scores-bad"  # a run refused while planning leaves no record claiming to be running
+    with pytest.raises(DataError, match="name the column of image paths 'path'"):
+        run_score(str(tiny_artifact), str(bad), str(out), inputs.cfg)
+    assert not list((out / "_commits").glob("*.json"))
 
 
 def test_text_manifest_scoring_and_rescore(ray_session, inputs, tiny_artifact):
@@ -72,6 +78,7 @@ def test_text_manifest_scoring_and_rescore(ray_session, inputs, tiny_artifact):
     out = inputs.base / "scores-txt"
     r = run_score(str(tiny_artifact), str(manifest), str(out), inputs.cfg)
     assert r.listed == 6 and r.scored == 5  # the repeated entry is scored once
+    assert r.repeated == 1 and r.skipped == 0 and "(1 listed twice, scored once)" in r.summary_lines()[1]
     table = pq.read_table(str(out))
     assert sorted(table.column("path").to_pylist()) == sorted([*chosen, str(inputs.base / "gone.png")])
     gone = next(row for row in table.to_pylist() if row["path"].endswith("gone.png"))

@@ -1,9 +1,10 @@
 """Exactly once under SIGKILL: a scoring run killed at random points and started again ends with one row per image.
 
 Each attempt is `raydefect score` in a subprocess (its own driver, connected to the session's Ray), killed with
-SIGKILL together with its process group; the next attempt recovers what the dead one left (staged files, moved
-but unrecorded files, a record still saying "running"). The final attempt runs to the end. The check reads the
-Parquet files directly -- pyarrow and DuckDB, no raydefect de-duplication -- so a duplicate or a lost image fails.
+SIGKILL together with its process group (the second with SIGINT, Ctrl-C, to the driver); the next attempt recovers
+what the dead one left (staged files, moved but unrecorded files, a record still saying "running"). The final
+attempt runs to the end. The check reads the Parquet files directly -- pyarrow and DuckDB, no raydefect
+de-duplication -- so a duplicate or a lost image fails.
 """
 
 from __future__ import annotations
@@ -62,11 +63,18 @@ def test_killed_runs_restarted_end_with_exactly_one_row_per_image(ray_session, t
             while _committed_rows(out) == before and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
+        interrupted = attempt == 1 and proc.poll() is None
+        if interrupted:  # Ctrl-C: the driver commits what it holds, marks its run interrupted and says so
+            os.kill(proc.pid, signal.SIGINT)
+        elif proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _, err = proc.communicate(timeout=120)
+        if interrupted and proc.returncode == 130:  # 0 if it had just finished
+            assert "interrupted:" in err and "the same command scores the rest" in err, err[-2000:]
+            assert "Traceback" not in err, err[-3000:]
         states.append(_committed_rows(out))
-        print(f"attempt {attempt}: killed at {time.monotonic() - deadline + 240:.1f} s, {states[-1]} rows committed")
+        at = time.monotonic() - deadline + 240
+        print(f"attempt {attempt}: rc {proc.returncode} at {at:.1f} s, {states[-1]} rows committed")
     final = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     # the first kill really was mid-way: a tiny model scores 80 images in about a second on an idle machine, so the

@@ -6,6 +6,7 @@ read the first run's output, then the incremental runs that change the archive.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydefect.config import load_config
+from raydefect.errors import DataError
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.inference import Predictor, Preprocessor, upsample_prob
 from raydefect.models.artifact import load_artifact, read_artifact_meta, save_artifact
@@ -204,13 +206,24 @@ def test_a_new_model_scores_everything_again(first, tmp_path, make_tiny_model):
 
     other = tmp_path / "model2"
     meta2 = save_artifact(make_tiny_model(seed=1), other, thresholds={"image": 0.5, "pixel": 0.5})
-    r = run_score(str(other), str(first.archive), str(first.out), first.cfg)
-    assert r.scored == 41 and r.model_id == meta2.model_id
+    run2 = run_score(str(other), str(first.archive), str(first.out), first.cfg)
+    assert run2.scored == 41 and run2.model_id == meta2.model_id
     current = read_scores(str(first.out))
     assert current.num_rows == 82
     assert sorted(set(current.column("model_id").to_pylist())) == sorted([meta2.model_id, first.report.model_id])
+    # summarize and extract read one model, by default the newest run's: each image counted once, not per model
     s = summarize(str(first.out))
-    assert [run["model"] for run in s["runs"]].count(meta2.model_id) == 1 and len(s["models"]) == 2
+    assert [run["model"] for run in s["runs"]].count(meta2.model_id) == 1
+    assert s["models"] == [meta2.model_id, first.report.model_id] and s["model"] == meta2.model_id
+    assert s["images"] == 41 and s["errors"] == run2.errors
+    older = summarize(str(first.out), model=first.report.model_id[:6])  # a unique prefix is enough
+    assert older["model"] == first.report.model_id and older["images"] == 41
+    with pytest.raises(DataError, match="no such model here; the models in .* are " + meta2.model_id):
+        summarize(str(first.out), model="nope")
+    r = extract(str(first.out), tmp_path / "x", top=50)
+    with open(r["index"], newline="") as f:
+        index = list(csv.DictReader(f))
+    assert len(index) == 41 - run2.errors and {row["model_id"] for row in index} == {meta2.model_id}
 
 
 def test_model_weights_reach_the_actors_by_reference_not_inside_their_arguments(ray_session, tiny_artifact):

@@ -168,7 +168,7 @@ def test_decoder_turns_every_bad_file_into_an_error_row(tmp_path, synth_archive)
     out = Decoder(32, STORAGE, max_pixels=64 * 64)(listing)
     errors = list(out["error"])
     assert errors[0] == errors[1] == ""
-    assert "over the limit" in errors[2]  # 60x80 > 64x64 pixels
+    assert "over the limit" in errors[2] and "score.max_image_pixels=4096 (raise it" in errors[2]  # 60x80 > 64x64
     assert "not a recognised image" in errors[3]
     assert "truncated" in errors[4] or "cannot decode" in errors[4]
     assert "not found" in errors[5]
@@ -407,6 +407,48 @@ def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_a
     assert record["state"] == "interrupted" and record["rows"] == 25
 
 
+def test_a_committed_file_found_missing_or_damaged_is_skipped_then_its_images_scored_again(
+    tmp_path, scored_rows, tiny_artifact, capsys
+):
+    """A retention rule deleted one committed file, a partial copy cut another short: readers warn and go on, and
+    the next scoring run (`repair`, under the lock) takes them out of their records, so their images are scored
+    again and the warning is not repeated every night."""
+    meta = read_artifact_meta(tiny_artifact)
+    out = tmp_path / "out"
+    store = ScoreStore(str(out))
+    store.open()
+    rows = _with_run(scored_rows, "r1")
+    rec = RunRecord("r1", meta.model_id, "stat", state="finished")
+    parts = [rows.slice(0, 10), rows.slice(10, 10), rows.slice(20)]
+    store.commit(rec, [_stage(store, t, "r1", meta) for t in parts], KeySet())
+    files = [out / f["path"] for f in rec.files]
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes()[:1000])
+    capsys.readouterr()
+    assert read_scores(str(out)).num_rows == rows.num_rows - 20
+    assert summarize(str(out))["images"] == rows.num_rows - 20
+    err = capsys.readouterr().err
+    assert f"{files[0]} is missing: its 10 row(s) are left out" in err
+    assert f"{files[1]} is unreadable (" in err and "scores those images again" in err
+    assert files[1].exists()  # readers only read
+    keys = store.load_keys(meta.model_id, "stat", repair=True)
+    assert len(keys) == rows.num_rows - 20
+    err = capsys.readouterr().err
+    assert err.count("removed from run r1's record") == 2
+    assert err.count("moved to") == 1 and f"moved to {out / '_damaged' / files[1].relative_to(out)}" in err
+    record = json.loads((out / "_commits" / "r1.json").read_text())
+    assert record["rows"] == rows.num_rows - 20 and len(record["files"]) == 1
+    assert [(f["path"], f["problem"].split(" ")[0]) for f in record["lost_files"]] == [
+        (str(files[0].relative_to(out)), "missing"),
+        (str(files[1].relative_to(out)), "unreadable"),
+    ]
+    assert not files[1].exists() and (out / "_damaged" / files[1].relative_to(out)).exists()
+    # set aside where neither pandas/pyarrow (``_`` names) nor raydefect read it; no more warnings
+    assert pq.read_table(str(out)).num_rows == rows.num_rows - 20
+    assert store.recover("next").adopted_files == 0
+    assert read_scores(str(out)).num_rows == rows.num_rows - 20 and capsys.readouterr().err == ""
+
+
 def test_open_refuses_foreign_and_unwritable_folders(tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "thesis.docx").write_text("x")
@@ -491,6 +533,14 @@ def test_read_scores_history_latest_summary_and_selection(tmp_path, scored_rows,
     chosen = select_rows(str(tmp_path / "out"), top=2, where=["defect_score>=0"])
     assert chosen.num_rows == 2 and chosen.column("defect_score")[0].as_py() == pytest.approx(top)
     assert select_rows(str(tmp_path / "out"), paths=[path0]).column("path").to_pylist() == [path0]
+
+
+def test_extracted_file_names_keep_the_images_own_name_in_any_script():
+    from raydefect.scoring.results import _safe_stem
+
+    assert _safe_stem("/a/dir with space/画像 ü.png") == "画像_ü"
+    assert _safe_stem("/a/b/x;rm -rf $HOME.jpg") == "x_rm_-rf_HOME"
+    assert _safe_stem("/a/\udcff\udcfe.png") == "image" and _safe_stem("/a/.png") == "image"
 
 
 def test_parse_where():

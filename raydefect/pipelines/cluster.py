@@ -42,9 +42,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             "`ray job submit --address http://HEAD:8265 -- raydefect ...` (scoring: `raydefect --address "
             "http://HEAD:8265 score --submit ...`)"
         )
+    if resolved and resolved.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"--address/RAY_ADDRESS {resolved}: that is a Ray Jobs API (dashboard) address, used only to submit a "
+            f"run: `raydefect --address {resolved} score --submit ...`; to run here, give the cluster's GCS address "
+            "(`--address auto` on a cluster node, or HOST:6379)"
+        )
     import ray
 
     if not ray.is_initialized():
+        if resolved and resolved != "auto":
+            _check_reachable(resolved)
         verbose = console.verbosity() >= 1
         if not verbose:
             # "Token authentication is enabled for this Ray cluster" at every embedded start: the secure default,
@@ -73,6 +81,28 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 "use 'auto' or 'host:port' (GCS, on a cluster node), or leave out --address for an embedded local Ray"
             ) from None
     return dict(ray.cluster_resources())
+
+
+#: Seconds to wait for a TCP connection to a cluster's GCS before saying it is not there (ray.init itself retries
+#: for good: tried against a closed port, it was still retrying after 11 minutes, holding the scores folder's lock).
+REACH_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing accepts a TCP connection at HOST:PORT."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not HOST:PORT: left to ray.init and its own error
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterError(
+            f"cannot reach Ray at {address!r}: {e.strerror or type(e).__name__} (no answer within "
+            f"{REACH_TIMEOUT_S:.0f} s); is the cluster up (`ray status` on its head node) and is this its GCS "
+            "address (port 6379 by default)? Leave out --address/RAY_ADDRESS to run on an embedded local Ray"
+        ) from None
 
 
 def _auth_hint() -> str:
@@ -113,3 +143,5 @@ def quiet_ray_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         # a run with fewer model batches than replicas (a small nightly delta) is fine: no warning about idle actors
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+        # the same about tasks: a listing of one folder, or a small manifest, has fewer parts than listing tasks
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
@@ -67,6 +68,7 @@ class ScoreReport:
     input: str
     listed: int = 0
     skipped: int = 0
+    repeated: int = 0  # listing entries naming a file already listed (a manifest with a path twice)
     scored: int = 0
     errors: int = 0
     defects: int = 0
@@ -90,7 +92,8 @@ class ScoreReport:
         lines = [
             f"run {self.run_id}  model {self.model_id}",
             f"images:   {self.scored:,} scored ({self.images_per_s:,.1f} images/s in {self.seconds:.1f} s), "
-            f"{self.skipped:,} already scored, {self.listed:,} listed",
+            f"{self.skipped:,} already scored, {self.listed:,} listed"
+            + (f" ({self.repeated:,} listed twice, scored once)" if self.repeated else ""),
             f"defects:  {self.defects:,}",
             f"errors:   {self.errors:,} (rows with `error` set)",
             f"output:   {self.out} ({self.files} new file(s))",
@@ -142,9 +145,10 @@ def _filter_known(table: pa.Table, known: list, model_id: str, key_mode: str, co
     import ray
 
     n = table.num_rows
+    repeated = n - pc.count_distinct(table.column("path")).as_py() if n else 0  # a manifest naming a file twice
     if key_mode == "stat":
         table = drop_known(table, ray.get(known[0]) if known else None, model_id)
-    _count(counter, listed=n, skipped=n - table.num_rows)
+    _count(counter, listed=n, skipped=n - table.num_rows - repeated, repeated=repeated)
     return table
 
 
@@ -458,10 +462,14 @@ def _run(
         connect(address)
         quiet_ray_data()
         remote_args = _remote_args(sc, input, out, s.spec)
-        known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors)
+        known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors, repair=True)
         console.info(
             f"scoring {input} with model {meta.model_id} into {store.out} (run {run_id}; "
-            f"{len(known):,} image(s) already scored by this model{', ignored: --rescore' if rescore else ''})"
+            + (
+                "--rescore: every image is scored again)"
+                if rescore
+                else f"{len(known):,} image version(s) scored by this model before)"
+            )
         )
         known_ref = [ray.put(known.array)] if len(known) else []
         counter = _make_counter()
@@ -477,9 +485,7 @@ def _run(
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' engine and
         # precision are resolved again in each actor, on its own node's CPU
         report.engine, report.precision = resolve_scoring(sc.engine, report.device, sc.precision)
-        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=input)
-        store.write_record(record)
-
+        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=_absolute(input))
         ds = _pending(s, sc, out, remote_args, known_ref, counter, light)
         # strict: every block holds exactly batch_size rows (the last excepted); without it each input block leaves
         # a remainder of its own, and half the model batches held 2 or 3 images
@@ -543,6 +549,7 @@ def _run(
             **remote_args,
         )
         seen = KeySet() if rescore else known
+        store.write_record(record)  # only now: a run refused while planning (a manifest without a path column)
         start = time.perf_counter()
         stop = threading.Event()
         state = {"committed": 0, "start": start, "counter": counter}
@@ -563,7 +570,7 @@ def _run(
                     pending, last_commit = [], time.monotonic()
             record.state = "finished"
         except BaseException as e:
-            record.state = "failed"
+            record.state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             cause = user_error(e)  # e.g. an OutputError (disk full) raised in a Ray Data task: its one line
             if cause is not None and cause is not e:
                 raise cause from None
@@ -573,6 +580,7 @@ def _run(
             report.seconds = time.perf_counter() - start
             counts = _snapshot(counter)
             report.listed, report.skipped = counts.get("listed", 0), counts.get("skipped", 0)
+            report.repeated = counts.get("repeated", 0)
             report.model_seconds = counts.get("model_ms", 0) / 1000.0
             record.stats = {
                 "listed": report.listed,
@@ -580,14 +588,26 @@ def _run(
                 "seconds": round(report.seconds, 3),
                 "rescore": rescore,
             }
+            if record.state == "finished" and report.listed == 0:
+                record.state = "failed"  # nothing to score is the user's error below, not a finished nightly run
             try:
                 _commit(store, record, pending, seen, report, state)
             finally:
                 store.remove_staging(run_id)
                 ray.kill(counter)
+                if record.state == "interrupted":
+                    console.warn(
+                        f"run {run_id} interrupted: {report.scored:,} image(s) committed to {store.out}; the same "
+                        "command scores the rest (nothing committed is scored twice)"
+                    )
         if report.listed == 0:
             raise DataError(f"--input {input}: no images found; check the path and score.extensions")
     return report
+
+
+def _absolute(location: str) -> str:
+    """A local input as an absolute path (run records outlive the working directory); URIs as they are."""
+    return location if is_remote(location) else os.path.abspath(os.path.expanduser(location))
 
 
 def file_rows(rows_per_file: int, batch_size: int) -> int:

@@ -52,7 +52,8 @@ def score_argv(
 def check_submission(address: str | None, env_names: Sequence[str] = ()) -> None:
     if not address or not address.startswith(("http://", "https://")):
         raise ClusterError(
-            f"--submit needs the cluster's dashboard address, e.g. --address http://head:8265 (got {address!r})"
+            "--submit needs the cluster's dashboard address, e.g. --address http://head:8265 "
+            + (f"(got {address!r}, a GCS address)" if address else "(none given: --address or RAY_ADDRESS)")
         )
     missing = [n for n in env_names if n not in os.environ]
     if missing:

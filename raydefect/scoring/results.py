@@ -3,7 +3,8 @@
 Rows are history: a run adds one row per image it scored, so an image that changed (or was re-scored with
 ``--rescore``) has one row per version. `read_scores` gives the current view -- the newest row per
 (model_id, path) -- and always drops duplicate keys, the last safety net of the commit protocol. Only files that a
-commit record lists are read (`ScoreStore.committed_files`). Without raydefect, the same current view in DuckDB::
+commit record lists are read (`ScoreStore.read_committed`; one found missing or unreadable is skipped with a
+warning). Without raydefect, the same current view in DuckDB::
 
     SELECT * FROM read_parquet('OUT/*/*/*.parquet')
     QUALIFY row_number() OVER (PARTITION BY model_id, path ORDER BY scored_at DESC) = 1
@@ -30,6 +31,8 @@ from raydefect.scoring.store import ScoreStore
 
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
                    "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
+#: columns `parse_where` filters on: every scalar column of the scores
+WHERE_COLUMNS = tuple(n for n in SCORE_SCHEMA.names if n not in ("mask_png", "class_scores", "bbox"))
 _WHERE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
 
 
@@ -46,13 +49,7 @@ def committed_table(
     out: str, columns: Sequence[str] | None = None, model_id: str | None = None, storage: Storage | None = None
 ) -> pa.Table:
     """Every committed row (history, not de-duplicated), only `columns` if given."""
-    import pyarrow.parquet as pq
-
-    store = _open(out, storage)
-    parts = []
-    for loc in store.committed_files(model_id):
-        fs, path = store.storage.resolve(loc)
-        parts.append(pq.read_table(path, filesystem=fs, columns=list(columns) if columns else None))
+    parts = list(_open(out, storage).read_committed(columns, model_id))
     if not parts:
         schema = SCORE_SCHEMA if not columns else pa.schema([SCORE_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
@@ -88,15 +85,38 @@ def read_scores(
     return table.select(wanted)
 
 
+def choose_model(store: ScoreStore, model: str | None = None) -> tuple[str | None, list[str]]:
+    """(the model to read, every model in the folder, newest first). A folder scored by several models (a new
+    model scores everything again) would otherwise count each image once per model; by default the model of the
+    newest run is read. `model`: a model id, or a unique prefix of one."""
+    newest: dict[str, str] = {}
+    for r in store.records():
+        newest[r.model_id] = max(newest.get(r.model_id, ""), r.run_id)
+    models = sorted(newest, key=lambda m: newest[m], reverse=True)
+    if model is None:
+        return (models[0] if models else None), models
+    matches = [m for m in models if m == model] or [m for m in models if m.startswith(model)]
+    if len(matches) != 1:
+        found = "several match" if matches else "no such model here"
+        raise DataError(
+            f"--model {model}: {found}; the models in {store.out} are {', '.join(models) or '(none)'} (newest first)"
+        )
+    return matches[0], models
+
+
 def _rate(defects: int, images: int) -> float:
     return defects / images if images else 0.0
 
 
-def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | None = None) -> dict[str, Any]:
-    """Counts, defect rate per run and per folder, and the top-scoring images (current view)."""
+def summarize(
+    out: str, top: int = 10, folders: int = 20, storage: Storage | None = None, model: str | None = None
+) -> dict[str, Any]:
+    """Counts, defect rate per run and per folder, and the top-scoring images (current view) of one model
+    (`choose_model`: by default the newest run's); the runs table lists every run."""
     store = _open(out, storage)
     records = store.records()
-    current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage)
+    model_id, models = choose_model(store, model)
+    current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage, model_id=model_id)
     ok = pc.is_null(current.column("error"))
     defect = pc.fill_null(current.column("is_defect"), False)
     n, n_def, n_err = current.num_rows, int(pc.sum(defect).as_py() or 0), int(pc.sum(pc.invert(ok)).as_py() or 0)
@@ -152,7 +172,8 @@ def summarize(out: str, top: int = 10, folders: int = 20, storage: Storage | Non
         "defects": n_def,
         "errors": n_err,
         "defect_rate": _rate(n_def, n - n_err),
-        "models": sorted(set(current.column("model_id").to_pylist())),
+        "model": model_id,
+        "models": models,
         "history_rows": sum(r["scored"] for r in runs),
         "runs": runs,
         "folders": folder_rows[:folders] if folders else folder_rows,
@@ -172,7 +193,7 @@ def parse_where(expr: str) -> pc.Expression:
     col, op, raw = m.groups()
     if col not in SCORE_SCHEMA.names or col in ("mask_png", "class_scores", "bbox"):
         raise DataError(
-            f"--where {expr!r}: unknown or non-scalar column {col!r}; use one of {', '.join(SUMMARY_COLUMNS)}"
+            f"--where {expr!r}: unknown or non-scalar column {col!r}; use one of {', '.join(WHERE_COLUMNS)}"
         )
     raw = raw.strip("'\"")
     typ = SCORE_SCHEMA.field(col).type
@@ -200,9 +221,12 @@ def select_rows(
     where: Sequence[str] = (),
     paths: Sequence[str] = (),
     storage: Storage | None = None,
+    model: str | None = None,
 ) -> pa.Table:
-    """Rows to extract from the current view: `paths` (exact), `where` filters (AND), then the `top` by score."""
-    table = read_scores(out, storage=storage)
+    """Rows to extract from the current view of one model (`choose_model`): `paths` (exact), `where` filters (AND),
+    then the `top` by score."""
+    model_id, _ = choose_model(_open(out, storage), model)
+    table = read_scores(out, storage=storage, model_id=model_id)
     table = table.filter(pc.is_null(table.column("error")))
     if paths:
         wanted = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths]
@@ -216,8 +240,10 @@ def select_rows(
 
 
 def _safe_stem(path: str) -> str:
+    """The file's stem for an output name: letters and digits of any script kept, the rest (spaces, separators,
+    shell-special characters, bytes that are not UTF-8) as ``_``."""
     stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "image"
+    return re.sub(r"[^\w.-]+", "_", stem.encode("utf-8", "replace").decode("utf-8"))[:80].strip("_") or "image"
 
 
 def extract(
@@ -227,15 +253,17 @@ def extract(
     where: Sequence[str] = (),
     paths: Sequence[str] = (),
     storage: Storage | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Write the chosen masks (0/255 PNG at the image's size) and overlays (the same picture `raydefect predict`
     draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
     Returns counts and the index path."""
     storage = storage or Storage()
-    rows = select_rows(out, top=top, where=where, paths=paths, storage=storage)
+    rows = select_rows(out, top=top, where=where, paths=paths, storage=storage, model=model)
     dest = Path(dest).expanduser()
     try:
         dest.mkdir(parents=True, exist_ok=True)
+        removed = _remove_previous_extract(dest)
     except OSError as e:
         raise OutputError(f"cannot create --out {dest}: {e.strerror}") from None
     index = []
@@ -260,6 +288,7 @@ def extract(
             {
                 "rank": rank,
                 "path": r["path"],
+                "model_id": r["model_id"],
                 "defect_score": r["defect_score"],
                 "defect_class": r["defect_class"],
                 "mask_area_px": r["mask_area_px"],
@@ -271,12 +300,44 @@ def extract(
         )
     index_path = dest / "index.csv"
     with index_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["rank", "path", "defect_score", "defect_class", "mask_area_px",
-                                               "bbox", "mask", "overlay", "note"])  # fmt: skip
+        writer = csv.DictWriter(f, fieldnames=["rank", "path", "model_id", "defect_score", "defect_class",
+                                               "mask_area_px", "bbox", "mask", "overlay", "note"])  # fmt: skip
         writer.writeheader()
         writer.writerows(index)
-    missing = []
+    missing: list[tuple[str, str]] = []  # (path as given, why)
     if paths:
         found = set(rows.column("path").to_pylist())
-        missing = [p for p in paths if p not in found and str(Path(p).expanduser().resolve()) not in found]
-    return {"masks": len(index), "overlays": overlays, "index": str(index_path), "missing": missing}
+        absent = {p: p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths}
+        absent = {p: a for p, a in absent.items() if p not in found and a not in found}
+        if absent:
+            model_id, _ = choose_model(_open(out, storage), model)
+            errors = read_scores(out, model_id=model_id, columns=["path", "error"], storage=storage)
+            errors = errors.filter(pc.is_in(errors.column("path"), pa.array(list(absent.values()), pa.string())))
+            why = dict(zip(errors.column("path").to_pylist(), errors.column("error").to_pylist(), strict=True))
+            missing = [
+                (p, f"scored with an error: {why[a]}" if why.get(a) else "not in the scores") for p, a in absent.items()
+            ]
+    return {
+        "masks": len(index),
+        "overlays": overlays,
+        "index": str(index_path),
+        "missing": missing,
+        "no_overlay": [r for r in index if r["note"]],
+        "removed": removed,
+    }
+
+
+def _remove_previous_extract(dest: Path) -> int:
+    """Delete the PNGs an earlier extract into `dest` wrote (named in its index.csv), so that the folder holds what
+    the new index.csv lists; nothing else in the folder is touched. Returns the files deleted."""
+    index = dest / "index.csv"
+    if not index.is_file():
+        return 0
+    removed = 0
+    with index.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            for name in (row.get("mask"), row.get("overlay")):
+                if name and "/" not in name and name.endswith(".png") and (dest / name).is_file():
+                    (dest / name).unlink()
+                    removed += 1
+    return removed

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from raydefect.errors import ImageError
+from raydefect.errors import ImageError, ImageTooLargeError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
 from raydefect.scoring.keys import contains, first_occurrence, key_digests
@@ -154,6 +154,8 @@ class Decoder:
             reduce_to = self.image_size if self.reduce else None
             image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, reduce_to)
             pixels[i] = resize_rgb(image, self.image_size)
+        except ImageTooLargeError as e:  # the guard's setting is score's own, not prepare's --max-pixels
+            return f"{e.reason}; score.max_image_pixels={self.max_pixels} (raise it to score such images)"
         except ImageError as e:
             return e.reason
         except Exception as e:  # Pillow raises odd types on malformed files; one image must never fail the job

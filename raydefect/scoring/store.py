@@ -7,6 +7,7 @@ Layout of ``OUT`` (a local folder or an object-store prefix)::
     OUT/_commits/<run_id>.json                      commit record: run, model, state, files with row counts
     OUT/_staging/<run_id>/part-<uid>.parquet.staged    written by workers, not yet committed
     OUT/.lock                                       local runs: an flock'ed file naming the holder
+    OUT/_damaged/<model_id>/<run_id>/part-...parquet   committed files later found unreadable, set aside
 
 Protocol. Workers write each output file into the run's staging folder, atomically (a hidden temporary name
 renamed into place; an object-store upload is atomic by itself), and hand the file's name, row count and key
@@ -25,6 +26,11 @@ record; (2) complete staged files of dead runs are recovered -- their rows not y
 into the data area, the rest dropped -- and partial ones deleted; a dead run's record is marked ``interrupted``.
 The driver also checks every file's digests against what this run already committed, and readers de-duplicate
 by key (`raydefect.scoring.results`), as final safety nets.
+
+A committed file that is later missing (deleted by hand, a retention rule, a partial copy) or unreadable (cut
+short) is skipped with a warning naming it by readers (`read_committed`); a scoring run, under the lock, also moves
+it out of its record into the record's ``lost_files`` (an unreadable file is set aside under ``_damaged/``), so its
+images count as unscored and are scored again, and the warning is not repeated every night.
 
 Concurrency: one run per ``OUT``. Locally an exclusive ``fcntl.flock`` on ``OUT/.lock`` (released by the kernel
 when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). Object
@@ -67,12 +73,17 @@ LOCK_FILE = ".lock"
 REMOTE_LOCK = "_lock.json"
 REMOTE_LOCK_LEASE_S = 15 * 60
 STAGED_SUFFIX = ".parquet.staged"
+DAMAGED = "_damaged"
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
     """Sortable and unique: ``20250101T020000Z-1a2b3c``."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:160]
 
 
 def _now() -> str:
@@ -110,11 +121,12 @@ class RunRecord:
     model_id: str
     key_mode: str
     input: str = ""
-    state: str = "running"  # running -> finished | interrupted (found dead by a later run)
+    state: str = "running"  # running -> finished | failed | interrupted (Ctrl-C, or found dead by a later run)
     started_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
     files: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    lost_files: list[dict[str, Any]] = field(default_factory=list)  # committed, later found missing or damaged
     raydefect_version: str = __version__
     format: int = STORE_FORMAT
 
@@ -136,6 +148,7 @@ class RunRecord:
             "rows": self.rows,
             "files": self.files,
             "stats": self.stats,
+            **({"lost_files": self.lost_files} if self.lost_files else {}),
         }
 
     @classmethod
@@ -150,6 +163,7 @@ class RunRecord:
             updated_at=d.get("updated_at", ""),
             files=list(d.get("files", [])),
             stats=dict(d.get("stats", {})),
+            lost_files=list(d.get("lost_files", [])),
             raydefect_version=d.get("raydefect_version", ""),
             format=int(d.get("format", STORE_FORMAT)),
         )
@@ -427,26 +441,76 @@ class ScoreStore:
         self.fs.create_dir(self.path(COMMITS), recursive=True)
         self._write_json(self.path(COMMITS, f"{record.run_id}.json"), record.to_dict())
 
-    def committed_files(self, model_id: str | None = None) -> list[str]:
-        """Locations of committed data files (optionally of one model), from the commit records."""
-        return [
-            self.location(f["path"])
-            for r in self.records()
-            if model_id is None or r.model_id == model_id
-            for f in r.files
-        ]
+    def read_committed(
+        self, columns: Sequence[str] | None = None, model_id: str | None = None, repair: bool = False
+    ) -> Iterator[pa.Table]:
+        """Every committed file's table (only `columns` if given), optionally of one model. A file that is missing or
+        unreadable is skipped with a warning that names it; with `repair` (a scoring run, under the lock) it also
+        leaves its run's record for ``lost_files`` (an unreadable one is moved under ``_damaged/``), so the images it
+        held count as unscored from then on."""
+        import pyarrow.parquet as pq
+
+        for record in self.records():
+            if model_id is not None and record.model_id != model_id:
+                continue
+            lost = []
+            for entry in record.files:
+                loc = self.location(entry["path"])
+                fs, path = self.storage.resolve(loc)
+                try:
+                    yield pq.read_table(path, filesystem=fs, columns=list(columns) if columns else None)
+                    continue
+                except (ValueError, EOFError) as e:  # pa.ArrowInvalid: cut short, not Parquet
+                    problem = f"unreadable ({_first_line(e)})"
+                except OSError as e:
+                    problem = self._file_problem(path, e)
+                lost.append((entry, problem))
+            for entry, problem in lost:
+                self._lost_file(record, entry, problem, repair)
+
+    def _file_problem(self, path: str, error: OSError) -> str:
+        """'missing' or 'unreadable (...)' for a committed file that failed to read; re-raises what may be the
+        storage's fault rather than the file's (a network error on an object store), never a reason to forget it."""
+        import pyarrow.fs as pafs
+
+        if isinstance(error, FileNotFoundError) or self._info(path).type == pafs.FileType.NotFound:
+            return "missing"
+        if self.remote:
+            raise error
+        return f"unreadable ({_first_line(error)})"
+
+    def _lost_file(self, record: RunRecord, entry: dict[str, Any], problem: str, repair: bool) -> None:
+        loc, rows = self.location(entry["path"]), int(entry.get("rows") or 0)
+        if not repair:
+            console.warn(
+                f"committed scores file {loc} is {problem}: its {rows:,} row(s) are left out; the next "
+                "`raydefect score` run into this --out scores those images again"
+            )
+            return
+        note = ""
+        if problem != "missing":
+            aside = self.path(DAMAGED, entry["path"])
+            with suppress(OSError):
+                self.fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
+                self.fs.move(self.path(entry["path"]), aside)
+                note = f"; moved to {self.location(DAMAGED, entry['path'])}"
+        record.files = [f for f in record.files if f["path"] != entry["path"]]
+        record.lost_files.append({**entry, "problem": problem, "found_at": _now()})
+        self.write_record(record)
+        console.warn(
+            f"committed scores file {loc} is {problem}: removed from run {record.run_id}'s record{note}; its "
+            f"{rows:,} image(s) count as unscored and are scored again"
+        )
 
     # --- keys -----------------------------------------------------------------------------------------------
-    def load_keys(self, model_id: str, key_mode: str, retry_errors: bool = False) -> KeySet:
-        """Digests of every committed row of `model_id` (rows with an error left out with `retry_errors`)."""
+    def load_keys(self, model_id: str, key_mode: str, retry_errors: bool = False, repair: bool = False) -> KeySet:
+        """Digests of every committed row of `model_id` (rows with an error left out with `retry_errors`); `repair`
+        as in `read_committed`."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         parts = []
         columns = ["model_id", "path", "size", "mtime_ns", "sha1", "error"]
-        for loc in self.committed_files(model_id):
-            fs, path = self.storage.resolve(loc)
-            table = pq.read_table(path, filesystem=fs, columns=columns)
+        for table in self.read_committed(columns, model_id, repair):
             if retry_errors:
                 table = table.filter(pc.is_null(table.column("error")))
             parts.append(row_digests(table, key_mode))
@@ -599,7 +663,7 @@ class ScoreStore:
                 self.fs.delete_file(info.path)
                 continue
             if (model_id, key_mode) not in seen_by_model:
-                seen_by_model[(model_id, key_mode)] = self.load_keys(model_id, key_mode)
+                seen_by_model[(model_id, key_mode)] = self.load_keys(model_id, key_mode, repair=True)
             seen = seen_by_model[(model_id, key_mode)]
             digests = row_digests(table, key_mode)
             keep = first_occurrence(digests) & ~contains(seen.array, digests)
