@@ -98,10 +98,11 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as e:
+        why = f"no answer within {REACH_TIMEOUT_S:.0f} s" if isinstance(e, TimeoutError) else e.strerror or str(e)
         raise ClusterError(
-            f"cannot reach Ray at {address!r}: {e.strerror or type(e).__name__} (no answer within "
-            f"{REACH_TIMEOUT_S:.0f} s); is the cluster up (`ray status` on its head node) and is this its GCS "
-            "address (port 6379 by default)? Leave out --address/RAY_ADDRESS to run on an embedded local Ray"
+            f"cannot reach Ray at {address!r} ({why}); is the cluster up (`ray status` on its head node) and is "
+            "this its GCS address (port 6379 by default)? Leave out --address/RAY_ADDRESS to run on an embedded "
+            "local Ray"
         ) from None
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -83,7 +84,9 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:160]
+    """The gist of a read error: its first line, without pyarrow's repetition of the path."""
+    text = (str(error).splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^Could not open Parquet input source '[^']*': ", "", text)[:160]
 
 
 def _now() -> str:
