@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from raydefect.cli import cli
 from raydefect.models.artifact import read_artifact_meta
 from raydefect.scoring.keys import KeySet
-from raydefect.scoring.results import WHERE_COLUMNS
+from raydefect.scoring.results import WHERE_COLUMNS, read_scores
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import BatchScorer
 from raydefect.scoring.sources import Storage
@@ -155,6 +155,11 @@ def test_scores_summarize_and_extract_commands(scores_dir, tmp_path):
     assert r.exit_code == 0 and "no scored image matched defect_class=nosuch" in r.output, r.output
     help_text = " ".join(_invoke("scores", "extract", "--help").output.split())
     assert all(c in help_text for c in WHERE_COLUMNS if c != "error") and "OP: = == != > >= < <=" in help_text
+    errored = next(r for r in read_scores(str(scores_dir)).to_pylist() if r["error"])
+    r = _invoke("scores", "extract", str(scores_dir), "--out", str(tmp_path / "z"), "--paths", errored["path"],
+                "--paths", str(tmp_path / "never.png"))  # fmt: skip
+    assert r.exit_code == 0 and f"{errored['path']}: scored with an error: {errored['error']}" in r.output, r.output
+    assert f"{tmp_path / 'never.png'}: not in the scores" in r.output
     r = _invoke("scores", "summarize", str(scores_dir), "--model", "nope")
     _one_line_error(r, "--model nope: no such model here")
     r = _invoke("scores", "summarize", str(tmp_path))

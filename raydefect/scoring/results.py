@@ -27,7 +27,7 @@ from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.overlay import render_overlay, save_png
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import Storage
-from raydefect.scoring.store import ScoreStore
+from raydefect.scoring.store import RunRecord, ScoreStore
 
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
                    "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
@@ -85,12 +85,12 @@ def read_scores(
     return table.select(wanted)
 
 
-def choose_model(store: ScoreStore, model: str | None = None) -> tuple[str | None, list[str]]:
-    """(the model to read, every model in the folder, newest first). A folder scored by several models (a new
-    model scores everything again) would otherwise count each image once per model; by default the model of the
-    newest run is read. `model`: a model id, or a unique prefix of one."""
+def choose_model(records: Sequence[RunRecord], model: str | None, out: str) -> tuple[str | None, list[str]]:
+    """(the model to read, every model in the folder `out`, newest first), from its run `records`. A folder scored by
+    several models (a new model scores everything again) would otherwise count each image once per model; by
+    default the model of the newest run is read. `model`: a model id, or a unique prefix of one."""
     newest: dict[str, str] = {}
-    for r in store.records():
+    for r in records:
         newest[r.model_id] = max(newest.get(r.model_id, ""), r.run_id)
     models = sorted(newest, key=lambda m: newest[m], reverse=True)
     if model is None:
@@ -99,7 +99,7 @@ def choose_model(store: ScoreStore, model: str | None = None) -> tuple[str | Non
     if len(matches) != 1:
         found = "several match" if matches else "no such model here"
         raise DataError(
-            f"--model {model}: {found}; the models in {store.out} are {', '.join(models) or '(none)'} (newest first)"
+            f"--model {model}: {found}; the models in {out} are {', '.join(models) or '(none)'} (newest first)"
         )
     return matches[0], models
 
@@ -115,7 +115,7 @@ def summarize(
     (`choose_model`: by default the newest run's); the runs table lists every run."""
     store = _open(out, storage)
     records = store.records()
-    model_id, models = choose_model(store, model)
+    model_id, models = choose_model(records, model, store.out)
     current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage, model_id=model_id)
     ok = pc.is_null(current.column("error"))
     defect = pc.fill_null(current.column("is_defect"), False)
@@ -225,11 +225,25 @@ def select_rows(
 ) -> pa.Table:
     """Rows to extract from the current view of one model (`choose_model`): `paths` (exact), `where` filters (AND),
     then the `top` by score."""
-    model_id, _ = choose_model(_open(out, storage), model)
-    table = read_scores(out, storage=storage, model_id=model_id)
+    return _select(_current_of(out, storage, model), top, where, paths)
+
+
+def _current_of(out: str, storage: Storage | None, model: str | None) -> pa.Table:
+    """`read_scores` of the model `choose_model` picks, error rows included."""
+    store = _open(out, storage)
+    model_id, _ = choose_model(store.records(), model, store.out)
+    return read_scores(out, storage=storage, model_id=model_id)
+
+
+def _as_scored(path: str) -> str:
+    """A path as the scores hold it: URIs as they are, local paths absolute and resolved."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _select(table: pa.Table, top: int | None, where: Sequence[str], paths: Sequence[str]) -> pa.Table:
     table = table.filter(pc.is_null(table.column("error")))
     if paths:
-        wanted = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths]
+        wanted = [_as_scored(p) for p in paths]
         table = table.filter(pc.is_in(table.column("path"), pa.array(wanted, pa.string())))
     for expr in where:
         table = table.filter(parse_where(expr))
@@ -259,7 +273,8 @@ def extract(
     draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
     Returns counts and the index path."""
     storage = storage or Storage()
-    rows = select_rows(out, top=top, where=where, paths=paths, storage=storage, model=model)
+    current = _current_of(out, storage, model)
+    rows = _select(current, top, where, paths)
     dest = Path(dest).expanduser()
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -307,13 +322,10 @@ def extract(
     missing: list[tuple[str, str]] = []  # (path as given, why)
     if paths:
         found = set(rows.column("path").to_pylist())
-        absent = {p: p if "://" in p else str(Path(p).expanduser().resolve()) for p in paths}
+        absent = {p: _as_scored(p) for p in paths}
         absent = {p: a for p, a in absent.items() if p not in found and a not in found}
-        if absent:
-            model_id, _ = choose_model(_open(out, storage), model)
-            errors = read_scores(out, model_id=model_id, columns=["path", "error"], storage=storage)
-            errors = errors.filter(pc.is_in(errors.column("path"), pa.array(list(absent.values()), pa.string())))
-            why = dict(zip(errors.column("path").to_pylist(), errors.column("error").to_pylist(), strict=True))
+        if absent:  # scored with an error, or not at all: the current view says which
+            why = dict(zip(current.column("path").to_pylist(), current.column("error").to_pylist(), strict=True))
             missing = [
                 (p, f"scored with an error: {why[a]}" if why.get(a) else "not in the scores") for p, a in absent.items()
             ]

@@ -458,10 +458,9 @@ class ScoreStore:
                 continue
             lost = []
             for entry in record.files:
-                loc = self.location(entry["path"])
-                fs, path = self.storage.resolve(loc)
+                path = self.path(entry["path"])
                 try:
-                    yield pq.read_table(path, filesystem=fs, columns=list(columns) if columns else None)
+                    yield pq.read_table(path, filesystem=self.fs, columns=list(columns) if columns else None)
                     continue
                 except (ValueError, EOFError) as e:  # pa.ArrowInvalid: cut short, not Parquet
                     problem = f"unreadable ({_first_line(e)})"
