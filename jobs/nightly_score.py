@@ -8,7 +8,8 @@ Inside a Ray job, RAY_ADDRESS points at the cluster, so the library connects to 
 safe to repeat or to restart after a crash (see `raydefect.scoring.store`): schedule it as often as you like. It
 only calls the library; the library never imports this file.
 
-Exit codes: 0 done, 1 a user error (bad path, lock held by another run, ...; one line on stderr), 2 bad arguments.
+Exit codes: 0 done, 1 a user error (bad path, lock held by another run, ...; one line on stderr), 2 bad arguments,
+130 / 143 stopped by SIGINT / SIGTERM (what was scored is committed; the next run scores the rest).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except RaydefectError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`ray job stop`, a pod deleted): the run committed its work
+        terminated = type(e).__name__ == "Terminated"
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     for line in report.summary_lines():
         console.result(line)
     if args.summary_json:

@@ -38,9 +38,10 @@ class RaydefectGroup(click.Group):
             message = " ".join(str(e).split())  # one line, whatever the message holds
             click.echo(f"error: {message}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as e:
+            terminated = type(e).__name__ == "Terminated"  # SIGTERM during `score`: 128 + 15, as the shell's
+            click.echo("terminated" if terminated else "interrupted", err=True)
+            ctx.exit(143 if terminated else 130)
 
 
 @click.group(cls=RaydefectGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -898,7 +899,8 @@ def tune_cmd(
 @click.option(
     "--submit",
     is_flag=True,
-    help="Submit the run to the cluster's Jobs API (--address http://head:8265) and print the job id.",
+    help="Submit the run to the cluster's Jobs API (--address http://head:8265) and print the job id. Local paths "
+    "are sent absolute and must exist on the head node; --dry-run and --json are passed on to the job.",
 )
 @click.option(
     "--env",
@@ -908,7 +910,9 @@ def tune_cmd(
     help="With --submit: copy this environment variable into the job's runtime_env (by name; repeatable).",
 )
 @click.option("--dry-run", is_flag=True, help="Only list the images a run would score now (new or changed).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the run summary as JSON.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the run summary as JSON (not inside OUT)."
+)
 @click.pass_obj
 def score_cmd(
     state: State,
@@ -958,13 +962,25 @@ def score_cmd(
         from raydefect.pipelines.submit import submit_score
 
         job_id = submit_score(
-            state.address, model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, env_names=env_names
+            state.address,
+            model,
+            input_,
+            out,
+            cfg,
+            rescore=rescore,
+            retry_errors=retry_errors,
+            dry_run=dry_run,
+            json_path=json_path,
+            env_names=env_names,
         )
         console.result(f"submitted job {job_id} to {state.address}")
         console.info(f"follow it with: ray job logs --address {state.address} --follow {job_id}")
         return
     if dry_run:
         from raydefect.pipelines.score import list_pending
+
+        if json_path:
+            console.warn(f"--json {json_path}: a dry run scores nothing and writes no summary")
 
         pending = list_pending(model, input_, out, cfg, rescore=rescore, address=state.address)
         for path in pending.column("path").to_pylist()[:20]:

@@ -65,3 +65,8 @@ class OutputError(RaydefectError):
 
 class TrainingError(RaydefectError):
     """A training run failed on its workers beyond its retries; the message says how to resume."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cron timeout, Kubernetes stopping the pod) during a scoring run, handled like Ctrl-C: what
+    is done is committed and the run marked interrupted; the command exits 143."""

@@ -184,3 +184,36 @@ def run_result_script(code: str, timeout: float = 900):
 def run_script():
     """`run_result_script(code, timeout=900) -> (CompletedProcess, dict)` as a fixture (two-node cluster tests)."""
     return run_result_script
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on loopback with a bucket ``factory``; AWS_* variables set so the driver and (forwarded) Ray
+    workers reach it. Yields a boto3 client."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from raydefect.scoring.sources import _filesystem
+
+    _filesystem.cache_clear()  # filesystems are cached per bucket: one made for an earlier module's server is dead
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="factory")
+    yield client
+    server.stop()
+    _filesystem.cache_clear()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

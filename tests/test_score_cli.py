@@ -120,6 +120,59 @@ def test_submit_builds_a_safe_entrypoint_and_passes_secrets_by_name(monkeypatch,
     _one_line_error(r, "NOT_SET_ANYWHERE_42", "not set")
 
 
+def test_submit_sends_local_paths_absolute_and_passes_dry_run_and_json_on(monkeypatch, tmp_path):
+    """A relative path was resolved in the job's working directory on the head (where `ray start` ran): the job
+    failed, or wrote its scores elsewhere; --dry-run was dropped, so a preview scored and wrote everything."""
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeJobClient)
+    monkeypatch.chdir(tmp_path)
+    _FakeJobClient.calls.clear()
+    r = _invoke(
+        "--address", "http://head:8265", "score", "--submit", "--model", "runs/m/model", "--input", "s3://b/a/",
+        "--out", "scores", "--dry-run", "--json", "last.json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    argv = shlex.split(_FakeJobClient.calls[0]["entrypoint"])
+    opt = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}
+    assert opt["--model"] == str(tmp_path / "runs/m/model") and opt["--out"] == str(tmp_path / "scores")
+    assert opt["--input"] == "s3://b/a/" and opt["--json"] == str(tmp_path / "last.json")
+    assert "--dry-run" in argv
+    assert f"--out {tmp_path / 'scores'} is a local path: it must exist on the cluster's head node" in r.output
+
+
+def test_submit_to_a_cluster_wanting_a_token_says_how_to_give_it(monkeypatch):
+    import ray.job_submission
+    from ray.exceptions import AuthenticationError
+
+    class _Refusing(_FakeJobClient):
+        def __init__(self, address: str) -> None:
+            raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _Refusing)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    r = _invoke("--address", "http://h:8265", "score", "--submit", "--model", "s3://b/m", "--input", "s3://b/a",
+                "--out", "s3://b/s")  # fmt: skip
+    _one_line_error(r, "cannot submit to http://h:8265: Authentication required", "set RAY_AUTH_MODE=token")
+
+
+def test_scores_commands_on_an_unreachable_object_store_say_so_in_one_line(monkeypatch, tmp_path):
+    """`score` said it in one line; `scores summarize` / `extract` printed a 49-line traceback."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+                        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    out = "s3://unreachable-bucket-qa/scores"
+    r = _invoke("scores", "summarize", out)
+    _one_line_error(r, f"cannot read the scores at {out}:", "Could not connect", "AWS_ENDPOINT_URL")
+    r = _invoke("scores", "extract", out, "--out", str(tmp_path / "x"))
+    _one_line_error(r, f"cannot read the scores at {out}:", "Could not connect")
+
+
 @pytest.fixture(scope="module")
 def scores_dir(tiny_artifact, synth_archive, tmp_path_factory):
     """A scores folder written with the core scorer and the commit protocol (no Ray)."""
@@ -192,6 +245,10 @@ def test_kuberay_manifest_parses_and_runs_the_nightly_entry_point():
     i = command.index("--")
     assert command[:3] == ["ray", "job", "submit"] and command[i + 1 : i + 3] == ["python", "nightly_score.py"]
     parser.parse_args(command[i + 3 :])
+    env = {e["name"]: e for e in cron["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"  # Ray 2.60 clusters refuse a submission without the token
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+    assert "/tmp" not in job["entrypoint"]  # nothing written where the deleted head pod takes it along
     secrets = yaml.safe_dump(docs).lower()
     assert "secret_access_key:" not in secrets and "password" not in secrets  # credentials only via secretRef
     cron_line = [ln for ln in (ROOT / "jobs" / "cron.example").read_text().splitlines() if ln and ln[0].isdigit()]

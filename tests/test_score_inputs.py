@@ -91,35 +91,13 @@ def test_text_manifest_scoring_and_rescore(ray_session, inputs, tiny_artifact):
 
 
 @pytest.fixture(scope="module")
-def s3(synth_archive):
-    """A moto S3 server on loopback; AWS_* variables set so the driver and (forwarded) Ray workers reach it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="factory")
+def s3(s3_server, synth_archive):
+    """The moto server with the archive's line_2 uploaded under ``s3://factory/archive/``."""
     root = Path(synth_archive["out"])
     files = sorted(p for p in root.rglob("*") if p.is_file() and "line_2" in p.parts)
     for p in files:
-        client.put_object(Bucket="factory", Key=f"archive/{p.relative_to(root).as_posix()}", Body=p.read_bytes())
-    yield SimpleNamespace(client=client, keys=[f"archive/{p.relative_to(root).as_posix()}" for p in files])
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        s3_server.put_object(Bucket="factory", Key=f"archive/{p.relative_to(root).as_posix()}", Body=p.read_bytes())
+    return SimpleNamespace(client=s3_server, keys=[f"archive/{p.relative_to(root).as_posix()}" for p in files])
 
 
 def test_s3_input_and_output(ray_session, s3, tiny_artifact, inputs, tmp_path):

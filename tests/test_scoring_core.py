@@ -6,9 +6,11 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from raydefect.models.artifact import load_artifact, read_artifact_meta
 from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
 from raydefect.scoring.results import parse_where, read_scores, select_rows, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
-from raydefect.scoring.scorer import BatchScorer, Decoder, drop_known, listing_table, stat_locations
+from raydefect.scoring.scorer import BatchScorer, Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
 from raydefect.scoring.sources import (
     ListFilter,
     Storage,
@@ -110,6 +112,8 @@ def test_resolve_input_kinds_and_errors(tmp_path):
         manifest_column(["a", "b"], "m.csv")
     assert join_location("/data/m", "x/a.png") == "/data/m/x/a.png"
     assert join_location("s3://b/m", "x/a.png") == "s3://b/m/x/a.png"
+    # one image, one name: an S3 manifest's "../" and "./" entries scored images a second time under another path
+    assert join_location("s3://b/m/", "../archive/./a.png") == "s3://b/archive/a.png"
     assert join_location("/data", "s3://b/a.png") == "s3://b/a.png"
 
 
@@ -449,6 +453,52 @@ def test_a_committed_file_found_missing_or_damaged_is_skipped_then_its_images_sc
     assert read_scores(str(out)).num_rows == rows.num_rows - 20 and capsys.readouterr().err == ""
 
 
+class _FlakyStorage(Storage):
+    """Local files, but reading `down` fails as an object store's read does while it is unreachable."""
+
+    def __init__(self, down: str) -> None:
+        super().__init__()
+        self.down = down
+
+    def read_bytes(self, location: str) -> bytes:
+        if location == self.down:
+            raise OSError("When reading information for key 'a.png': AWS Error NETWORK_CONNECTION, Timeout was reached")
+        return super().read_bytes(location)
+
+
+def test_a_file_the_storage_failed_to_read_is_scored_again_by_the_next_run(tmp_path, tiny_artifact, synth_archive):
+    """A 110 s object-store outage left an image with a "cannot read ... Timeout" row that every later nightly run
+    counted as scored (only --retry-errors, which no nightly job passes, scored it again). A file that is gone or
+    not readable for its own sake keeps its error row: scoring it again would give the same answer."""
+    from raydefect.scoring.keys import RETRY_PREFIX
+
+    meta = read_artifact_meta(tiny_artifact)
+    files = [p for p in _archive_files(synth_archive["out"]) if os.path.getsize(p) > 200][:3]
+    gone = str(tmp_path / "gone.png")
+    (tmp_path / "gone.png").write_bytes(b"x")
+    listing = stat_locations([*files, gone], STORAGE)
+    (tmp_path / "gone.png").unlink()  # deleted between the listing and the read
+    out = Decoder(32, _FlakyStorage(files[1]))(listing)
+    errors = list(out["error"])
+    assert errors[0] == errors[2] == ""
+    assert errors[1].startswith(RETRY_PREFIX) and "Timeout was reached" in errors[1]
+    assert errors[3].startswith("cannot read: FileNotFoundError")
+    rows = finish(ModelStep(str(tiny_artifact), device="cpu", precision="fp32")(out), meta, "r1")
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    rec = RunRecord("r1", meta.model_id, "stat", state="finished")
+    store.commit(rec, [_stage(store, rows, "r1", meta)], KeySet())
+    keys = store.load_keys(meta.model_id, "stat")
+    known = keys.contains(key_digests(meta.model_id, *_stat_columns(listing), "stat"))
+    assert known.tolist() == [True, False, True, True]  # the network failure alone is pending again
+    assert len(store.load_keys(meta.model_id, "stat", retry_errors=True)) == 2
+
+
+def _stat_columns(listing: pa.Table) -> tuple:
+    cols = listing.to_pydict()
+    return cols["path"], cols["size"], cols["mtime_ns"], [None] * listing.num_rows
+
+
 def test_open_refuses_foreign_and_unwritable_folders(tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "thesis.docx").write_text("x")
@@ -498,6 +548,56 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
         proc.wait()
     with store.lock("fifth"):
         pass
+
+
+def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder(s3_server, monkeypatch, capsys):
+    """Object stores: the lock object's heartbeat is renewed by a thread for as long as the run holds it (renewed
+    only at commits, it lapsed under a slow live run: a second run took over and deleted the live run's staged
+    files); a run that finds its lock taken commits nothing; a holder that died on this host (SIGKILL) no longer
+    blocks the restart for the whole lease."""
+    import raydefect.scoring.store as store_mod
+
+    monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.2)
+    out = "s3://factory/lock-test"
+    a, b = ScoreStore(out), ScoreStore(out)
+    a.open()
+
+    def holder() -> dict:
+        return json.loads(s3_server.get_object(Bucket="factory", Key="lock-test/_lock.json")["Body"].read())
+
+    with a.lock("run-a"):
+        first = holder()["heartbeat"]
+        time.sleep(1.0)
+        assert holder()["heartbeat"] > first  # renewed with no commit in between
+        busy = r"locked by run run-a .*last heartbeat \d+ s ago; if that run died"
+        with pytest.raises(OutputError, match=busy), b.lock("run-b"):
+            pass
+        a.check_lock()  # still ours
+        # another run took the lock object (a lapsed lease): the heartbeat stops renewing it, and a commit is refused
+        s3_server.put_object(
+            Bucket="factory",
+            Key="lock-test/_lock.json",
+            Body=json.dumps({"run_id": "run-c", "pid": 1, "host": "elsewhere", "heartbeat": time.time()}),
+        )
+        time.sleep(0.6)
+        assert holder()["run_id"] == "run-c"
+        with pytest.raises(OutputError, match="lost its lock on s3://factory/lock-test .*held by run run-c"):
+            a.check_lock()
+    assert holder()["run_id"] == "run-c"  # a run releases only its own lock
+    # a holder on this host whose process is gone (killed): taken over at once, with a warning
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    s3_server.put_object(
+        Bucket="factory",
+        Key="lock-test/_lock.json",
+        Body=json.dumps(
+            {"run_id": "run-d", "pid": int(dead.stdout), "host": socket.gethostname(), "heartbeat": time.time()}
+        ),
+    )
+    capsys.readouterr()
+    with b.lock("run-e"):
+        assert holder()["run_id"] == "run-e"
+    assert "taking over the lock of run run-d" in capsys.readouterr().err
+    assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="lock-test/_lock")  # released
 
 
 # --- reading results ------------------------------------------------------------------------------------------

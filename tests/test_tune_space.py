@@ -417,9 +417,9 @@ def test_tune_on_an_unreachable_cluster_leaves_no_study(tmp_path, synth_dataset,
 
 
 def test_the_connect_error_names_token_authentication(monkeypatch):
-    from raydefect.pipelines.cluster import _auth_hint
+    from raydefect.pipelines.cluster import auth_hint
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    assert "set RAY_AUTH_MODE=token" in _auth_hint() and "~/.ray/auth_token" in _auth_hint()
+    assert "set RAY_AUTH_MODE=token" in auth_hint() and "~/.ray/auth_token" in auth_hint()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert _auth_hint() == ""
+    assert auth_hint() == ""

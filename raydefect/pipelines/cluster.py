@@ -71,7 +71,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         except ConnectionError as e:
             raise ClusterError(
                 f"cannot reach Ray at {resolved!r}: {e}; check the address (`ray status` on the head node), "
-                "or leave out --address/RAY_ADDRESS to run on an embedded local Ray" + _auth_hint()
+                "or leave out --address/RAY_ADDRESS to run on an embedded local Ray" + auth_hint()
             ) from None
         except Exception as e:  # Ray raises several types for a bad address
             if resolved is None:
@@ -106,7 +106,7 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def _auth_hint() -> str:
+def auth_hint() -> str:
     """Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by host:port only sends
     the token with RAY_AUTH_MODE=token (tried: "Authentication token is missing or incorrect" without it)."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":

@@ -22,8 +22,11 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,11 @@ import pyarrow.compute as pc
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
-from raydefect.errors import ConfigError, DataError
+from raydefect.errors import ConfigError, DataError, Terminated
 from raydefect.inference import resolve_scoring
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
-from raydefect.scoring.keys import KeySet
+from raydefect.scoring.keys import RETRY_PREFIX, KeySet
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
 from raydefect.scoring.sources import (
@@ -71,6 +74,7 @@ class ScoreReport:
     repeated: int = 0  # listing entries naming a file already listed (a manifest with a path twice)
     scored: int = 0
     errors: int = 0
+    storage_errors: int = 0  # of `errors`: files the storage failed to read (network, timeout), scored again next run
     defects: int = 0
     files: int = 0
     seconds: float = 0.0
@@ -95,7 +99,12 @@ class ScoreReport:
             f"{self.skipped:,} already scored, {self.listed:,} listed"
             + (f" ({self.repeated:,} listed twice, scored once)" if self.repeated else ""),
             f"defects:  {self.defects:,}",
-            f"errors:   {self.errors:,} (rows with `error` set)",
+            f"errors:   {self.errors:,} (rows with `error` set)"
+            + (
+                f"; {self.storage_errors:,} of them the storage failed to read: scored again by the next run"
+                if self.storage_errors
+                else ""
+            ),
             f"output:   {self.out} ({self.files} new file(s))",
             f"model:    {self.actors} actor(s) on {self.device} "
             f"({'ONNX Runtime' if self.engine == 'onnx' else 'PyTorch'}, {self.precision})",
@@ -160,6 +169,9 @@ def _decode(table: pa.Table, image_size: int, storage: Storage, max_pixels: int,
     out = Decoder(image_size, storage, max_pixels, key_mode, model_id, known_arr, reduced_jpeg)(table)
     if key_mode == "hash":
         _count(counter, skipped=table.num_rows - len(out["path"]))
+    unread = sum(1 for e in out["error"] if e.startswith(RETRY_PREFIX))
+    if unread:
+        _count(counter, storage_errors=unread)
     return out
 
 
@@ -457,9 +469,10 @@ def _run(
     store.open()
     run_id = new_run_id()
     report = ScoreReport(run_id, meta.model_id, store.out, input)
-    with store.lock(run_id):
+    with store.lock(run_id), ExitStack() as stack:
         report.recovery = store.recover(run_id)
         connect(address)
+        stack.enter_context(_sigterm_as_interrupt())  # after ray.init, whose C++ handler only dumps a stack
         quiet_ray_data()
         remote_args = _remote_args(sc, input, out, s.spec)
         known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors, repair=True)
@@ -581,6 +594,7 @@ def _run(
             counts = _snapshot(counter)
             report.listed, report.skipped = counts.get("listed", 0), counts.get("skipped", 0)
             report.repeated = counts.get("repeated", 0)
+            report.storage_errors = counts.get("storage_errors", 0)
             report.model_seconds = counts.get("model_ms", 0) / 1000.0
             record.stats = {
                 "listed": report.listed,
@@ -603,6 +617,25 @@ def _run(
         if report.listed == 0:
             raise DataError(f"--input {input}: no images found; check the path and score.extensions")
     return report
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the driver, so the run commits what it holds and is marked
+    interrupted as on Ctrl-C (measured: Ray's own handler printed a C++ stack twice, aborted, and left the run marked
+    failed with its last files uncommitted)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _absolute(location: str) -> str:
@@ -682,8 +715,8 @@ def _commit(
     report: ScoreReport,
     state: dict,
 ) -> None:
+    store.check_lock()
     done = store.commit(record, pending, seen)
-    store.heartbeat()
     for f in done:
         report.scored += f.rows
         report.errors += f.errors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Sequence
+from typing import Any
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
@@ -29,10 +30,27 @@ def _value(v: object) -> str:
     return str(v)
 
 
+def _on_cluster(path: str) -> str:
+    """A local path as the job must see it: absolute (the job's working directory is wherever `ray start` ran)."""
+    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def score_argv(
-    model: str, input: str, out: str, cfg: Config, *, rescore: bool = False, retry_errors: bool = False
+    model: str,
+    input: str,
+    out: str,
+    cfg: Config,
+    *,
+    rescore: bool = False,
+    retry_errors: bool = False,
+    dry_run: bool = False,
+    json_path: str | None = None,
 ) -> list[str]:
-    """The ``raydefect score`` command line the job runs (score settings that differ from the defaults as --set)."""
+    """The ``raydefect score`` command line the job runs (score settings that differ from the defaults as --set).
+
+    Local paths are sent absolute, resolved here (a relative one would be resolved in the job's working directory on
+    the head node: the job failed, or wrote its scores somewhere else)."""
+    model, input, out = _on_cluster(model), _on_cluster(input), _on_cluster(out)
     argv = ["raydefect", "score", "--model", model, "--input", input, "--out", out]
     defaults = ScoreConfig()
     for name, value in cfg.to_dict()["score"].items():
@@ -43,7 +61,13 @@ def score_argv(
         argv.append("--rescore")
     if retry_errors:
         argv.append("--retry-errors")
-    for name, path in (("--model", model), ("--input", input), ("--out", out)):
+    if dry_run:
+        argv.append("--dry-run")  # the job lists what it would score (in its logs) and writes nothing
+    if json_path:
+        json_path = _on_cluster(json_path)
+        argv += ["--json", json_path]
+    named = [("--model", model), ("--input", input), ("--out", out)] + ([("--json", json_path)] if json_path else [])
+    for name, path in named:
         if not is_remote(path):
             console.warn(f"{name} {path} is a local path: it must exist on the cluster's head node (shared storage)")
     return argv
@@ -67,20 +91,22 @@ def submit_score(
     out: str,
     cfg: Config,
     *,
-    rescore: bool = False,
-    retry_errors: bool = False,
     env_names: Sequence[str] = (),
+    **options: Any,
 ) -> str:
-    """`raydefect score ...` as a job on the cluster at `address`; returns the job id."""
+    """`raydefect score ...` as a job on the cluster at `address` (`options`: those of `score_argv`); returns the
+    job id."""
     check_submission(address, env_names)
-    argv = score_argv(model, input, out, cfg, rescore=rescore, retry_errors=retry_errors)
-    return submit_job(address, argv, env_names)
+    return submit_job(address, score_argv(model, input, out, cfg, **options), env_names)
 
 
 def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str] = ()) -> str:
     """Submit `argv` as a Ray job at the dashboard `address` (http://head:8265); returns the job id."""
     check_submission(address, env_names)
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    from raydefect.pipelines.cluster import auth_hint
 
     runtime_env = {"env_vars": {n: os.environ[n] for n in env_names}} if env_names else None
     try:
@@ -88,3 +114,7 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
         return client.submit_job(entrypoint=shlex.join(list(argv)), runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot submit to {address}: {e}; check the address and that the dashboard runs") from None
+    except AuthenticationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = auth_hint() or "; check that the token given matches the cluster's"
+        raise ClusterError(f"cannot submit to {address}: {first}" + hint) from None

@@ -18,6 +18,23 @@ import numpy as np
 KEY_MODES = ("stat", "hash")
 DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
+#: The start of the `error` of a row whose file could not be read for the storage's sake (a network error, a
+#: timeout, throttling), not the file's: such rows are not keys (`ScoreStore.load_keys` leaves them out), so the next
+#: run scores the image again by itself. Seen: a 110 s object-store outage left an image with a "cannot read ...
+#: Timeout" row that every later nightly run counted as scored.
+RETRY_PREFIX = "storage error, scored again by the next run: "
+
+#: Read failures that are the file's own (gone, not allowed, not a file): recorded for good, like a corrupt image.
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def read_error(e: BaseException) -> str:
+    """The `error` of a row whose bytes could not be read: `RETRY_PREFIX` for an I/O error of the storage itself."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, OSError) and not isinstance(e, _FILE_ERRORS):
+        return RETRY_PREFIX + text
+    return f"cannot read: {text}"
+
 
 def _norm_int(value: object) -> int:
     return -1 if value is None else int(value)  # type: ignore[call-overload]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,19 @@ SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fr
 #: columns `parse_where` filters on: every scalar column of the scores
 WHERE_COLUMNS = tuple(n for n in SCORE_SCHEMA.names if n not in ("mask_png", "class_scores", "bbox"))
 _WHERE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
+
+
+@contextmanager
+def _reading(out: str) -> Iterator[None]:
+    """An object store that cannot be reached or refuses access: one line naming the folder, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot read the scores at {out}: {first}; check the address, the endpoint (AWS_ENDPOINT_URL for an "
+            "S3-compatible store) and the credentials"
+        ) from None
 
 
 def _open(out: str, storage: Storage | None) -> ScoreStore:
@@ -113,10 +127,11 @@ def summarize(
 ) -> dict[str, Any]:
     """Counts, defect rate per run and per folder, and the top-scoring images (current view) of one model
     (`choose_model`: by default the newest run's); the runs table lists every run."""
-    store = _open(out, storage)
-    records = store.records()
-    model_id, models = choose_model(records, model, store.out)
-    current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage, model_id=model_id)
+    with _reading(out):
+        store = _open(out, storage)
+        records = store.records()
+        model_id, models = choose_model(records, model, store.out)
+        current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage, model_id=model_id)
     ok = pc.is_null(current.column("error"))
     defect = pc.fill_null(current.column("is_defect"), False)
     n, n_def, n_err = current.num_rows, int(pc.sum(defect).as_py() or 0), int(pc.sum(pc.invert(ok)).as_py() or 0)
@@ -273,7 +288,8 @@ def extract(
     draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
     Returns counts and the index path."""
     storage = storage or Storage()
-    current = _current_of(out, storage, model)
+    with _reading(out):
+        current = _current_of(out, storage, model)
     rows = _select(current, top, where, paths)
     dest = Path(dest).expanduser()
     try:

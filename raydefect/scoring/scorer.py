@@ -27,7 +27,7 @@ import pyarrow as pa
 from raydefect.errors import ImageError, ImageTooLargeError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
-from raydefect.scoring.keys import contains, first_occurrence, key_digests
+from raydefect.scoring.keys import contains, first_occurrence, key_digests, read_error
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import Storage
 
@@ -121,8 +121,8 @@ class Decoder:
                 continue
             try:
                 data[i] = self.storage.read_bytes(loc)
-            except Exception as e:  # FileNotFoundError, PermissionError, network errors: recorded, never fatal
-                errors[i] = f"cannot read: {type(e).__name__}: {e}"
+            except Exception as e:  # recorded, never fatal; a network error is scored again by the next run
+                errors[i] = read_error(e)
                 continue
             sha1[i] = hashlib.sha1(data[i]).hexdigest()
         keep = np.ones(n, bool)

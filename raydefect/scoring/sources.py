@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import posixpath
 import re
 import stat
 from collections.abc import Iterator, Sequence
@@ -60,8 +61,8 @@ def join_location(base: str, relative: str) -> str:
     if is_remote(relative) or relative.startswith("file://") or os.path.isabs(os.path.expanduser(relative)):
         return relative if is_remote(relative) else split_scheme(relative)[1]
     scheme, path = split_scheme(base)
-    if scheme:
-        return f"{scheme}://{path.rstrip('/')}/{relative}"
+    if scheme:  # normalised like local paths: "manifests/../archive/a.png" named the same image a second time
+        return f"{scheme}://{posixpath.normpath(path.rstrip('/') + '/' + relative)}"
     return os.path.normpath(os.path.join(path, relative))
 
 
@@ -76,9 +77,12 @@ def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs
     try:
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad URIs
-        raise DataError(
-            f"cannot open {scheme}://{bucket}: {e}; use a local path, s3:// or gs:// (pyarrow filesystems)"
-        ) from None
+        hint = (
+            "for an S3-compatible store set AWS_ENDPOINT_URL (or score.endpoint_override for `raydefect score`)"
+            if scheme == "s3"
+            else "use a local path, s3:// or gs:// (pyarrow filesystems)"
+        )
+        raise DataError(f"cannot open {scheme}://{bucket}: {' '.join(str(e).split())}; {hint}") from None
     return fs
 
 

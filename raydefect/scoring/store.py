@@ -35,8 +35,11 @@ images count as unscored and are scored again, and the warning is not repeated e
 Concurrency: one run per ``OUT``. Locally an exclusive ``fcntl.flock`` on ``OUT/.lock`` (released by the kernel
 when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). Object
 stores have no atomic create in pyarrow: there a lock object with a heartbeat is written and read back (a best
-effort that catches runs started minutes apart, not at the same second) -- schedule with one scheduler
-(cron, or a Kubernetes CronJob with ``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``).
+effort that catches runs started apart, not at the same second) -- schedule with one scheduler (cron, or a
+Kubernetes CronJob with ``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``). A thread renews the
+heartbeat every ``REMOTE_LOCK_BEAT_S`` while the lock is held; a lock object not renewed for
+``REMOTE_LOCK_LEASE_S`` is free, one whose holder ran on this host and is gone is taken over at once, and a run
+whose lock was taken commits nothing more (`check_lock`, before every commit).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -58,7 +62,15 @@ import numpy as np
 
 from raydefect import __version__, console
 from raydefect.errors import OutputError
-from raydefect.scoring.keys import DIGEST, KeySet, contains, digests_from_bytes, first_occurrence, key_digests
+from raydefect.scoring.keys import (
+    DIGEST,
+    RETRY_PREFIX,
+    KeySet,
+    contains,
+    digests_from_bytes,
+    first_occurrence,
+    key_digests,
+)
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import Storage, is_remote
 
@@ -72,7 +84,8 @@ COMMITS = "_commits"
 STAGING = "_staging"
 LOCK_FILE = ".lock"
 REMOTE_LOCK = "_lock.json"
-REMOTE_LOCK_LEASE_S = 15 * 60
+REMOTE_LOCK_LEASE_S = 5 * 60  # a lock object whose heartbeat is older is free (its run died without releasing it)
+REMOTE_LOCK_BEAT_S = 30.0  # a thread renews the heartbeat this often while the lock is held
 STAGED_SUFFIX = ".parquet.staged"
 DAMAGED = "_damaged"
 
@@ -91,6 +104,22 @@ def _first_line(error: BaseException) -> str:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether a lock holder ran on this host and its process is gone (SIGKILL, OOM: it never released the lock)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder.get("pid", 0))
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False  # alive under another user, or no usable pid: let the lease decide
+    return False
 
 
 @dataclass
@@ -366,9 +395,14 @@ class ScoreStore:
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(), "run_id": run_id}
         if self.remote:
             self._remote_lock(holder)
+            stop = threading.Event()
+            beat = threading.Thread(target=self._beat, args=(stop,), daemon=True, name="raydefect-lock-heartbeat")
+            beat.start()
             try:
                 yield
             finally:
+                stop.set()
+                beat.join(timeout=5)
                 self._remote_unlock(run_id)
             return
         import fcntl
@@ -405,18 +439,58 @@ class ScoreStore:
     def _remote_lock(self, holder: dict[str, Any]) -> None:
         path = self.path(REMOTE_LOCK)
         current = self._read_json(path)
-        if current and time.time() - float(current.get("heartbeat", 0)) < REMOTE_LOCK_LEASE_S:
-            raise OutputError(self._busy_message(current) + f" (lock object {self.location(REMOTE_LOCK)})")
+        if current:
+            age = time.time() - float(current.get("heartbeat", 0))
+            if _dead_here(current):
+                console.warn(
+                    f"taking over the lock of run {current.get('run_id')} on {self.out}: its process (pid "
+                    f"{current.get('pid')} on this host) is gone"
+                )
+            elif age < REMOTE_LOCK_LEASE_S:
+                lapse = dt.datetime.fromtimestamp(time.time() + REMOTE_LOCK_LEASE_S - age, dt.timezone.utc)
+                raise OutputError(
+                    self._busy_message(current) + f" (lock object {self.location(REMOTE_LOCK)}, last heartbeat "
+                    f"{age:.0f} s ago; if that run died, its lock lapses at {lapse:%H:%M:%S} UTC, "
+                    f"{REMOTE_LOCK_LEASE_S // 60} min after its last heartbeat, or delete the lock object)"
+                )
         self._write_json(path, {**holder, "heartbeat": time.time()})
         time.sleep(0.2)
         mine = self._read_json(path)
         if not mine or mine.get("run_id") != holder["run_id"]:
             raise OutputError(self._busy_message(mine))
         self._holder = holder
+        self._lost: dict[str, Any] | None = None
 
-    def heartbeat(self) -> None:
-        if self.remote and getattr(self, "_holder", None):
-            self._write_json(self.path(REMOTE_LOCK), {**self._holder, "heartbeat": time.time()})
+    def _beat(self, stop: threading.Event) -> None:
+        """Renew the lock object's heartbeat until `stop`, for as long as the lock is held (listing, recovery and
+        scoring alike: renewed only at commits, it lapsed under a run scoring its first 5,000 images slowly, and a
+        second run took over and deleted the live run's staged files). Stops renewing once another run holds it."""
+        while not stop.wait(REMOTE_LOCK_BEAT_S):
+            try:
+                current = self._read_json(self.path(REMOTE_LOCK))
+                if current and current.get("run_id") != self._holder["run_id"]:
+                    self._lost = current
+                    return
+                self._write_json(self.path(REMOTE_LOCK), {**self._holder, "heartbeat": time.time()})
+            except OSError as e:  # an object store that does not answer for a while: try again at the next beat
+                console.debug(f"lock heartbeat on {self.out} failed: {e}")
+
+    def check_lock(self) -> None:
+        """Raise if another run has taken this run's lock object (a lapsed heartbeat): committing now could put an
+        image's row in twice. Local locks cannot be lost."""
+        if not self.remote or not getattr(self, "_holder", None):
+            return
+        current = self._lost or self._read_json(self.path(REMOTE_LOCK))
+        if not current or current.get("run_id") != self._holder["run_id"]:
+            who = (
+                f"run {current.get('run_id')} (pid {current.get('pid')} on host {current.get('host')})"
+                if current
+                else "nobody"
+            )
+            raise OutputError(
+                f"this run lost its lock on {self.out} (the lock object is now held by {who}): stopping without "
+                "committing; the images not committed are scored by the next run"
+            )
 
     def _remote_unlock(self, run_id: str) -> None:
         current = self._read_json(self.path(REMOTE_LOCK))
@@ -506,15 +580,18 @@ class ScoreStore:
 
     # --- keys -----------------------------------------------------------------------------------------------
     def load_keys(self, model_id: str, key_mode: str, retry_errors: bool = False, repair: bool = False) -> KeySet:
-        """Digests of every committed row of `model_id` (rows with an error left out with `retry_errors`); `repair`
-        as in `read_committed`."""
+        """Digests of every committed row of `model_id` (rows with an error left out with `retry_errors`, rows whose
+        file the storage failed to read always: `RETRY_PREFIX`); `repair` as in `read_committed`."""
         import pyarrow.compute as pc
 
         parts = []
         columns = ["model_id", "path", "size", "mtime_ns", "sha1", "error"]
         for table in self.read_committed(columns, model_id, repair):
+            error = table.column("error")
             if retry_errors:
-                table = table.filter(pc.is_null(table.column("error")))
+                table = table.filter(pc.is_null(error))
+            else:
+                table = table.filter(pc.invert(pc.fill_null(pc.starts_with(error, RETRY_PREFIX), False)))
             parts.append(row_digests(table, key_mode))
         return KeySet.union(parts)
 
