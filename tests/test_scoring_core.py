@@ -584,6 +584,14 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
         with pytest.raises(OutputError, match="lost its lock on s3://factory/lock-test .*held by run run-c"):
             a.check_lock()
     assert holder()["run_id"] == "run-c"  # a run releases only its own lock
+    # a lock object deleted by hand to break it: the live run does not write it back, and stops before committing
+    s3_server.delete_object(Bucket="factory", Key="lock-test/_lock.json")
+    with a.lock("run-f"):
+        s3_server.delete_object(Bucket="factory", Key="lock-test/_lock.json")
+        time.sleep(0.6)
+        assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="lock-test/_lock")
+        with pytest.raises(OutputError, match="lost its lock .*the lock object was deleted"):
+            a.check_lock()
     # a holder on this host whose process is gone (killed): taken over at once, with a warning
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     s3_server.put_object(
@@ -598,6 +606,7 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
         assert holder()["run_id"] == "run-e"
     assert "taking over the lock of run run-d" in capsys.readouterr().err
     assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="lock-test/_lock")  # released
+    a.check_lock()  # holding no lock: nothing to lose
 
 
 # --- reading results ------------------------------------------------------------------------------------------

@@ -396,7 +396,9 @@ class ScoreStore:
         if self.remote:
             self._remote_lock(holder)
             stop = threading.Event()
-            beat = threading.Thread(target=self._beat, args=(stop,), daemon=True, name="raydefect-lock-heartbeat")
+            beat = threading.Thread(
+                target=self._beat, args=(holder, stop), daemon=True, name="raydefect-lock-heartbeat"
+            )
             beat.start()
             try:
                 yield
@@ -404,6 +406,7 @@ class ScoreStore:
                 stop.set()
                 beat.join(timeout=5)
                 self._remote_unlock(run_id)
+                self._holder = None
             return
         import fcntl
 
@@ -461,17 +464,18 @@ class ScoreStore:
         self._holder = holder
         self._lost: dict[str, Any] | None = None
 
-    def _beat(self, stop: threading.Event) -> None:
+    def _beat(self, holder: dict[str, Any], stop: threading.Event) -> None:
         """Renew the lock object's heartbeat until `stop`, for as long as the lock is held (listing, recovery and
         scoring alike: renewed only at commits, it lapsed under a run scoring its first 5,000 images slowly, and a
-        second run took over and deleted the live run's staged files). Stops renewing once another run holds it."""
+        second run took over and deleted the live run's staged files). Stops renewing once another run holds it, or
+        once the lock object is gone (deleted by hand to break it: never written back)."""
         while not stop.wait(REMOTE_LOCK_BEAT_S):
             try:
                 current = self._read_json(self.path(REMOTE_LOCK))
-                if current and current.get("run_id") != self._holder["run_id"]:
-                    self._lost = current
+                if not current or current.get("run_id") != holder["run_id"]:
+                    self._lost = current or {}
                     return
-                self._write_json(self.path(REMOTE_LOCK), {**self._holder, "heartbeat": time.time()})
+                self._write_json(self.path(REMOTE_LOCK), {**holder, "heartbeat": time.time()})
             except OSError as e:  # an object store that does not answer for a while: try again at the next beat
                 console.debug(f"lock heartbeat on {self.out} failed: {e}")
 
@@ -480,16 +484,17 @@ class ScoreStore:
         image's row in twice. Local locks cannot be lost."""
         if not self.remote or not getattr(self, "_holder", None):
             return
-        current = self._lost or self._read_json(self.path(REMOTE_LOCK))
+        current = self._lost if self._lost is not None else self._read_json(self.path(REMOTE_LOCK))
         if not current or current.get("run_id") != self._holder["run_id"]:
-            who = (
-                f"run {current.get('run_id')} (pid {current.get('pid')} on host {current.get('host')})"
+            how = (
+                f"the lock object is now held by run {current.get('run_id')} (pid {current.get('pid')} on host "
+                f"{current.get('host')})"
                 if current
-                else "nobody"
+                else "the lock object was deleted"
             )
             raise OutputError(
-                f"this run lost its lock on {self.out} (the lock object is now held by {who}): stopping without "
-                "committing; the images not committed are scored by the next run"
+                f"this run lost its lock on {self.out} ({how}): stopping without committing; the images not committed "
+                "are scored by the next run"
             )
 
     def _remote_unlock(self, run_id: str) -> None:
