@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raydefect import console
     from raydefect.config import load_config
-    from raydefect.errors import RaydefectError
+    from raydefect.errors import RaydefectError, Terminated
     from raydefect.paths import check_report_file, write_text_atomic
     from raydefect.pipelines.score import run_score
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`ray job stop`, a pod deleted): the run committed its work
-        terminated = type(e).__name__ == "Terminated"
+        terminated = isinstance(e, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130
     for line in report.summary_lines():

@@ -30,7 +30,7 @@ class RaydefectGroup(click.Group):
     """Turns user errors into one line on stderr and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from raydefect.errors import RaydefectError
+        from raydefect.errors import RaydefectError, Terminated
 
         try:
             return super().invoke(ctx)
@@ -39,7 +39,7 @@ class RaydefectGroup(click.Group):
             click.echo(f"error: {message}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt as e:
-            terminated = type(e).__name__ == "Terminated"  # SIGTERM during `score`: 128 + 15, as the shell's
+            terminated = isinstance(e, Terminated)  # SIGTERM during `score`: 128 + 15, as the shell's
             click.echo("terminated" if terminated else "interrupted", err=True)
             ctx.exit(143 if terminated else 130)
 

@@ -8,6 +8,12 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of an exception for a one-line message: its first non-empty line (or its type), at most `limit`."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 class RaydefectError(Exception):
     """Base class of all user errors. The message must name the thing at fault and the fix."""
 

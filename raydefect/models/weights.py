@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raydefect import console
-from raydefect.errors import WeightsError
+from raydefect.errors import WeightsError, first_line
 from raydefect.models.backbones import REGISTRY, BackboneSpec, fast_meta_init, timm_kwargs
 
 if TYPE_CHECKING:
@@ -55,15 +55,10 @@ def create_pretrained(spec: BackboneSpec, kwargs: Mapping[str, Any]) -> nn.Modul
         return timm.create_model(f"{spec.timm_name}.{spec.pretrained_tag}", pretrained=True, **kwargs)
     except OSError as e:  # huggingface_hub's offline / not-found / HTTP / gated errors are all OSErrors
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        where = "HF_HUB_OFFLINE is set and they are not in the local cache" if offline else _first_line(e)
+        where = "HF_HUB_OFFLINE is set and they are not in the local cache" if offline else first_line(e)
         raise WeightsError(
             f"cannot get pretrained weights for {spec.name} ({spec.hf_hub_id}): {where}. Fix: {how_to_get(spec)}"
         ) from e
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:limit]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -84,14 +79,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data: Any = load_file(str(p), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(
-                f"model.weights: {p} is not a readable safetensors file ({_first_line(e)}); re-download or re-export it"
+                f"model.weights: {p} is not a readable safetensors file ({first_line(e)}); re-download or re-export it"
             ) from e
     elif suffix in TORCH_SUFFIXES:
         try:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError (code objects) or a broken zip/pickle stream
             unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-            reason = "it holds pickled Python objects, not just tensors (refused)" if unsafe else _first_line(e)
+            reason = "it holds pickled Python objects, not just tensors (refused)" if unsafe else first_line(e)
             raise WeightsError(
                 f"model.weights: cannot read {p}: {reason}; use Meta's or timm's published "
                 "checkpoint, or convert it to .safetensors"
@@ -219,7 +214,7 @@ def load_weights_file(model: nn.Module, path: str | Path, spec: BackboneSpec) ->
         converted = convert_state_dict(sd, model)
         problems = _mismatches(converted, model)
     except Exception as e:  # timm's resampling fails on incompatible shapes
-        problems = [f"conversion failed ({_first_line(e)})"]
+        problems = [f"conversion failed ({first_line(e)})"]
     if problems:
         fits = identify_backbone(raw)
         fix = (

@@ -49,6 +49,7 @@ from raydefect.scoring.sources import (
     ListFilter,
     ListPart,
     Storage,
+    absolute,
     is_remote,
     join_location,
     manifest_column,
@@ -498,7 +499,7 @@ def _run(
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' engine and
         # precision are resolved again in each actor, on its own node's CPU
         report.engine, report.precision = resolve_scoring(sc.engine, report.device, sc.precision)
-        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=_absolute(input))
+        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=absolute(input))
         ds = _pending(s, sc, out, remote_args, known_ref, counter, light)
         # strict: every block holds exactly batch_size rows (the last excepted); without it each input block leaves
         # a remainder of its own, and half the model batches held 2 or 3 images
@@ -636,11 +637,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _absolute(location: str) -> str:
-    """A local input as an absolute path (run records outlive the working directory); URIs as they are."""
-    return location if is_remote(location) else os.path.abspath(os.path.expanduser(location))
 
 
 def file_rows(rows_per_file: int, batch_size: int) -> int:

@@ -16,8 +16,8 @@ from typing import Any
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
-from raydefect.errors import ClusterError, ConfigError
-from raydefect.scoring.sources import is_remote
+from raydefect.errors import ClusterError, ConfigError, first_line
+from raydefect.scoring.sources import absolute, is_remote
 
 
 def _value(v: object) -> str:
@@ -28,11 +28,6 @@ def _value(v: object) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
-
-
-def _on_cluster(path: str) -> str:
-    """A local path as the job must see it: absolute (the job's working directory is wherever `ray start` ran)."""
-    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def score_argv(
@@ -50,7 +45,7 @@ def score_argv(
 
     Local paths are sent absolute, resolved here (a relative one would be resolved in the job's working directory on
     the head node: the job failed, or wrote its scores somewhere else)."""
-    model, input, out = _on_cluster(model), _on_cluster(input), _on_cluster(out)
+    model, input, out = absolute(model), absolute(input), absolute(out)
     argv = ["raydefect", "score", "--model", model, "--input", input, "--out", out]
     defaults = ScoreConfig()
     for name, value in cfg.to_dict()["score"].items():
@@ -64,7 +59,7 @@ def score_argv(
     if dry_run:
         argv.append("--dry-run")  # the job lists what it would score (in its logs) and writes nothing
     if json_path:
-        json_path = _on_cluster(json_path)
+        json_path = absolute(json_path)
         argv += ["--json", json_path]
     named = [("--model", model), ("--input", input), ("--out", out)] + ([("--json", json_path)] if json_path else [])
     for name, path in named:
@@ -115,6 +110,5 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot submit to {address}: {e}; check the address and that the dashboard runs") from None
     except AuthenticationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = auth_hint() or "; check that the token given matches the cluster's"
-        raise ClusterError(f"cannot submit to {address}: {first}" + hint) from None
+        raise ClusterError(f"cannot submit to {address}: {first_line(e)}" + hint) from None

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydefect.errors import DataError, ImageError, OutputError
+from raydefect.errors import DataError, ImageError, OutputError, first_line
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.overlay import render_overlay, save_png
 from raydefect.scoring.schema import SCORE_SCHEMA
@@ -43,10 +43,9 @@ def _reading(out: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"cannot read the scores at {out}: {first}; check the address, the endpoint (AWS_ENDPOINT_URL for an "
-            "S3-compatible store) and the credentials"
+            f"cannot read the scores at {out}: {first_line(e)}; check the address, the endpoint (AWS_ENDPOINT_URL "
+            "for an S3-compatible store) and the credentials"
         ) from None
 
 

@@ -47,6 +47,11 @@ def is_remote(location: str) -> bool:
     return bool(sep) and scheme.lower() != "file"
 
 
+def absolute(location: str) -> str:
+    """A URI as it is; a local path absolute (records, jobs on a cluster and stores outlive the working directory)."""
+    return location if is_remote(location) else os.path.abspath(os.path.expanduser(location))
+
+
 def split_scheme(location: str) -> tuple[str, str]:
     """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("", absolute path); ``file:///x`` -> ("", "/x")."""
     scheme, sep, rest = location.partition("://")

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__, console
-from raydefect.errors import OutputError
+from raydefect.errors import OutputError, first_line
 from raydefect.scoring.keys import (
     DIGEST,
     RETRY_PREFIX,
@@ -72,7 +72,7 @@ from raydefect.scoring.keys import (
     key_digests,
 )
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage, is_remote
+from raydefect.scoring.sources import Storage, absolute, is_remote
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -98,8 +98,7 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 def _first_line(error: BaseException) -> str:
     """The gist of a read error: its first line, without pyarrow's repetition of the path."""
-    text = (str(error).splitlines() or [type(error).__name__])[0]
-    return re.sub(r"^Could not open Parquet input source '[^']*': ", "", text)[:160]
+    return re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line(error, 1000))[:160]
 
 
 def _now() -> str:
@@ -302,12 +301,14 @@ class ScoreStore:
     """One scores folder. Create with `ScoreStore(out)`; `open()` checks it can be written and marks it."""
 
     def __init__(self, out: str, storage: Storage | None = None) -> None:
-        self.out = out if is_remote(out) else os.path.abspath(os.path.expanduser(out))
+        self.out = absolute(out)
         self.storage = storage or Storage()
         self.remote = is_remote(self.out)
         self.fs, self.root = self.storage.resolve(self.out)
         self.root = self.root.rstrip("/")
         self._lock_fd: int | None = None
+        self._holder: dict[str, Any] | None = None  # the remote lock object this store holds, while it does
+        self._lost: dict[str, Any] | None = None  # what the heartbeat found in its place (empty: deleted)
 
     # --- paths ----------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -461,8 +462,7 @@ class ScoreStore:
         mine = self._read_json(path)
         if not mine or mine.get("run_id") != holder["run_id"]:
             raise OutputError(self._busy_message(mine))
-        self._holder = holder
-        self._lost: dict[str, Any] | None = None
+        self._holder, self._lost = holder, None
 
     def _beat(self, holder: dict[str, Any], stop: threading.Event) -> None:
         """Renew the lock object's heartbeat until `stop`, for as long as the lock is held (listing, recovery and
@@ -482,7 +482,7 @@ class ScoreStore:
     def check_lock(self) -> None:
         """Raise if another run has taken this run's lock object (a lapsed heartbeat): committing now could put an
         image's row in twice. Local locks cannot be lost."""
-        if not self.remote or not getattr(self, "_holder", None):
+        if self._holder is None:
             return
         current = self._lost if self._lost is not None else self._read_json(self.path(REMOTE_LOCK))
         if not current or current.get("run_id") != self._holder["run_id"]:
