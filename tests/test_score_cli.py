@@ -88,6 +88,41 @@ class _FakeJobClient:
         return "raysubmit_test123"
 
 
+def test_ctrl_c_or_sigterm_during_a_commit_waits_for_its_end_and_a_second_one_stops_at_once(capsys):
+    import os
+    import signal
+
+    from raydefect.errors import Terminated
+    from raydefect.pipelines.score import _CommitGuard
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    guard, done = _CommitGuard(), []
+    with pytest.raises(KeyboardInterrupt) as raised, guard.hold():  # once the block is over
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("committed")
+    assert done == ["committed"] and not isinstance(raised.value, Terminated) and not guard.forced
+    assert "stopping after the commit in progress" in capsys.readouterr().err
+    with pytest.raises(Terminated), guard.hold():  # SIGTERM: the same, exit 143 in the CLI
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("committed")
+    assert done == ["committed"] * 2 and not guard.forced
+    with pytest.raises(KeyboardInterrupt), guard.hold():  # twice: at once, and the run commits nothing more
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("not reached")
+    assert guard.forced and done == ["committed"] * 2
+    guard = _CommitGuard()
+    # the final commit of a run already stopping: one signal is enough
+    with pytest.raises(Terminated), guard.hold(stopping=True):
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("not reached")
+    assert guard.forced and done == ["committed"] * 2
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with guard.hold():  # no signal: nothing raised
+        done.append("quiet")
+    assert done[-1] == "quiet"
+
+
 def test_submit_builds_a_safe_entrypoint_and_passes_secrets_by_name(monkeypatch, tmp_path):
     import ray.job_submission
 

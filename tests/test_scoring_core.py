@@ -383,6 +383,52 @@ def test_commit_moves_files_writes_a_record_and_keeps_metadata(tmp_path, scored_
     assert len(store.load_keys(meta.model_id, "stat", retry_errors=True)) == rows.num_rows - n_errors
 
 
+class _CutAtMove:
+    """The store's filesystem, but the `n`-th move raises KeyboardInterrupt after moving (Ctrl-C between a file's
+    move and its record)."""
+
+    def __init__(self, fs, n: int) -> None:
+        self.fs, self.n = fs, n
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+
+def test_a_commit_cut_short_is_finished_by_the_next_one_with_each_row_once(tmp_path, scored_rows, tiny_artifact):
+    meta = read_artifact_meta(tiny_artifact)
+    store = ScoreStore(str(tmp_path / "out"))
+    store.open()
+    rows = _with_run(scored_rows, "r1")
+    rec, seen = RunRecord("r1", meta.model_id, "stat"), KeySet()
+    store.commit(rec, [_stage(store, rows.slice(0, 5), "r1", meta)], seen)
+    # handed over: one file new, one half committed already (rewritten before its move), one new, one all committed
+    pending = [
+        _stage(store, rows.slice(5, 5), "r1", meta),
+        _stage(store, rows.slice(0, 15), "r1", meta),
+        _stage(store, rows.slice(15, 5), "r1", meta),
+        _stage(store, rows.slice(0, 3), "r1", meta),
+    ]
+    real = store.fs
+    store.fs = _CutAtMove(real, 2)  # cut right after moving the rewritten file, before it is recorded
+    with pytest.raises(KeyboardInterrupt):
+        store.commit(rec, pending, seen)
+    store.fs = real
+    assert len(pending) == 3  # the first file moved and left the list; the second moved, not yet recorded
+    store.commit(rec, pending, seen)  # the run's final commit: it used to move a moved file again ("No such file")
+    assert pending == []
+    paths = pq.read_table(str(tmp_path / "out"), columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 20
+    record = json.loads((tmp_path / "out" / "_commits" / "r1.json").read_text())
+    assert record["rows"] == 20 and len(record["files"]) == 4
+    assert not [p for p in (tmp_path / "out" / STAGING).rglob("*") if p.is_file()]
+
+
 def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_artifact):
     meta = read_artifact_meta(tiny_artifact)
     store = ScoreStore(str(tmp_path / "out"))

@@ -571,17 +571,18 @@ def _run(
             target=_progress, args=(counter, start, stop, state), daemon=True, name="raydefect-score-progress"
         )
         progress.start()
-        pending: list[StagedFile] = []
+        pending: list[StagedFile] = []  # handed over, not committed yet; `_commit` empties it
         last_commit = time.monotonic()
         record.stats = {"listed": 0}
+        guard = _CommitGuard()
         try:
             # no prefetching: with it each written file reached this loop only when the next one was written (measured:
             # commits 4-5 s after the write), and the last file of a killed run would be lost for nothing
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 pending.extend(StagedFile.from_row(row) for row in batch.to_pylist())
                 if time.monotonic() - last_commit >= sc.commit_interval_s:
-                    _commit(store, record, pending, seen, report, state)
-                    pending, last_commit = [], time.monotonic()
+                    _commit(store, record, pending, seen, report, state, guard)
+                    last_commit = time.monotonic()
             record.state = "finished"
         except BaseException as e:
             record.state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -606,7 +607,8 @@ def _run(
             if record.state == "finished" and report.listed == 0:
                 record.state = "failed"  # nothing to score is the user's error below, not a finished nightly run
             try:
-                _commit(store, record, pending, seen, report, state)
+                if not guard.forced:  # a commit cut by a second signal: the next run's recovery finishes it
+                    _commit(store, record, pending, seen, report, state, guard, stopping=record.state != "finished")
             finally:
                 store.remove_staging(run_id)
                 ray.kill(counter)
@@ -703,6 +705,47 @@ def _check_cpus_left(actors: int, actor_cpus: float, cpus: float) -> None:
         )
 
 
+class _CommitGuard:
+    """Ctrl-C and SIGTERM wait for a commit in progress to end: cut between moving a file and recording it, the run's
+    final commit repeated the move of a file already moved (measured: "No such file or directory", a traceback,
+    exit 1 instead of 130). The signal is raised once the commit is done; a second one during the commit stops at
+    once (`forced`: the run commits nothing more, and the next run adopts what this commit moved). Main thread only,
+    as Python's signal handlers."""
+
+    def __init__(self) -> None:
+        self.forced = False
+
+    @contextmanager
+    def hold(self, stopping: bool = False) -> Iterator[None]:
+        """Defer SIGINT/SIGTERM over the block; `stopping` (the final commit of a run already stopping): a signal
+        forces at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        received: list[int] = []
+
+        def interrupt(signum: int) -> KeyboardInterrupt:
+            return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+        def handler(signum: int, frame: Any) -> None:
+            if received or stopping:
+                self.forced = True
+                console.warn("stopping at once, in the middle of a commit: the next run finishes it")
+                raise interrupt(signum)
+            received.append(signum)
+            console.warn("stopping after the commit in progress (again to stop at once)")
+
+        signums = (signal.SIGINT, signal.SIGTERM)
+        previous = {n: signal.signal(n, handler) for n in signums}
+        try:
+            yield
+        finally:
+            for n, p in previous.items():
+                signal.signal(n, p if p is not None else signal.SIG_DFL)
+        if received:
+            raise interrupt(received[0])
+
+
 def _commit(
     store: ScoreStore,
     record: RunRecord,
@@ -710,17 +753,21 @@ def _commit(
     seen: KeySet,
     report: ScoreReport,
     state: dict,
+    guard: _CommitGuard,
+    stopping: bool = False,
 ) -> None:
-    store.check_lock()
-    done = store.commit(record, pending, seen)
-    for f in done:
-        report.scored += f.rows
-        report.errors += f.errors
-        report.defects += f.defects
-        report.files += 1
-        for n in f.nodes:
-            report.nodes[n] = report.nodes.get(n, 0) + f.rows
-    state["committed"] = report.scored
+    """Commit the files in `pending` (emptied as they are committed) and count them in `report`."""
+    with guard.hold(stopping):
+        store.check_lock()
+        done = store.commit(record, pending, seen)
+        for f in done:
+            report.scored += f.rows
+            report.errors += f.errors
+            report.defects += f.defects
+            report.files += 1
+            for n in f.nodes:
+                report.nodes[n] = report.nodes.get(n, 0) + f.rows
+        state["committed"] = report.scored
     if done:
         scored = _snapshot(state["counter"]).get("scored", -1)
         report.timeline.append((round(time.perf_counter() - state["start"], 3), report.scored, scored))

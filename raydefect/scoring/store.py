@@ -131,6 +131,7 @@ class StagedFile:
     defects: int
     digests: np.ndarray  # dtype DIGEST, one per row
     nodes: tuple[str, ...] = ()
+    moved_to: str | None = None  # set by `ScoreStore.commit` as it starts moving the file into the data area
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> StagedFile:
@@ -601,40 +602,58 @@ class ScoreStore:
         return KeySet.union(parts)
 
     # --- commit ---------------------------------------------------------------------------------------------
-    def commit(self, record: RunRecord, staged: Sequence[StagedFile], seen: KeySet) -> list[StagedFile]:
+    def commit(self, record: RunRecord, staged: list[StagedFile], seen: KeySet) -> list[StagedFile]:
         """Move staged files into ``OUT/<model>/<run>/`` and rewrite the record. Rows whose key `seen` already holds
         (committed earlier) are dropped first -- a safety net that keeps the table free of duplicates even when
-        the listing repeats a file. `seen` grows by what is committed. Returns the files committed."""
+        the listing repeats a file. `seen` grows by what is committed. Each file leaves `staged` once it is moved,
+        so a commit cut short by an error is not repeated for the files it moved (gone from staging: repeating it
+        failed with "No such file"; a run killed before rewriting its record has them adopted by the next run's
+        `recover`); one whose move was under way is recorded by the next commit. Returns the files committed."""
+        import pyarrow.fs as pafs
+
         done = []
         data_dir = self.path(record.model_id, record.run_id)
         self.fs.create_dir(data_dir, recursive=True)
         seq = len(record.files)
-        for item in staged:
+        while staged:
+            item = staged[0]
             keep = first_occurrence(item.digests) & ~seen.contains(item.digests)
             source = self.storage.resolve(item.location)[1]
+            if not keep.any():  # every row committed before: nothing to read
+                console.debug(f"dropping {item.location}: its {item.rows} row(s) are committed already")
+                with suppress(FileNotFoundError):
+                    self.fs.delete_file(source)
+                staged.pop(0)
+                continue
             if not keep.all():
                 source, item = self._rewrite(item, keep)
-                if item is None:
-                    continue
-            name = f"part-{seq:05d}-{uuid.uuid4().hex[:8]}.parquet"
-            self.fs.move(source, f"{data_dir}/{name}")
-            seq += 1
-            seen.add(item.digests)
+                staged[0] = item  # the original is deleted: a repeated commit moves the rewritten file
+            if item.moved_to is None:
+                item.moved_to = f"{data_dir}/part-{seq:05d}-{uuid.uuid4().hex[:8]}.parquet"
+                self.fs.move(source, item.moved_to)
+            elif self._info(item.moved_to).type == pafs.FileType.File:  # moved by a commit cut short, not recorded
+                with suppress(FileNotFoundError):  # an object store's move is a copy, then a delete
+                    self.fs.delete_file(source)
+            else:
+                self.fs.move(source, item.moved_to)
             record.files.append(
                 {
-                    "path": f"{record.model_id}/{record.run_id}/{name}",
+                    "path": f"{record.model_id}/{record.run_id}/{item.moved_to.rsplit('/', 1)[1]}",
                     "rows": item.rows,
                     "errors": item.errors,
                     "defects": item.defects,
                     "nodes": list(item.nodes),
                 }
             )
+            seen.add(item.digests)  # from here a repeated commit drops the file as committed
+            staged.pop(0)
             done.append(item)
+            seq += 1
         self.write_record(record)
         return done
 
-    def _rewrite(self, item: StagedFile, keep: np.ndarray) -> tuple[str, StagedFile | None]:
-        """A staged file minus rows at `~keep`: written beside it; the original is deleted."""
+    def _rewrite(self, item: StagedFile, keep: np.ndarray) -> tuple[str, StagedFile]:
+        """A staged file minus rows at `~keep` (some kept): written beside it; the original is deleted."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -643,9 +662,6 @@ class ScoreStore:
         metadata = table.schema.metadata
         table = table.filter(pa.array(keep))
         console.debug(f"dropping {int((~keep).sum())} duplicate row(s) from {item.location}")
-        if table.num_rows == 0:
-            fs.delete_file(path)
-            return path, None
         new = path[: -len(STAGED_SUFFIX)] + f"-d{STAGED_SUFFIX}"
         pq.write_table(table.replace_schema_metadata(metadata), new, filesystem=fs, compression="zstd")
         fs.delete_file(path)
