@@ -72,6 +72,10 @@ def cli(ctx: click.Context, address: str | None, verbose: int, quiet: int) -> No
 
     state = State(address=address, verbosity=verbose - quiet)
     console.set_verbosity(state.verbosity)
+    from raydefect.pipelines.cluster import resolve_address, send_known_token
+
+    if resolve_address(address):  # an existing cluster or its Jobs API
+        send_known_token()  # now: Ray reads RAY_AUTH_MODE once, when it is imported
     ctx.obj = state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,17 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def no_ray_token(monkeypatch, tmp_path) -> Path:
+    """No Ray authentication token anywhere (HOME is a new empty folder, returned) and RAY_AUTH_MODE unset; what the
+    code under test sets is undone afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "")  # recorded first, so that a value set by the code is undone
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    return home

@@ -176,7 +176,7 @@ def test_submit_sends_local_paths_absolute_and_passes_dry_run_and_json_on(monkey
     assert f"--out {tmp_path / 'scores'} is a local path: it must exist on the cluster's head node" in r.output
 
 
-def test_submit_to_a_cluster_wanting_a_token_says_how_to_give_it(monkeypatch):
+def test_submit_to_a_cluster_wanting_a_token_says_how_to_give_it(monkeypatch, no_ray_token):
     import ray.job_submission
     from ray.exceptions import AuthenticationError
 
@@ -185,7 +185,6 @@ def test_submit_to_a_cluster_wanting_a_token_says_how_to_give_it(monkeypatch):
             raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _Refusing)
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     r = _invoke("--address", "http://h:8265", "score", "--submit", "--model", "s3://b/m", "--input", "s3://b/a",
                 "--out", "s3://b/s")  # fmt: skip
     _one_line_error(r, "cannot submit to http://h:8265: Authentication required", "set RAY_AUTH_MODE=token")

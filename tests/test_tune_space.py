@@ -416,10 +416,29 @@ def test_tune_on_an_unreachable_cluster_leaves_no_study(tmp_path, synth_dataset,
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_connect_error_names_token_authentication(monkeypatch):
-    from raydefect.pipelines.cluster import auth_hint
+def test_a_token_at_hand_is_sent_to_an_existing_cluster_and_the_errors_name_it(monkeypatch, no_ray_token):
+    """Ray 2.60's `ray start` turns token authentication on, and a driver sends the token only with
+    RAY_AUTH_MODE=token, read when Ray is imported: without it `--address HOST:PORT` failed after ~20 s even on the
+    head node, whose ~/.ray/auth_token holds the token."""
+    from raydefect.pipelines.cluster import auth_hint, send_known_token
 
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    send_known_token()  # nothing at hand: nothing sent, and the error says how to give a token
+    assert "RAY_AUTH_MODE" not in os.environ
     assert "set RAY_AUTH_MODE=token" in auth_hint() and "~/.ray/auth_token" in auth_hint()
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert auth_hint() == ""
+    (no_ray_token / ".ray").mkdir()
+    (no_ray_token / ".ray" / "auth_token").write_text("t" * 64)
+    assert CliRunner().invoke(cli, ["config", "--list"]).exit_code == 0
+    assert "RAY_AUTH_MODE" not in os.environ  # an embedded Ray: Ray itself handles its own token
+    assert CliRunner().invoke(cli, ["--address", "10.0.0.1:6379", "config", "--list"]).exit_code == 0
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # set by the CLI group, before any command imports Ray
+    assert "check that the token sent (from ~/.ray/auth_token) is its own" in auth_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is left alone
+    send_known_token()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(no_ray_token / "missing"))  # a path given but empty: nothing sent
+    send_known_token()
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 64)
+    send_known_token()
+    assert os.environ["RAY_AUTH_MODE"] == "token" and "(from RAY_AUTH_TOKEN)" in auth_hint()

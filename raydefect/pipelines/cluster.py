@@ -48,6 +48,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             f"run: `raydefect --address {resolved} score --submit ...`; to run here, give the cluster's GCS address "
             "(`--address auto` on a cluster node, or HOST:6379)"
         )
+    if resolved:
+        send_known_token()  # in time only if Ray is not imported yet (the CLI calls it first thing)
     import ray
 
     if not ray.is_initialized():
@@ -106,11 +108,42 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def token_source() -> str | None:
+    """Where a Ray authentication token is at hand, looked for as Ray does: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, then
+    ``~/.ray/auth_token`` (written by `ray start` and by an embedded Ray); None if nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+    if path:
+        return path if os.path.isfile(os.path.expanduser(path)) else None
+    return "~/.ray/auth_token" if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) else None
+
+
+def send_known_token() -> None:
+    """Before connecting to an existing cluster or its Jobs API: with RAY_AUTH_MODE unset and a token at hand, send it
+    (RAY_AUTH_MODE=token). Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by
+    host:port sends the token only with RAY_AUTH_MODE=token: without it Ray retried for ~20 s, printing its
+    gcs_client warnings, then failed ("Authentication token is missing or incorrect"), even on the head node whose
+    ``~/.ray/auth_token`` holds the token. Sending a token to a cluster without authentication is harmless (tried on
+    a `RAY_AUTH_MODE=disabled ray start`: it connects). An explicit RAY_AUTH_MODE is left as it is. Ray reads
+    RAY_AUTH_MODE when it is imported: call this before `import ray` (tried: set after, it was not sent)."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    source = token_source()
+    if source:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        console.debug(f"sending the Ray authentication token from {source} (RAY_AUTH_MODE=token)")
+
+
 def auth_hint() -> str:
-    """Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by host:port only sends
-    the token with RAY_AUTH_MODE=token (tried: "Authentication token is missing or incorrect" without it)."""
+    """What to say when a cluster refused us (or could not be reached) and token authentication may be why."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-        return ""
+        source = token_source()
+        return (
+            f"; if the cluster uses token authentication, check that the token sent (from {source}) is its own"
+            if source
+            else ""
+        )
     return (
         "; if the cluster uses Ray's token authentication (the default of `ray start` since Ray 2.59), set "
         "RAY_AUTH_MODE=token and give the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"

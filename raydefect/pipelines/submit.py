@@ -101,8 +101,9 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from raydefect.pipelines.cluster import auth_hint
+    from raydefect.pipelines.cluster import auth_hint, send_known_token
 
+    send_known_token()
     runtime_env = {"env_vars": {n: os.environ[n] for n in env_names}} if env_names else None
     try:
         client = JobSubmissionClient(address)
@@ -110,5 +111,5 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot submit to {address}: {e}; check the address and that the dashboard runs") from None
     except AuthenticationError as e:
-        hint = auth_hint() or "; check that the token given matches the cluster's"
+        hint = auth_hint() or "; check that the token given is the cluster's"
         raise ClusterError(f"cannot submit to {address}: {first_line(e)}" + hint) from None
