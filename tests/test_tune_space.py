@@ -420,12 +420,19 @@ def test_a_token_at_hand_is_sent_to_an_existing_cluster_and_the_errors_name_it(m
     """Ray 2.60's `ray start` turns token authentication on, and a driver sends the token only with
     RAY_AUTH_MODE=token, read when Ray is imported: without it `--address HOST:PORT` failed after ~20 s even on the
     head node, whose ~/.ray/auth_token holds the token."""
+    from raydefect.pipelines import cluster
     from raydefect.pipelines.cluster import auth_hint, send_known_token
 
+    (no_ray_token / ".ray").mkdir()
+    (no_ray_token / ".ray" / "auth_token").write_text("t" * 64)
+    monkeypatch.setattr(cluster, "_ray_imported", lambda: True)
+    send_known_token()  # Ray imported already: too late for this driver, and a Ray started later would want it
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setattr(cluster, "_ray_imported", lambda: False)  # as in a `raydefect` process
+    (no_ray_token / ".ray" / "auth_token").unlink()
     send_known_token()  # nothing at hand: nothing sent, and the error says how to give a token
     assert "RAY_AUTH_MODE" not in os.environ
     assert "set RAY_AUTH_MODE=token" in auth_hint() and "~/.ray/auth_token" in auth_hint()
-    (no_ray_token / ".ray").mkdir()
     (no_ray_token / ".ray" / "auth_token").write_text("t" * 64)
     assert CliRunner().invoke(cli, ["config", "--list"]).exit_code == 0
     assert "RAY_AUTH_MODE" not in os.environ  # an embedded Ray: Ray itself handles its own token

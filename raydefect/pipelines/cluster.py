@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from raydefect import console
@@ -119,6 +120,10 @@ def token_source() -> str | None:
     return "~/.ray/auth_token" if os.path.isfile(os.path.expanduser("~/.ray/auth_token")) else None
 
 
+def _ray_imported() -> bool:
+    return "ray" in sys.modules
+
+
 def send_known_token() -> None:
     """Before connecting to an existing cluster or its Jobs API: with RAY_AUTH_MODE unset and a token at hand, send it
     (RAY_AUTH_MODE=token). Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by
@@ -126,8 +131,10 @@ def send_known_token() -> None:
     gcs_client warnings, then failed ("Authentication token is missing or incorrect"), even on the head node whose
     ``~/.ray/auth_token`` holds the token. Sending a token to a cluster without authentication is harmless (tried on
     a `RAY_AUTH_MODE=disabled ray start`: it connects). An explicit RAY_AUTH_MODE is left as it is. Ray reads
-    RAY_AUTH_MODE when it is imported: call this before `import ray` (tried: set after, it was not sent)."""
-    if os.environ.get("RAY_AUTH_MODE"):
+    RAY_AUTH_MODE when it is imported: call this before `import ray` (tried: set after, it was not sent). Once Ray is
+    imported nothing is changed: the variable would no longer reach this driver, only a Ray it starts later (tried:
+    that Ray's GCS then wanted a token the driver never sent, and `ray.init()` failed)."""
+    if os.environ.get("RAY_AUTH_MODE") or _ray_imported():
         return
     source = token_source()
     if source:
