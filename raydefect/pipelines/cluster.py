@@ -49,8 +49,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             f"run: `raydefect --address {resolved} score --submit ...`; to run here, give the cluster's GCS address "
             "(`--address auto` on a cluster node, or HOST:6379)"
         )
-    if resolved:
-        send_known_token()  # in time only if Ray is not imported yet (the CLI calls it first thing)
     import ray
 
     if not ray.is_initialized():
@@ -125,15 +123,16 @@ def _ray_imported() -> bool:
 
 
 def send_known_token() -> None:
-    """Before connecting to an existing cluster or its Jobs API: with RAY_AUTH_MODE unset and a token at hand, send it
-    (RAY_AUTH_MODE=token). Ray 2.60's `ray start --head` turns token authentication on, but a driver connecting by
-    host:port sends the token only with RAY_AUTH_MODE=token: without it Ray retried for ~20 s, printing its
-    gcs_client warnings, then failed ("Authentication token is missing or incorrect"), even on the head node whose
-    ``~/.ray/auth_token`` holds the token. Sending a token to a cluster without authentication is harmless (tried on
-    a `RAY_AUTH_MODE=disabled ray start`: it connects). An explicit RAY_AUTH_MODE is left as it is. Ray reads
-    RAY_AUTH_MODE when it is imported: call this before `import ray` (tried: set after, it was not sent). Once Ray is
-    imported nothing is changed: the variable would no longer reach this driver, only a Ray it starts later (tried:
-    that Ray's GCS then wanted a token the driver never sent, and `ray.init()` failed)."""
+    """Called by the CLI, before any command imports Ray, when --address names an existing cluster or its Jobs API: with
+    RAY_AUTH_MODE unset and a token at hand, send it (RAY_AUTH_MODE=token). Ray 2.60's `ray start --head` turns
+    token authentication on, but a driver connecting by host:port sends the token only with RAY_AUTH_MODE=token:
+    without it Ray retried for ~20 s, printing its gcs_client warnings, then failed ("Authentication token is
+    missing or incorrect"), even on the head node whose ``~/.ray/auth_token`` holds the token. Sending a token to a
+    cluster without authentication is harmless (tried on a `RAY_AUTH_MODE=disabled ray start`: it connects). An
+    explicit RAY_AUTH_MODE is left as it is. Ray reads RAY_AUTH_MODE when it is imported: call this before `import
+    ray` (tried: set after, it was not sent). Once Ray is imported nothing is changed: the variable would no longer
+    reach this driver, only a Ray it starts later (tried: that Ray's GCS then wanted a token the driver never sent,
+    and `ray.init()` failed)."""
     if os.environ.get("RAY_AUTH_MODE") or _ray_imported():
         return
     source = token_source()

@@ -18,6 +18,7 @@ and the driver holds only the key digests (16 bytes per image) and the files not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +26,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,22 +624,34 @@ def _run(
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the driver, so the run commits what it holds and is marked
-    interrupted as on Ctrl-C (measured: Ray's own handler printed a C++ stack twice, aborted, and left the run marked
-    failed with its last files uncommitted)."""
+def _signals(handler: Callable[[int, Any], None], *signums: int) -> Iterator[None]:
+    """`handler` for `signums` over the block, the previous handlers after it. Main thread only, as Python's signal
+    handlers (elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {n: signal.signal(n, handler) for n in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for n, p in previous.items():
+            signal.signal(n, p if p is not None else signal.SIG_DFL)
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    """What a stopping signal raises in the driver: `Terminated` for SIGTERM (exit 143), else KeyboardInterrupt."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) in the driver, so the run commits what it holds and is marked
+    interrupted as on Ctrl-C (measured: Ray's own handler printed a C++ stack twice, aborted, and left the run marked
+    failed with its last files uncommitted)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _interrupt(signum)
+
+    return _signals(handler, signal.SIGTERM)
 
 
 def file_rows(rows_per_file: int, batch_size: int) -> int:
@@ -719,31 +732,20 @@ class _CommitGuard:
     def hold(self, stopping: bool = False) -> Iterator[None]:
         """Defer SIGINT/SIGTERM over the block; `stopping` (the final commit of a run already stopping): a signal
         forces at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
         received: list[int] = []
-
-        def interrupt(signum: int) -> KeyboardInterrupt:
-            return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
         def handler(signum: int, frame: Any) -> None:
             if received or stopping:
                 self.forced = True
                 console.warn("stopping at once, in the middle of a commit: the next run finishes it")
-                raise interrupt(signum)
+                raise _interrupt(signum)
             received.append(signum)
             console.warn("stopping after the commit in progress (again to stop at once)")
 
-        signums = (signal.SIGINT, signal.SIGTERM)
-        previous = {n: signal.signal(n, handler) for n in signums}
-        try:
+        with _signals(handler, signal.SIGINT, signal.SIGTERM):
             yield
-        finally:
-            for n, p in previous.items():
-                signal.signal(n, p if p is not None else signal.SIG_DFL)
         if received:
-            raise interrupt(received[0])
+            raise _interrupt(received[0])
 
 
 def _commit(

@@ -101,9 +101,8 @@ def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from raydefect.pipelines.cluster import auth_hint, send_known_token
+    from raydefect.pipelines.cluster import auth_hint
 
-    send_known_token()
     runtime_env = {"env_vars": {n: os.environ[n] for n in env_names}} if env_names else None
     try:
         client = JobSubmissionClient(address)
