@@ -296,6 +296,7 @@ class ScoreConfig:
             "AWS_DEFAULT_REGION",
             "AWS_ENDPOINT_URL",
             "GOOGLE_APPLICATION_CREDENTIALS",
+            "STORAGE_EMULATOR_HOST",
         ),
         "Variables copied from the driver's environment to Ray workers when a path is remote (names only here).",
     )

@@ -7,10 +7,23 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
+# pyarrow's GCS errors carry google-cloud-cpp's whole status: "google::cloud::Status(UNAVAILABLE: Retry policy
+# exhausted, with a last message of <what happened> error_info={...metadata...}})", ~400 characters
+_GCLOUD_STATUS = re.compile(
+    r"google::cloud::Status\((\w+): (?:[^:]*?with a last message of )?(.*?)\s*error_info=\{.*", re.S
+)
+
+
+def error_text(e: BaseException) -> str:
+    """``str(e)``, with a Google Cloud status cut to its code and message ("UNAVAILABLE: ... Could not connect")."""
+    return _GCLOUD_STATUS.sub(lambda m: f"{m.group(1)}: {m.group(2)}", str(e))
+
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The gist of an exception for a one-line message: its first non-empty line (or its type), at most `limit`."""
-    text = str(e).strip()
+    text = error_text(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 

@@ -220,6 +220,34 @@ def s3_server():
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def gcs_server():
+    """A Google Cloud Storage emulator (gcp-storage-emulator, in memory) on loopback with a bucket ``factory``;
+    STORAGE_EMULATOR_HOST set so the driver and (forwarded) Ray workers reach it. Yields its address."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:  # a free port: the emulator does not report the one it bound
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="factory")
+    server.start()
+    address = f"http://127.0.0.1:{port}"
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = address
+    from raydefect.scoring.sources import _filesystem
+
+    _filesystem.cache_clear()
+    yield address
+    server.stop()
+    _filesystem.cache_clear()
+    if saved is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
 @pytest.fixture
 def no_ray_token(monkeypatch, tmp_path) -> Path:
     """No Ray authentication token anywhere (HOME is a new empty folder, returned) and RAY_AUTH_MODE unset; what the

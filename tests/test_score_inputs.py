@@ -1,8 +1,9 @@
-"""Inputs of `raydefect score`: folders, globs, manifests (txt, csv, parquet) and object storage (moto's S3 server).
+"""Inputs of `raydefect score`: folders, globs, manifests (txt, csv, parquet) and object storage (S3, GCS).
 
 The listing stage is the only part that differs between input kinds, so most kinds are checked through the
 pipeline's dry run (`list_pending`: Ray Data listing + incremental filter, no model); full scoring runs cover a
-text manifest (relative paths, a missing file, a repeated entry), --rescore, and S3 in and out.
+text manifest (relative paths, a missing file, a repeated entry), --rescore, and object storage in and out (moto's
+S3 server and a GCS emulator: model, archive and scores on the bucket).
 """
 
 from __future__ import annotations
@@ -90,34 +91,83 @@ def test_text_manifest_scoring_and_rescore(ray_session, inputs, tiny_artifact):
     assert set(read_scores(str(out)).column("run_id").to_pylist()) == {r2.run_id}  # the newest rows win
 
 
+def _line_2(synth_archive) -> list[tuple[str, bytes]]:
+    """The archive's line_2 images as (key under ``archive/``, bytes)."""
+    root = Path(synth_archive["out"])
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "line_2" in p.parts)
+    return [(f"archive/{p.relative_to(root).as_posix()}", p.read_bytes()) for p in files]
+
+
 @pytest.fixture(scope="module")
 def s3(s3_server, synth_archive):
     """The moto server with the archive's line_2 uploaded under ``s3://factory/archive/``."""
-    root = Path(synth_archive["out"])
-    files = sorted(p for p in root.rglob("*") if p.is_file() and "line_2" in p.parts)
-    for p in files:
-        s3_server.put_object(Bucket="factory", Key=f"archive/{p.relative_to(root).as_posix()}", Body=p.read_bytes())
-    return SimpleNamespace(client=s3_server, keys=[f"archive/{p.relative_to(root).as_posix()}" for p in files])
+    files = _line_2(synth_archive)
+    for key, data in files:
+        s3_server.put_object(Bucket="factory", Key=key, Body=data)
+    return SimpleNamespace(client=s3_server, keys=[k for k, _ in files])
 
 
-def test_s3_input_and_output(ray_session, s3, tiny_artifact, inputs, tmp_path):
+def _bucket_round_trip(scheme, put, keys, tiny_artifact, inputs) -> None:
+    """Model, archive and scores all on one object store: scored once, then nothing new on a re-run; a glob and a
+    manifest on the bucket list the same images."""
     from raydefect.pipelines.score import run_score
 
     # the model on object storage too: the driver fetches it, the actors get its bytes
     for name in ("model.yaml", "model.safetensors"):
-        s3.client.put_object(Bucket="factory", Key=f"models/m1/{name}", Body=(tiny_artifact / name).read_bytes())
-    r = run_score("s3://factory/models/m1", "s3://factory/archive/", "s3://factory/scores", inputs.cfg)
-    expected = sorted(f"s3://factory/{k}" for k in s3.keys)
+        put(f"models/m1/{name}", (tiny_artifact / name).read_bytes())
+    model, out = f"{scheme}://factory/models/m1", f"{scheme}://factory/scores"
+    r = run_score(model, f"{scheme}://factory/archive/", out, inputs.cfg)
+    expected = sorted(f"{scheme}://factory/{k}" for k in keys)
     assert r.scored == len(expected) and r.listed == len(expected)
-    current = read_scores("s3://factory/scores")
+    current = read_scores(out)
     assert sorted(current.column("path").to_pylist()) == expected
+    assert summarize(out)["images"] == len(expected)
+    r2 = run_score(model, f"{scheme}://factory/archive/", out, inputs.cfg)
+    assert (r2.scored, r2.skipped) == (0, len(expected))
+    # a glob and a text manifest on the bucket list the same images (dry run: no model)
+    put("lists/today.txt", "\n".join(f"../{k}" for k in keys).encode())
+    none = f"{scheme}://factory/nothing"
+    pngs = [p for p in expected if p.endswith(".png")]
+    assert pngs and len(pngs) < len(expected)
+    assert _pending(inputs, tiny_artifact, f"{scheme}://factory/archive/**/*.png", none) == pngs
+    assert _pending(inputs, tiny_artifact, f"{scheme}://factory/lists/today.txt", none) == expected
+
+
+def test_s3_input_and_output(ray_session, s3, tiny_artifact, inputs):
+    _bucket_round_trip(
+        "s3",
+        lambda key, data: s3.client.put_object(Bucket="factory", Key=key, Body=data),
+        s3.keys,
+        tiny_artifact,
+        inputs,
+    )
     listed = s3.client.list_objects_v2(Bucket="factory", Prefix="scores/")["Contents"]
     data = [o["Key"] for o in listed if o["Key"].endswith(".parquet")]
     assert data and all(k.count("/") == 3 for k in data)  # scores/<model>/<run>/part-*.parquet
     assert not [o["Key"] for o in listed if "_staging" in o["Key"] and not o["Key"].endswith("/")]
-    assert summarize("s3://factory/scores")["images"] == len(expected)
-    r2 = run_score("s3://factory/models/m1", "s3://factory/archive/", "s3://factory/scores", inputs.cfg)
-    assert (r2.scored, r2.skipped) == (0, len(expected))
+
+
+def test_gcs_input_and_output(ray_session, gcs_server, synth_archive, tiny_artifact, inputs):
+    """gs:// through pyarrow's GcsFileSystem against a local emulator (STORAGE_EMULATOR_HOST): listing, reading,
+    staged writes and their commit (GCS has no rename: pyarrow copies and deletes), incremental re-run."""
+    import pyarrow.fs as pafs
+
+    host = gcs_server.split("://", 1)[1]
+    gcs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=host)
+
+    def put(key: str, data: bytes) -> None:
+        with gcs.open_output_stream(f"factory/{key}") as f:
+            f.write(data)
+
+    files = _line_2(synth_archive)
+    for key, data in files:
+        put(key, data)
+    keys = [k for k, _ in files]
+    _bucket_round_trip("gs", put, keys, tiny_artifact, inputs)
+    written = [i.path for i in gcs.get_file_info(pafs.FileSelector("factory/scores", recursive=True)) if i.is_file]
+    data = [p for p in written if p.endswith(".parquet")]
+    assert data and all(p.count("/") == 4 for p in data)  # factory/scores/<model>/<run>/part-*.parquet
+    assert not [p for p in written if "_staging" in p]
 
 
 def test_model_actors_that_would_take_every_cpu_are_refused(ray_session, inputs, tiny_artifact, tmp_path):

@@ -149,6 +149,57 @@ def test_listing_skips_hidden_other_extensions_and_the_output(tmp_path):
     assert found == [str(tmp_path / "a" / "x.PNG"), str(tmp_path / "a" / "x.png")]
 
 
+def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server):
+    """Objects copied to GCS by other tools leave no folder markers, and pyarrow lists a GCS folder's sub-folders only
+    from markers: walking folder by folder found no image under gs://factory/line/ ("an empty folder")."""
+    import pyarrow.fs as pafs
+
+    gcs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server.split("://", 1)[1])
+    names = ["a/x.png", "a/b/y.png", "a/b/c/z.PNG", "a/.tmp/t.png", "a/.h.png", "a/notes.txt", "scores/s.png", "w.png"]
+    for name in names:
+        with gcs.open_output_stream(f"factory/line/{name}") as f:
+            f.write(b"12345")
+    assert gcs.get_file_info(pafs.FileSelector("factory/line", recursive=False))[0].path == "factory/line/w.png"
+    spec = resolve_input("gs://factory/line", STORAGE)
+    filt = ListFilter(spec.root, extensions=(".png",), exclude="factory/line/scores")
+    parts = plan_listing(spec, STORAGE, filt, min_parts=8)
+    found = sorted(row for part in parts for b in walk(part, spec, STORAGE, filt, batch_rows=2) for row in b)
+    expected = ["a/b/c/z.PNG", "a/b/y.png", "a/x.png", "w.png"]
+    assert [p for p, *_ in found] == [f"gs://factory/line/{n}" for n in expected]
+    assert all(size == 5 and mtime > 0 and not err for _, size, mtime, err in found)
+    spec = resolve_input("gs://factory/line/a/**/*.png", STORAGE)
+    filt = ListFilter(spec.root, pattern=spec.pattern)
+    found = sorted(
+        p for part in plan_listing(spec, STORAGE, filt) for b in walk(part, spec, STORAGE, filt) for p, *_ in b
+    )
+    assert found == ["gs://factory/line/a/b/y.png", "gs://factory/line/a/x.png"]
+    with gcs.open_output_stream("factory/deep/x/y.png") as f:
+        f.write(b"1")
+    with pytest.raises(OutputError, match="is not empty and holds no raydefect scores"):
+        ScoreStore("gs://factory/deep").open()  # no object lies directly in it, only in a sub-folder
+
+
+def test_unreachable_gcs_fails_in_seconds_with_a_short_message(monkeypatch):
+    """google-cloud-cpp's own retry policy kept an unreachable gs:// call going for over 200 s; raydefect bounds it
+    (`GCS_RETRY_S`, set to 1 s here) and cuts its ~400-character status to the code and what happened."""
+    from raydefect.scoring import sources
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(sources, "GCS_RETRY_S", 1.0)
+    sources._filesystem.cache_clear()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DataError, match=r"--input gs://factory/x: cannot read it \(UNAVAILABLE: .*connect") as info:
+            resolve_input("gs://factory/x", STORAGE)
+    finally:
+        sources._filesystem.cache_clear()
+    assert time.monotonic() - start < 60
+    assert "error_info" not in str(info.value) and len(str(info.value)) < 200, str(info.value)
+
+
 def test_stat_locations_records_missing_files(tmp_path):
     (tmp_path / "a.png").write_bytes(b"12345")
     t = stat_locations([str(tmp_path / "a.png"), str(tmp_path / "gone.png"), str(tmp_path)], STORAGE)

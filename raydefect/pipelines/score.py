@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
-from raydefect.errors import ConfigError, DataError, Terminated
+from raydefect.errors import ConfigError, DataError, Terminated, error_text
 from raydefect.inference import resolve_scoring
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
@@ -275,7 +275,9 @@ def _fetch_model(location: str, storage: Storage) -> str:
         try:
             (folder / name).write_bytes(storage.read_bytes(location.rstrip("/") + "/" + name))
         except OSError as e:
-            raise ArtifactError(f"--model {location}: cannot read {name} ({e}); pass the model folder's URI") from None
+            raise ArtifactError(
+                f"--model {location}: cannot read {name} ({error_text(e)}); pass the model folder's URI"
+            ) from None
     return str(folder)
 
 

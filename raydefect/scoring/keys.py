@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from raydefect.errors import error_text
+
 KEY_MODES = ("stat", "hash")
 DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
@@ -30,7 +32,7 @@ _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirec
 
 def read_error(e: BaseException) -> str:
     """The `error` of a row whose bytes could not be read: `RETRY_PREFIX` for an I/O error of the storage itself."""
-    text = f"{type(e).__name__}: {e}"
+    text = f"{type(e).__name__}: {error_text(e)}"
     if isinstance(e, OSError) and not isinstance(e, _FILE_ERRORS):
         return RETRY_PREFIX + text
     return f"cannot read: {text}"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydefect.errors import DataError
+from raydefect.errors import DataError, error_text
 from raydefect.paths import glob_regex, printable_path
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs
         return pafs.LocalFileSystem()
     if scheme == "s3" and endpoint_override:
         return pafs.S3FileSystem(endpoint_override=endpoint_override)
+    if scheme in ("gs", "gcs"):
+        return _gcs_filesystem()
     try:
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad URIs
@@ -89,6 +91,31 @@ def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs
         )
         raise DataError(f"cannot open {scheme}://{bucket}: {' '.join(str(e).split())}; {hint}") from None
     return fs
+
+
+# How long one gs:// call retries before it fails. With google-cloud-cpp's own default, a call without network or
+# credentials was still retrying after 200 s (measured; stopped there), so a misconfigured nightly run sat silent. 30 s
+# rides out throttling and short outages; an image whose read still fails is an error row scored again by the next
+# run. Checking --input makes two calls: an unreachable endpoint fails it in about twice this.
+GCS_RETRY_S = 30.0
+
+
+def _gcs_filesystem() -> pafs.FileSystem:
+    """Google Cloud Storage: credentials from the usual chain (GOOGLE_APPLICATION_CREDENTIALS, gcloud, the instance's
+    service account); ``STORAGE_EMULATOR_HOST`` (the Google clients' variable, e.g. ``http://127.0.0.1:4443``) points
+    gs:// at an emulator, anonymously."""
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    retry = datetime.timedelta(seconds=GCS_RETRY_S)
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
+    if not emulator:
+        return pafs.GcsFileSystem(retry_time_limit=retry)
+    scheme, sep, host = emulator.partition("://")
+    if not sep:
+        scheme, host = "http", emulator
+    return pafs.GcsFileSystem(anonymous=True, scheme=scheme, endpoint_override=host, retry_time_limit=retry)
 
 
 @dataclass(frozen=True)
@@ -197,9 +224,12 @@ def resolve_input(text: str, storage: Storage) -> InputSpec:
     try:
         info = fs.get_file_info(path)
     except OSError as e:
-        raise DataError(f"--input {text}: cannot read it ({e}); check the path and the credentials") from None
+        raise DataError(
+            f"--input {text}: cannot read it ({error_text(e)}); check the path and the credentials"
+        ) from None
     if info.type == pafs.FileType.Directory:
-        if not fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        # a GCS folder is a folder only while objects lie under it (or a marker object, below which the run finds none)
+        if sees_folders(fs) and not fs.get_file_info(pafs.FileSelector(path, recursive=False)):
             raise DataError(f"--input {text} is an empty folder; pass the folder that holds the images")
         return InputSpec("dir", text, scheme, path.rstrip("/") or "/")
     if info.type == pafs.FileType.File:
@@ -330,9 +360,56 @@ def _list_dir(fs: pafs.FileSystem, path: str) -> list[Entry]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     except OSError as e:
-        raise DataError(f"cannot list {path}: {e}; check permissions and credentials") from None
+        raise DataError(f"cannot list {path}: {error_text(e)}; check permissions and credentials") from None
     kinds = {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}
     return [Entry(i.path, kinds.get(i.type, "other"), int(i.size or 0), _mtime_ns(i)) for i in infos]
+
+
+def sees_folders(fs: pafs.FileSystem) -> bool:
+    """Whether listing one folder of `fs` shows its sub-folders. pyarrow's GCS filesystem shows a sub-folder only
+    where a marker object (``name/``) exists, and archives copied in with ``gcloud storage cp`` have none: there a
+    folder is listed whole, recursively (the listing then holds every file under it)."""
+    return fs.type_name != "gcs"
+
+
+def _list_tree(fs: pafs.FileSystem, root: str, filt: ListFilter) -> list[Entry]:
+    """Every wanted file under `root` by one recursive listing, minus those under folders `filt` leaves out."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise DataError(f"cannot list {root}: {error_text(e)}; check permissions and credentials") from None
+    base = root.rstrip("/") + "/"
+    out = []
+    for i in infos:
+        if i.type == pafs.FileType.Directory:
+            continue
+        folders = i.path[len(base) :].split("/")[:-1] if i.path.startswith(base) else []
+        if all(filt.keep_dir(base + "/".join(folders[: k + 1])) for k in range(len(folders))):
+            entry = Entry(i.path, "file" if i.type == pafs.FileType.File else "other", int(i.size or 0), _mtime_ns(i))
+            if _wanted(entry, filt):
+                out.append(entry)
+    return out
+
+
+def _walk_entries(fs: pafs.FileSystem, root: str, filt: ListFilter) -> Iterator[Entry]:
+    """The wanted entries under `root`, folder by folder (depth first, sorted), or by one recursive listing where
+    listing a folder does not show its sub-folders."""
+    if not sees_folders(fs):
+        yield from _list_tree(fs, root, filt)
+        return
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        subdirs = []
+        for entry in _list_dir(fs, folder):
+            if entry.kind == "dir":
+                if filt.keep_dir(entry.path):
+                    subdirs.append(entry.path)
+            elif _wanted(entry, filt):
+                yield entry
+        stack.extend(sorted(subdirs, reverse=True))
 
 
 def _wanted(entry: Entry, filt: ListFilter) -> bool:
@@ -345,6 +422,8 @@ def plan_listing(spec: InputSpec, storage: Storage, filt: ListFilter, min_parts:
     there are `min_parts` folders). Cheap on the driver whatever the archive size: the folders found are walked by
     workers; files met on the way (small archives) are handed out in chunks of 1,000."""
     fs, _ = storage.resolve(spec.location(spec.root))
+    if not sees_folders(fs):
+        return [ListPart(walk=spec.root)]
     files: list[tuple[str, int, int, str]] = []
     frontier, levels = [spec.root], 0
     while frontier and len(frontier) < min_parts and levels < 3 and len(files) < 100_000:
@@ -369,19 +448,10 @@ def walk(
     batch = [(spec.location(f[0]), *f[1:3], f[3] if len(f) > 3 else "") for f in part.files]
     if part.walk is not None:
         fs, _ = storage.resolve(spec.location(part.walk))
-        stack = [part.walk]
-        while stack:
-            folder = stack.pop()
-            subdirs = []
-            for entry in _list_dir(fs, folder):
-                if entry.kind == "dir":
-                    if filt.keep_dir(entry.path):
-                        subdirs.append(entry.path)
-                elif _wanted(entry, filt):
-                    batch.append((spec.location(entry.path), entry.size, entry.mtime_ns, entry.error))
-                    if len(batch) >= batch_rows:
-                        yield batch
-                        batch = []
-            stack.extend(sorted(subdirs, reverse=True))
+        for entry in _walk_entries(fs, part.walk, filt):
+            batch.append((spec.location(entry.path), entry.size, entry.mtime_ns, entry.error))
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
     if batch:
         yield batch

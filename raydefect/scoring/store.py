@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__, console
-from raydefect.errors import OutputError, first_line
+from raydefect.errors import OutputError, error_text, first_line
 from raydefect.scoring.keys import (
     DIGEST,
     RETRY_PREFIX,
@@ -72,7 +72,7 @@ from raydefect.scoring.keys import (
     key_digests,
 )
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage, absolute, is_remote
+from raydefect.scoring.sources import Storage, absolute, is_remote, sees_folders
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -235,7 +235,7 @@ def write_staged(
         if not is_remote(staging):
             with suppress(OSError):  # a half-written file never stays behind (it only ever had a hidden name)
                 fs.delete_file(f"{folder}/.{name}.tmp")
-        raise OutputError(f"cannot write scores to {staging}: {e}; check space and permissions") from None
+        raise OutputError(f"cannot write scores to {staging}: {error_text(e)}; check space and permissions") from None
     digests = row_digests(table, key_mode)
     errors, defects = _counts(table)
     return {
@@ -344,7 +344,8 @@ class ScoreStore:
             if info.type == pafs.FileType.File:
                 raise OutputError(f"--out {self.out} is a file; pass a folder for the scores")
             if info.type == pafs.FileType.Directory and not self.exists():
-                entries = [e for e in self._ls(self.root) if not e.base_name.startswith(".")]
+                # recursive where listing a folder hides its sub-folders (GCS): an archive's prefix is not empty
+                entries = [e for e in self._ls(self.root, not sees_folders(self.fs)) if not e.base_name.startswith(".")]
                 if entries:
                     raise OutputError(
                         f"--out {self.out} is not empty and holds no raydefect scores ({MARKER} is missing); "
@@ -356,7 +357,9 @@ class ScoreStore:
             if not self.remote and not os.access(self.root, os.W_OK):
                 raise OutputError(f"--out {self.out} is not writable; fix its permissions or choose another folder")
         except OSError as e:
-            raise OutputError(f"cannot write to --out {self.out}: {e}; check the path and permissions") from None
+            raise OutputError(
+                f"cannot write to --out {self.out}: {error_text(e)}; check the path and permissions"
+            ) from None
 
     def _write_json(self, path: str, data: dict[str, Any]) -> None:
         payload = (json.dumps(data, indent=1) + "\n").encode()
