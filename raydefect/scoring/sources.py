@@ -96,7 +96,8 @@ def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs
 # How long one gs:// call retries before it fails. With google-cloud-cpp's own default, a call without network or
 # credentials was still retrying after 200 s (measured; stopped there), so a misconfigured nightly run sat silent. 30 s
 # rides out throttling and short outages; an image whose read still fails is an error row scored again by the next
-# run. Checking --input makes two calls: an unreachable endpoint fails it in about twice this.
+# run. Checking --input makes two calls: a refused connection failed it in 43 s, an endpoint that accepts and never
+# answers in 120 s (the limit does not cut a request short; each has its own 60 s timeout, which pyarrow cannot set).
 GCS_RETRY_S = 30.0
 
 
