@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,16 +225,28 @@ def s3_server():
 @pytest.fixture(scope="module")
 def gcs_server():
     """A Google Cloud Storage emulator (gcp-storage-emulator, in memory) on loopback with a bucket ``factory``;
-    STORAGE_EMULATOR_HOST set so the driver and (forwarded) Ray workers reach it. Yields its address."""
-    import socket
+    STORAGE_EMULATOR_HOST set so the driver and (forwarded) Ray workers reach it. Yields its address.
 
-    from gcp_storage_emulator.server import create_server
+    In its own process: served from a thread of the test process, it waited for the GIL that pyarrow's Parquet
+    footer read holds while it waits for the answer (each read then took a 60 s request timeout)."""
+    import socket
+    import subprocess
 
     with socket.socket() as s:  # a free port: the emulator does not report the one it bound
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="factory")
-    server.start()
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--in-memory", "--default-bucket", "factory", "--quiet"])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the GCS emulator did not start on port {port} ({' '.join(cmd)})")
+            time.sleep(0.1)
     address = f"http://127.0.0.1:{port}"
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = address
@@ -240,7 +254,8 @@ def gcs_server():
 
     _filesystem.cache_clear()
     yield address
-    server.stop()
+    proc.terminate()
+    proc.wait(timeout=30)
     _filesystem.cache_clear()
     if saved is None:
         os.environ.pop("STORAGE_EMULATOR_HOST", None)

@@ -480,10 +480,19 @@ def test_a_commit_cut_short_is_finished_by_the_next_one_with_each_row_once(tmp_p
     assert not [p for p in (tmp_path / "out" / STAGING).rglob("*") if p.is_file()]
 
 
-def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_artifact):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_artifact, where, request):
+    """Everything through the store's own filesystem, so that the same steps run on a GCS emulator (no rename: moves
+    are copies and deletes; folders are marker objects or nothing)."""
+    import pyarrow.fs as pafs
+
+    if where == "gcs":
+        request.getfixturevalue("gcs_server")
     meta = read_artifact_meta(tiny_artifact)
-    store = ScoreStore(str(tmp_path / "out"))
+    out = str(tmp_path / "out") if where == "local" else f"gs://factory/{tmp_path.name}/out"
+    store = ScoreStore(out)
     store.open()
+    fs = store.fs
     rows = _with_run(scored_rows, "dead")
     rec = RunRecord("dead", meta.model_id, "stat")
     store.write_record(rec)
@@ -491,20 +500,22 @@ def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_a
     # the dead run had also: a staged file whose rows partly overlap committed ones (a retried task's twin),
     _stage(store, rows.slice(5, 10), "dead", meta)  # rows 5..14: 5..9 are committed already
     # a partial write under its temporary name,
-    staging = tmp_path / "out" / STAGING / "dead"
-    (staging / ".part-x.parquet.staged.tmp").write_bytes(b"PAR1 half a file")
+    staging = store.path(STAGING, "dead")
+    with fs.open_output_stream(f"{staging}/.part-x.parquet.staged.tmp") as f:
+        f.write(b"PAR1 half a file")
     # and a file moved into the data area whose record update never happened.
     moved = _stage(store, rows.slice(20, 10), "dead", meta)
-    data_dir = tmp_path / "out" / meta.model_id / "dead"
-    os.replace(moved.location, data_dir / "part-00009-aaaaaaaa.parquet")
+    fs.move(STORAGE.resolve(moved.location)[1], store.path(meta.model_id, "dead", "part-00009-aaaaaaaa.parquet"))
     report = store.recover("new-run")
     assert report.adopted_files == 1 and report.interrupted_runs == ["dead"]
     assert report.recovered_rows == 5 and report.dropped_rows == 5 and report.discarded_files == 1
-    assert not staging.exists()
-    table = pq.read_table(str(tmp_path / "out"))
+    left = fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
+    assert not [i.path for i in left if i.type == pafs.FileType.File]
+    table = read_scores(out, latest=False)
     assert table.num_rows == 25 and len(set(table.column("path").to_pylist())) == 25
-    assert read_scores(str(tmp_path / "out")).num_rows == 25
-    record = json.loads((tmp_path / "out" / "_commits" / "dead.json").read_text())
+    assert read_scores(out).num_rows == 25
+    with fs.open_input_stream(store.path("_commits", "dead.json")) as f:
+        record = json.loads(f.read())
     assert record["state"] == "interrupted" and record["rows"] == 25
 
 

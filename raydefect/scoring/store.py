@@ -715,10 +715,15 @@ class ScoreStore:
             self.write_record(rec)
             report.adopted_files += 1
         # (2) staged files of dead runs
-        for run_dir in self._ls(self.path(STAGING)):
-            if run_dir.type != pafs.FileType.Directory or run_dir.base_name == current_run:
-                continue
-            self._recover_staging(run_dir.base_name, records, report)
+        # run folders from a recursive listing (staging holds only files in flight): on GCS a folder shows up in a
+        # one-level listing only through a marker object, and a dead run's folder must be found without one
+        staging, runs = self.path(STAGING), set()
+        for info in self._ls(staging, recursive=True):
+            run_id, sep, _ = info.path[len(staging) + 1 :].partition("/")
+            if sep or info.type == pafs.FileType.Directory:
+                runs.add(run_id)
+        for run_id in sorted(runs - {current_run}):
+            self._recover_staging(run_id, records, report)
         for rec in records.values():
             if rec.state == "running" and rec.run_id != current_run:
                 rec.state = "interrupted"
