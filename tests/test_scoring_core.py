@@ -33,6 +33,7 @@ from raydefect.scoring.sources import (
     glob_regex,
     join_location,
     manifest_column,
+    output_folder,
     plan_listing,
     resolve_input,
     walk,
@@ -143,7 +144,7 @@ def test_listing_skips_hidden_other_extensions_and_the_output(tmp_path):
     (tmp_path / "scores").mkdir()
     (tmp_path / "scores" / "z.png").write_bytes(b"1")
     spec = resolve_input(str(tmp_path), STORAGE)
-    filt = ListFilter(spec.root, extensions=(".png",), exclude=str(tmp_path / "scores"))
+    filt = ListFilter(spec.root, extensions=(".png",), exclude=output_folder(spec, str(tmp_path / "scores")))
     parts = plan_listing(spec, STORAGE, filt, min_parts=1)
     found = sorted(p for part in parts for b in walk(part, spec, STORAGE, filt) for p, *_ in b)
     assert found == [str(tmp_path / "a" / "x.PNG"), str(tmp_path / "a" / "x.png")]
@@ -161,7 +162,8 @@ def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server
             f.write(b"12345")
     assert gcs.get_file_info(pafs.FileSelector("factory/line", recursive=False))[0].path == "factory/line/w.png"
     spec = resolve_input("gs://factory/line", STORAGE)
-    filt = ListFilter(spec.root, extensions=(".png",), exclude="factory/line/scores")
+    filt = ListFilter(spec.root, extensions=(".png",), exclude=output_folder(spec, "gs://factory/line/scores/"))
+    assert output_folder(spec, "s3://factory/line/scores") is None and output_folder(spec, "scores") is None
     parts = plan_listing(spec, STORAGE, filt, min_parts=8)
     found = sorted(row for part in parts for b in walk(part, spec, STORAGE, filt, batch_rows=2) for row in b)
     expected = ["a/b/c/z.PNG", "a/b/y.png", "a/x.png", "w.png"]

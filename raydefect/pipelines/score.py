@@ -54,6 +54,7 @@ from raydefect.scoring.sources import (
     is_remote,
     join_location,
     manifest_column,
+    output_folder,
     plan_listing,
     resolve_input,
     walk,
@@ -328,14 +329,11 @@ def _listing_dataset(
             **_light(tasks),
             **remote_args,
         )
-    exclude = None
-    if not is_remote(out) and not spec.scheme:
-        exclude = os.path.abspath(os.path.expanduser(out))
     filt = ListFilter(
         spec.root,
         extensions=sc.extensions if spec.kind == "dir" else (),
         pattern=spec.pattern,
-        exclude=exclude,
+        exclude=output_folder(spec, out),
     )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     parts = plan_listing(spec, storage, filt, min_parts=max(8, 2 * cpus))

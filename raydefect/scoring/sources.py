@@ -244,6 +244,13 @@ def resolve_input(text: str, storage: Storage) -> InputSpec:
     raise DataError(f"--input {text}: not found; pass an existing folder, a quoted glob or a manifest file")
 
 
+def output_folder(spec: InputSpec, out: str) -> str | None:
+    """The scores folder `out` as a path on the input's filesystem, for the listing to leave out (it may lie inside
+    the input: ``--input s3://b/line3/ --out s3://b/line3/scores``); None when it is on another filesystem."""
+    scheme, path = split_scheme(absolute(out))
+    return (path.rstrip("/") or "/") if scheme == spec.scheme else None
+
+
 def manifest_column(names: Sequence[str], manifest: str) -> str:
     """Which manifest column lists the images."""
     lowered = {n.lower(): n for n in names}
