@@ -686,10 +686,16 @@ class ScoreStore:
         report = Recovery()
         records = {r.run_id: r for r in self.records()}
         listed = {f["path"] for r in records.values() for f in r.files}
+        # one recursive listing for both steps: on GCS a one-level listing shows a folder only through a marker
+        # object, and a dead run's staging folder must be found without one
+        staged: dict[str, list[pafs.FileInfo]] = {}  # run id -> its staging folder's entries, for (2)
         # (1) data files no record lists: a run died between moving a file and rewriting its record
         for info in self._ls(self.root, recursive=True):
             rel = info.path[len(self.root) + 1 :]
             parts = rel.split("/")
+            if len(parts) >= 2 and parts[0] == STAGING:
+                staged.setdefault(parts[1], []).append(info)
+                continue
             if len(parts) == 3 and not parts[0].startswith(("_", ".")) and parts[2].startswith("."):
                 self.fs.delete_file(info.path)  # a temporary file of a killed recovery
                 continue
@@ -715,15 +721,9 @@ class ScoreStore:
             self.write_record(rec)
             report.adopted_files += 1
         # (2) staged files of dead runs
-        # run folders from a recursive listing (staging holds only files in flight): on GCS a folder shows up in a
-        # one-level listing only through a marker object, and a dead run's folder must be found without one
-        staging, runs = self.path(STAGING), set()
-        for info in self._ls(staging, recursive=True):
-            run_id, sep, _ = info.path[len(staging) + 1 :].partition("/")
-            if sep or info.type == pafs.FileType.Directory:
-                runs.add(run_id)
-        for run_id in sorted(runs - {current_run}):
-            self._recover_staging(run_id, records, report)
+        for run_id, entries in sorted(staged.items()):
+            if run_id != current_run:
+                self._recover_staging(run_id, entries, records, report)
         for rec in records.values():
             if rec.state == "running" and rec.run_id != current_run:
                 rec.state = "interrupted"
@@ -742,14 +742,15 @@ class ScoreStore:
             return None
         return (table.num_rows, *_counts(table))
 
-    def _recover_staging(self, run_id: str, records: dict[str, RunRecord], report: Recovery) -> None:
+    def _recover_staging(
+        self, run_id: str, entries: list[pafs.FileInfo], records: dict[str, RunRecord], report: Recovery
+    ) -> None:
         import pyarrow as pa
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
-        folder = self.path(STAGING, run_id)
         seen_by_model: dict[tuple[str, str], KeySet] = {}
-        for info in self._ls(folder, recursive=True):
+        for info in entries:
             if info.type != pafs.FileType.File:
                 continue
             if not info.base_name.endswith(STAGED_SUFFIX) or info.base_name.startswith("."):
