@@ -521,6 +521,48 @@ def test_recovery_after_a_kill_keeps_each_row_once(tmp_path, scored_rows, tiny_a
     assert record["state"] == "interrupted" and record["rows"] == 25
 
 
+class _StorageDown:
+    """The store's filesystem, but reading a file fails as an unreachable store does (OSError), listings work."""
+
+    def __init__(self, fs) -> None:
+        self.fs = fs
+
+    def open_input_file(self, path: str):
+        raise OSError(f"When reading information for key '{path}': AWS Error NETWORK_CONNECTION during GetObject")
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+
+def test_recovery_deletes_nothing_when_the_storage_fails_a_read(tmp_path, scored_rows, tiny_artifact):
+    """A dead run's files that cannot be *read* (the store down, throttled) are not damaged files: recovery stops
+    with a clear error and leaves them, and the next run recovers every row; only damaged content is discarded."""
+    meta = read_artifact_meta(tiny_artifact)
+    out = tmp_path / "out"
+    store = ScoreStore(str(out))
+    store.open()
+    rows = _with_run(scored_rows, "dead")
+    store.write_record(RunRecord("dead", meta.model_id, "stat"))
+    _stage(store, rows.slice(0, 10), "dead", meta)  # staged, never committed
+    moved = _stage(store, rows.slice(10, 10), "dead", meta)  # moved into the data area, never recorded
+    store.fs.create_dir(store.path(meta.model_id, "dead"), recursive=True)
+    store.fs.move(STORAGE.resolve(moved.location)[1], store.path(meta.model_id, "dead", "part-00009-bbbbbbbb.parquet"))
+    before = sorted(str(p) for p in out.rglob("*.parquet*"))
+    real = store.fs
+    store.fs = _StorageDown(real)
+    with pytest.raises(
+        OutputError,
+        match=r"cannot read .*part-00009-bbbbbbbb\.parquet to recover .*NETWORK_CONNECTION"
+        r".*nothing was changed, start the run again",
+    ):
+        store.recover("new-run")
+    store.fs = real
+    assert sorted(str(p) for p in out.rglob("*.parquet*")) == before
+    report = store.recover("new-run")
+    assert report.adopted_files == 1 and report.recovered_rows == 10 and report.discarded_files == 0
+    assert read_scores(str(out), latest=False).num_rows == 20
+
+
 def test_a_committed_file_found_missing_or_damaged_is_skipped_then_its_images_scored_again(
     tmp_path, scored_rows, tiny_artifact, capsys
 ):

@@ -732,15 +732,32 @@ class ScoreStore:
         return report
 
     def _count_file(self, path: str) -> tuple[int, int, int] | None:
-        """(rows, errors, defects) of a complete scores file; None if unreadable."""
+        """(rows, errors, defects) of a complete scores file; None if damaged."""
+        table = self._read_left_file(path, columns=["error", "is_defect"])
+        return None if table is None else (table.num_rows, *_counts(table))
+
+    def _read_left_file(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        """A file a dead run left, for recovery: None if its content is damaged (a partial or foreign file, safe to
+        delete: its rows are recorded nowhere, so its images are scored again). A failure to *read* it (the store
+        unreachable, throttled, a permission) is not damage: it stops the run with an OutputError and deletes
+        nothing, and the next run recovers the file."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             with self.fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=["error", "is_defect"])
-        except Exception:  # truncated or foreign file
+                data = f.read()
+        except FileNotFoundError:
+            return None  # gone since the listing: nothing to recover
+        except OSError as e:
+            raise OutputError(
+                f"cannot read {self.location(path[len(self.root) + 1 :])} to recover an interrupted run: "
+                f"{error_text(e)}; nothing was changed, start the run again once the storage answers"
+            ) from None
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except Exception:  # truncated, half-written or not Parquet at all
             return None
-        return (table.num_rows, *_counts(table))
 
     def _recover_staging(
         self, run_id: str, entries: list[pafs.FileInfo], records: dict[str, RunRecord], report: Recovery
@@ -757,10 +774,8 @@ class ScoreStore:
                 self.fs.delete_file(info.path)  # a partial write
                 report.discarded_files += 1
                 continue
-            try:
-                with self.fs.open_input_file(info.path) as f:
-                    table = pq.read_table(f)
-            except Exception:
+            table = self._read_left_file(info.path)
+            if table is None:
                 self.fs.delete_file(info.path)
                 report.discarded_files += 1
                 continue
