@@ -886,7 +886,7 @@ def tune_cmd(
     help="A folder (recursive, by score.extensions), a quoted glob, or a .txt/.csv/.parquet list of paths; "
     "local or s3:// / gs://.",
 )
-@click.option("--out", required=True, metavar="OUT", help="Scores folder (local or s3://); created if missing.")
+@click.option("--out", required=True, metavar="OUT", help="Scores folder (local, s3:// or gs://); created if missing.")
 @click.option("--rescore", is_flag=True, help="Score every image again, even those this model already scored.")
 @click.option("--retry-errors", is_flag=True, help="Score again images whose last row has an error.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per model batch [score.batch_size].")
@@ -1041,13 +1041,14 @@ def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool, model:
         + (f" (the newest of {others + 1}; --model for another)" if others and model is None else "")
         + f"; {len(s['runs'])} run(s), {s['history_rows']:,} rows in all"
     )
+    formats = {"defect %": ".1f", "mask %": ".2f", "defect_score": ".4f"}
     console.result("\nruns")
-    console.result(console.table(s["runs"]))
+    console.result(console.table(s["runs"], formats=formats))
     console.result(f"\nfolders ({len(s['folders'])} of {s['folders_total']})")
-    console.result(console.table(s["folders"]))
+    console.result(console.table(s["folders"], formats=formats))
     if top:
         console.result("\ntop-scoring images")
-        console.result(console.table(s["top"]))
+        console.result(console.table(s["top"], formats=formats))
 
 
 @scores_group.command("extract")

@@ -49,22 +49,32 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4g") -> str:
-    """A plain fixed-width text table (no dependency), for summaries on the console."""
+def table(
+    rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4g", formats: dict[str, str] | None = None
+) -> str:
+    """A plain fixed-width text table (no dependency), for summaries on the console. `formats` gives some columns'
+    float format (e.g. {"defect %": ".1f"}: 87.0 stays "87.0" beside "89.4", not "87")."""
     if not rows:
         return "(none)"
     columns = columns or list(rows[0])
+    formats = formats or {}
 
-    def fmt(v: object) -> str:
+    def fmt(v: object, column: str) -> str:
         if isinstance(v, float):
-            return format(v, floatfmt)
+            return format(v, formats.get(column, floatfmt))
         return "" if v is None else str(v)
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[fmt(r.get(c), c) for c in columns] for r in rows]
+    # numbers right-aligned, text (paths, names) left-aligned, so both read down the column
+    numeric = [all(isinstance(r.get(c), int | float) or r.get(c) in (None, "") for r in rows) for c in columns]
     widths = [max(_width(c), *(_width(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c + " " * (w - _width(c)) for c, w in zip(columns, widths, strict=True))]
+
+    def pad(v: str, w: int, right: bool) -> str:
+        return " " * (w - _width(v)) + v if right else v + " " * (w - _width(v))
+
+    lines = ["  ".join(pad(c, w, r) for c, w, r in zip(columns, widths, numeric, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(" " * (w - _width(v)) + v for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines += ["  ".join(pad(v, w, r) for v, w, r in zip(row, widths, numeric, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 

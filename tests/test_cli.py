@@ -91,3 +91,19 @@ def test_an_address_where_nothing_answers_fails_in_seconds_naming_it():
         s.bind(("127.0.0.1", 0))
         s.listen()
         _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+
+
+def test_console_tables_align_numbers_right_and_text_left_with_per_column_formats():
+    from raydefect import console
+
+    rows = [
+        {"folder": "/a/Blowhole", "images": 115, "defect %": 87.0, "class": "ひび"},
+        {"folder": "/a/b", "images": 5, "defect %": 89.44, "class": None},
+    ]
+    lines = console.table(rows, formats={"defect %": ".1f"}).splitlines()
+    assert lines == [
+        "folder       images  defect %  class",
+        "-----------  ------  --------  -----",
+        "/a/Blowhole     115      87.0  ひび",
+        "/a/b              5      89.4",
+    ]
