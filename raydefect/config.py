@@ -295,6 +295,7 @@ class ScoreConfig:
             "AWS_REGION",
             "AWS_DEFAULT_REGION",
             "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
             "GOOGLE_APPLICATION_CREDENTIALS",
             "STORAGE_EMULATOR_HOST",
         ),

@@ -202,6 +202,30 @@ def test_unreachable_gcs_fails_in_seconds_with_a_short_message(monkeypatch):
     assert "error_info" not in str(info.value) and len(str(info.value)) < 200, str(info.value)
 
 
+def test_a_hung_s3_endpoint_from_aws_endpoint_url_fails_in_seconds(monkeypatch):
+    """An endpoint that accepts connections and never answers: through FileSystem.from_uri (the AWS SDK's default
+    retry policy) one call took 99 s, and a run makes several; raydefect bounds the attempts (`S3_ATTEMPTS`, 3 by
+    default: 11 s a call) whichever way the endpoint is given, here by AWS_ENDPOINT_URL."""
+    from raydefect.scoring import sources
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # accepts (the kernel queues the connections), never answers
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+        monkeypatch.setattr(sources, "S3_ATTEMPTS", 2)
+        sources._filesystem.cache_clear()
+        start = time.monotonic()
+        try:
+            with pytest.raises(DataError, match=r"--input s3://factory/x: cannot read it \(.*NETWORK_CONNECTION"):
+                resolve_input("s3://factory/x", STORAGE)
+        finally:
+            sources._filesystem.cache_clear()
+        took = time.monotonic() - start
+    assert took < 30, f"{took:.0f} s: the retries are not bounded"
+
+
 def test_stat_locations_records_missing_files(tmp_path):
     (tmp_path / "a.png").write_bytes(b"12345")
     t = stat_locations([str(tmp_path / "a.png"), str(tmp_path / "gone.png"), str(tmp_path)], STORAGE)
