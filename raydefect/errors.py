@@ -22,9 +22,11 @@ def error_text(e: BaseException) -> str:
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The gist of an exception for a one-line message: its first non-empty line (or its type), at most `limit`."""
+    """The gist of an exception for a one-line message: its first non-empty line (or its type), at most `limit`
+    characters ("..." where it was cut, so the cut does not read as the message's end)."""
     text = error_text(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class RaydefectError(Exception):

@@ -107,3 +107,12 @@ def test_console_tables_align_numbers_right_and_text_left_with_per_column_format
         "/a/Blowhole     115      87.0  ひび",
         "/a/b              5      89.4",
     ]
+
+
+def test_first_line_marks_where_it_cut_a_long_message():
+    from raydefect.errors import first_line
+
+    assert first_line(OSError("short\nsecond line")) == "short"
+    assert first_line(ValueError()) == "ValueError"
+    cut = first_line(OSError("x" * 250), limit=200)
+    assert len(cut) == 200 and cut.endswith("x...")
