@@ -96,6 +96,8 @@ def _filesystem(scheme: str, endpoint_override: str | None, bucket: str) -> pafs
 # Attempts per s3:// call. FileSystem.from_uri leaves retries to the AWS SDK's default policy (10 attempts with
 # backoff): one call against an endpoint that accepts and never answers failed after 99 s (measured), and a run makes
 # several. With 3 (the AwsStandard strategy pyarrow's own S3FileSystem defaults to) the same call fails in 11 s.
+# (A pickled S3FileSystem, as Ray Data's read tasks get it, drops its retry strategy and is rebuilt with that
+# default, which is why this stays at 3.)
 S3_ATTEMPTS = 3
 
 
