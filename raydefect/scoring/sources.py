@@ -25,12 +25,12 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raydefect.errors import DataError, error_text
+from raydefect.errors import DataError, error_text, first_line
 from raydefect.paths import glob_regex, printable_path
 
 if TYPE_CHECKING:
@@ -137,6 +137,58 @@ def _gcs_filesystem() -> pafs.FileSystem:
     if not sep:
         scheme, host = "http", emulator
     return pafs.GcsFileSystem(anonymous=True, scheme=scheme, endpoint_override=host, retry_time_limit=retry)
+
+
+@functools.lru_cache(maxsize=1)
+def _gcs_client(emulator: str) -> object | None:
+    """The google-cloud-storage client (the ``gcs`` extra), or None where it is not installed or finds no
+    credentials. It lists one folder with its sub-folders (GCS's ``prefixes``), which pyarrow's GCS filesystem cannot:
+    with it, gs:// folders are listed in parallel and streamed like local and S3 ones. Same credentials chain and
+    ``STORAGE_EMULATOR_HOST`` as pyarrow."""
+    try:
+        from google.cloud import storage
+    except ImportError:
+        return None
+    try:
+        if emulator:
+            from google.auth.credentials import AnonymousCredentials
+
+            return storage.Client(credentials=AnonymousCredentials(), project="raydefect")
+        return storage.Client()
+    except Exception:  # no credentials found (google.auth's DefaultCredentialsError): pyarrow's own chain decides
+        return None
+
+
+def _gcs_list_dir(path: str) -> list[Entry]:
+    """One gs:// folder (``bucket/prefix``): its objects and, as "dir" entries, its sub-folders, markers or not."""
+    from google.api_core.retry import Retry
+
+    client = _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST", "").strip())
+    bucket, _, prefix = path.strip("/").partition("/")
+    prefix = prefix + "/" if prefix else ""
+    out: list[Entry] = []
+    try:
+        pages = client.list_blobs(  # type: ignore[union-attr]
+            bucket, prefix=prefix, delimiter="/", timeout=60, retry=Retry(timeout=GCS_RETRY_S)
+        )
+        for blob in pages:
+            if not blob.name.endswith("/"):  # "name/" is a folder marker
+                out.append(Entry(f"{bucket}/{blob.name}", "file", int(blob.size or 0), _datetime_ns(blob.updated)))
+        out.extend(Entry(f"{bucket}/{p.rstrip('/')}", "dir") for p in sorted(pages.prefixes))
+    except Exception as e:  # google.api_core's exceptions (NotFound, Forbidden, RetryError), requests' errors
+        raise DataError(f"cannot list gs://{path}: {first_line(e)}; check permissions and credentials") from None
+    return out
+
+
+def _datetime_ns(t: object) -> int:
+    """A timezone-aware datetime in integer nanoseconds since the epoch, exactly as pyarrow reports GCS mtimes (the
+    listing and `Storage.stat` must agree: (path, size, mtime) is the incremental key)."""
+    import datetime
+
+    if not isinstance(t, datetime.datetime):
+        return -1
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    return (t - epoch) // datetime.timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)
@@ -400,6 +452,16 @@ def sees_folders(fs: pafs.FileSystem) -> bool:
     return fs.type_name != "gcs"
 
 
+def _folder_lister(fs: pafs.FileSystem) -> Callable[[str], list[Entry]] | None:
+    """How to list one folder with its sub-folders, or None where only a recursive listing finds every file (gs://
+    without the google-cloud-storage client: the folder is then listed whole by one task)."""
+    if sees_folders(fs):
+        return functools.partial(_list_dir, fs)
+    if fs.type_name == "gcs" and _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST", "").strip()) is not None:
+        return _gcs_list_dir
+    return None
+
+
 def _list_tree(fs: pafs.FileSystem, root: str, filt: ListFilter) -> list[Entry]:
     """Every wanted file under `root` by one recursive listing, minus those under folders `filt` leaves out."""
     import pyarrow.fs as pafs
@@ -424,14 +486,15 @@ def _list_tree(fs: pafs.FileSystem, root: str, filt: ListFilter) -> list[Entry]:
 def _walk_entries(fs: pafs.FileSystem, root: str, filt: ListFilter) -> Iterator[Entry]:
     """The wanted entries under `root`, folder by folder (depth first, sorted), or by one recursive listing where
     listing a folder does not show its sub-folders."""
-    if not sees_folders(fs):
+    lister = _folder_lister(fs)
+    if lister is None:
         yield from _list_tree(fs, root, filt)
         return
     stack = [root]
     while stack:
         folder = stack.pop()
         subdirs = []
-        for entry in _list_dir(fs, folder):
+        for entry in lister(folder):
             if entry.kind == "dir":
                 if filt.keep_dir(entry.path):
                     subdirs.append(entry.path)
@@ -450,14 +513,15 @@ def plan_listing(spec: InputSpec, storage: Storage, filt: ListFilter, min_parts:
     there are `min_parts` folders). Cheap on the driver whatever the archive size: the folders found are walked by
     workers; files met on the way (small archives) are handed out in chunks of 1,000."""
     fs, _ = storage.resolve(spec.location(spec.root))
-    if not sees_folders(fs):
+    lister = _folder_lister(fs)
+    if lister is None:
         return [ListPart(walk=spec.root)]
     files: list[tuple[str, int, int, str]] = []
     frontier, levels = [spec.root], 0
     while frontier and len(frontier) < min_parts and levels < 3 and len(files) < 100_000:
         nxt: list[str] = []
         for folder in frontier:
-            for entry in _list_dir(fs, folder):
+            for entry in lister(folder):
                 if entry.kind == "dir" and filt.keep_dir(entry.path):
                     nxt.append(entry.path)
                 elif _wanted(entry, filt):
