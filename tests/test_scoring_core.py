@@ -798,6 +798,48 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
     a.check_lock()  # holding no lock: nothing to lose
 
 
+def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s3_server, monkeypatch):
+    """The race the read-then-write lock could not close: run A reads "no lock" (or a lapsed one), run B takes the
+    lock, then A writes. On S3 the lock object is written with If-None-Match / If-Match (boto3), so A's write fails
+    and A stops; before, A overwrote B's lock and both ran until B's heartbeat noticed."""
+    import raydefect.scoring.store as store_mod
+
+    out = "s3://factory/race-test"
+    a, b = ScoreStore(out), ScoreStore(out)
+    a.open()
+    key = "race-test/_lock.json"
+
+    def holder() -> dict:
+        return json.loads(s3_server.get_object(Bucket="factory", Key=key)["Body"].read())
+
+    real = store_mod.conditional_objects
+    seen: dict[str, tuple[bytes, str] | None] = {"view": None}
+
+    def as_read_a_moment_ago(location, storage):  # run A's read happened just before run B's write
+        cond = real(location, storage)
+        cond.read = lambda _key: seen["view"]
+        return cond
+
+    # 1. both found no lock object
+    with b.lock("run-b"):
+        monkeypatch.setattr(store_mod, "conditional_objects", as_read_a_moment_ago)
+        with pytest.raises(OutputError, match="locked by run run-b"), a.lock("run-a"):
+            pass
+        assert holder()["run_id"] == "run-b"
+        b.check_lock()  # still B's
+        monkeypatch.setattr(store_mod, "conditional_objects", real)
+    # 2. both found the same lapsed lock object and took it over
+    lapsed = json.dumps({"run_id": "run-x", "pid": 1, "host": "elsewhere", "heartbeat": time.time() - 3600}).encode()
+    version = s3_server.put_object(Bucket="factory", Key=key, Body=lapsed)["ETag"]
+    with b.lock("run-b2"):
+        seen["view"] = (lapsed, version)
+        monkeypatch.setattr(store_mod, "conditional_objects", as_read_a_moment_ago)
+        with pytest.raises(OutputError, match="locked by run run-b2"), a.lock("run-a2"):
+            pass
+        assert holder()["run_id"] == "run-b2"
+        b.check_lock()
+
+
 # --- reading results ------------------------------------------------------------------------------------------
 
 

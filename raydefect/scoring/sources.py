@@ -107,10 +107,74 @@ def _s3_filesystem(bucket: str, endpoint_override: str | None) -> pafs.FileSyste
     import pyarrow.fs as pafs
 
     retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
-    endpoint = endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _s3_endpoint(endpoint_override)
     if endpoint:
         return pafs.S3FileSystem(endpoint_override=endpoint, retry_strategy=retry)
     return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=retry)
+
+
+def _s3_endpoint(endpoint_override: str | None) -> str | None:
+    return endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+class ConditionalObjects:
+    """Create-if-absent and compare-and-swap on single objects of one S3 bucket: PutObject with ``If-None-Match: *``
+    or ``If-Match: <ETag>`` (AWS S3 since 2024, MinIO; boto3, the ``s3`` extra). pyarrow's filesystems have neither,
+    and a lock needs one: two runs that both read "no lock" and both write one would each believe they hold it."""
+
+    def __init__(self, client: object, bucket: str) -> None:
+        self.client, self.bucket = client, bucket
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag; None if there is none."""
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
+            return got["Body"].read(), got["ETag"]
+        except Exception as e:
+            if _s3_status(e) == 404:
+                return None
+            raise OSError(f"cannot read s3://{self.bucket}/{key}: {first_line(e)}") from None
+
+    def put(self, key: str, body: bytes, etag: str | None) -> str | None:
+        """Write `body` only if the object is absent (`etag` None) or still the version `etag`: its new ETag, or None
+        when it was not (another writer got there first, or it was deleted)."""
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]  # type: ignore[attr-defined]
+        except Exception as e:
+            if _s3_status(e) in (404, 409, 412):  # absent for If-Match; a concurrent conditional write; not met
+                return None
+            raise OSError(f"cannot write s3://{self.bucket}/{key}: {first_line(e)}") from None
+
+
+def _s3_status(e: Exception) -> int | None:
+    response = getattr(e, "response", None)  # botocore's ClientError
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+
+
+def conditional_objects(location: str, storage: Storage) -> ConditionalObjects | None:
+    """`ConditionalObjects` for an s3:// location's bucket, with the endpoint, region and retry bound its pyarrow
+    filesystem has; None on other stores, or without boto3."""
+    scheme, path = split_scheme(location)
+    if scheme != "s3":
+        return None
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    fs, _ = storage.resolve(location)
+    config = Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    client = boto3.client(
+        "s3",
+        endpoint_url=_s3_endpoint(storage.endpoint_override),
+        region_name=getattr(fs, "region", None) or None,
+        config=config,
+    )
+    members = client.meta.service_model.operation_model("PutObject").input_shape.members
+    if not {"IfMatch", "IfNoneMatch"} <= set(members):  # botocore before late 2024: no conditional writes
+        return None
+    return ConditionalObjects(client, path.split("/", 1)[0])
 
 
 # How long one gs:// call retries before it fails. With google-cloud-cpp's own default, a call without network or

@@ -33,10 +33,12 @@ it out of its record into the record's ``lost_files`` (an unreadable file is set
 images count as unscored and are scored again, and the warning is not repeated every night.
 
 Concurrency: one run per ``OUT``. Locally an exclusive ``fcntl.flock`` on ``OUT/.lock`` (released by the kernel
-when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). Object
-stores have no atomic create in pyarrow: there a lock object with a heartbeat is written and read back (a best
-effort that catches runs started apart, not at the same second) -- schedule with one scheduler (cron, or a
-Kubernetes CronJob with ``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``). A thread renews the
+when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). On
+object stores a lock object with a heartbeat. On S3 with boto3 it is created, taken over and renewed with conditional
+writes (`ConditionalObjects`: If-None-Match / If-Match), so of two runs that both found it free only one gets it.
+pyarrow has no atomic create, so elsewhere (gs://) it is written and read back (a best effort that catches runs
+started apart, not at the same second) -- schedule with one scheduler (cron, or a Kubernetes CronJob with
+``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``). A thread renews the
 heartbeat every ``REMOTE_LOCK_BEAT_S`` while the lock is held; a lock object not renewed for
 ``REMOTE_LOCK_LEASE_S`` is free, one whose holder ran on this host and is gone is taken over at once, and a run
 whose lock was taken commits nothing more (`check_lock`, before every commit).
@@ -72,7 +74,14 @@ from raydefect.scoring.keys import (
     key_digests,
 )
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage, absolute, is_remote, sees_folders
+from raydefect.scoring.sources import (
+    ConditionalObjects,
+    Storage,
+    absolute,
+    conditional_objects,
+    is_remote,
+    sees_folders,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -99,6 +108,18 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 def _first_line(error: BaseException) -> str:
     """The gist of a read error: its first line, without pyarrow's repetition of the path."""
     return re.sub(r"^Could not open Parquet input source '[^']*': ", "", first_line(error, 1000))[:160]
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode()
+
+
+def _json_or_none(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _now() -> str:
@@ -309,6 +330,8 @@ class ScoreStore:
         self.root = self.root.rstrip("/")
         self._lock_fd: int | None = None
         self._holder: dict[str, Any] | None = None  # the remote lock object this store holds, while it does
+        self._cond: ConditionalObjects | None = None  # conditional writes for the lock object, where the store has them
+        self._version: str | None = None  # the lock object's version (ETag) this run last wrote
         self._lost: dict[str, Any] | None = None  # what the heartbeat found in its place (empty: deleted)
 
     # --- paths ----------------------------------------------------------------------------------------------
@@ -317,6 +340,10 @@ class ScoreStore:
 
     def location(self, *parts: str) -> str:
         return Storage.location(_scheme(self.out), self.path(*parts))
+
+    def _key(self, *parts: str) -> str:
+        """An object's key within its bucket (``path`` without the bucket)."""
+        return self.path(*parts).split("/", 1)[1]
 
     def staging(self, run_id: str) -> str:
         return self.location(STAGING, run_id)
@@ -362,7 +389,7 @@ class ScoreStore:
             ) from None
 
     def _write_json(self, path: str, data: dict[str, Any]) -> None:
-        payload = (json.dumps(data, indent=1) + "\n").encode()
+        payload = _json_bytes(data)
         if self.remote:
             with self.fs.open_output_stream(path) as f:
                 f.write(payload)
@@ -446,7 +473,13 @@ class ScoreStore:
 
     def _remote_lock(self, holder: dict[str, Any]) -> None:
         path = self.path(REMOTE_LOCK)
-        current = self._read_json(path)
+        self._cond = conditional_objects(self.out, self.storage)
+        version: str | None = None  # the lock object's ETag as read, for a conditional takeover
+        if self._cond is not None:
+            found = self._cond.read(self._key(REMOTE_LOCK))
+            current, version = (_json_or_none(found[0]), found[1]) if found else (None, None)
+        else:
+            current = self._read_json(path)
         if current:
             age = time.time() - float(current.get("heartbeat", 0))
             if _dead_here(current):
@@ -461,8 +494,14 @@ class ScoreStore:
                     f"{age:.0f} s ago; if that run died, its lock lapses at {lapse:%H:%M:%S} UTC, "
                     f"{REMOTE_LOCK_LEASE_S // 60} min after its last heartbeat, or delete the lock object)"
                 )
-        self._write_json(path, {**holder, "heartbeat": time.time()})
-        time.sleep(0.2)
+        payload = {**holder, "heartbeat": time.time()}
+        if self._cond is not None:  # atomic: of two runs that both found the lock free, one write fails here
+            self._version = self._cond.put(self._key(REMOTE_LOCK), _json_bytes(payload), version)
+            if self._version is None:
+                raise OutputError(self._busy_message(self._read_json(path)))
+        else:
+            self._write_json(path, payload)
+        time.sleep(0.2)  # and read back: a store without conditional writes (or one that ignores them)
         mine = self._read_json(path)
         if not mine or mine.get("run_id") != holder["run_id"]:
             raise OutputError(self._busy_message(mine))
@@ -475,11 +514,18 @@ class ScoreStore:
         once the lock object is gone (deleted by hand to break it: never written back)."""
         while not stop.wait(REMOTE_LOCK_BEAT_S):
             try:
+                payload = {**holder, "heartbeat": time.time()}
+                if self._cond is not None:  # renewed only if still the version this run wrote
+                    self._version = self._cond.put(self._key(REMOTE_LOCK), _json_bytes(payload), self._version)
+                    if self._version is None:
+                        self._lost = self._read_json(self.path(REMOTE_LOCK)) or {}
+                        return
+                    continue
                 current = self._read_json(self.path(REMOTE_LOCK))
                 if not current or current.get("run_id") != holder["run_id"]:
                     self._lost = current or {}
                     return
-                self._write_json(self.path(REMOTE_LOCK), {**holder, "heartbeat": time.time()})
+                self._write_json(self.path(REMOTE_LOCK), payload)
             except OSError as e:  # an object store that does not answer for a while: try again at the next beat
                 console.debug(f"lock heartbeat on {self.out} failed: {e}")
 
