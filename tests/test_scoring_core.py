@@ -838,6 +838,25 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
             pass
         assert holder()["run_id"] == "run-b2"
         b.check_lock()
+    monkeypatch.setattr(store_mod, "conditional_objects", real)
+
+    # 3. a write that went through but whose answer was lost (the SDK's retry then finds the condition unmet) is
+    # recognised by the run's own id in the object: the run holds the lock, and its heartbeat goes on renewing it
+    def answer_lost(location, storage):
+        cond = real(location, storage)
+        put = cond.put
+        cond.put = lambda key, body, etag: put(key, body, etag) and None
+        return cond
+
+    monkeypatch.setattr(store_mod, "conditional_objects", answer_lost)
+    monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.1)
+    with a.lock("run-a3"):
+        first = holder()["heartbeat"]
+        deadline = time.monotonic() + 30
+        while holder()["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert holder()["run_id"] == "run-a3" and holder()["heartbeat"] > first
+        a.check_lock()
 
 
 # --- reading results ------------------------------------------------------------------------------------------

@@ -496,7 +496,7 @@ class ScoreStore:
                 )
         payload = {**holder, "heartbeat": time.time()}
         if self._cond is not None:  # atomic: of two runs that both found the lock free, one write fails here
-            self._version = self._cond.put(self._key(REMOTE_LOCK), _json_bytes(payload), version)
+            self._version = self._conditional_write(payload, version)
             if self._version is None:
                 raise OutputError(self._busy_message(self._read_json(path)))
         else:
@@ -507,6 +507,20 @@ class ScoreStore:
             raise OutputError(self._busy_message(mine))
         self._holder, self._lost = holder, None
 
+    def _conditional_write(self, payload: dict[str, Any], version: str | None) -> str | None:
+        """Write the lock object if it is still at `version` (None: absent); its new version, or None if another run
+        holds it. A refused write whose object holds this run's own id is this run's: an earlier attempt went through
+        and its answer was lost (a timeout, then the SDK's retry found the condition no longer met)."""
+        assert self._cond is not None
+        key = self._key(REMOTE_LOCK)
+        new = self._cond.put(key, _json_bytes(payload), version)
+        if new is None:
+            found = self._cond.read(key)
+            mine = _json_or_none(found[0]) if found else None
+            if found and mine and mine.get("run_id") == payload["run_id"]:
+                return found[1]
+        return new
+
     def _beat(self, holder: dict[str, Any], stop: threading.Event) -> None:
         """Renew the lock object's heartbeat until `stop`, for as long as the lock is held (listing, recovery and
         scoring alike: renewed only at commits, it lapsed under a run scoring its first 5,000 images slowly, and a
@@ -516,7 +530,7 @@ class ScoreStore:
             try:
                 payload = {**holder, "heartbeat": time.time()}
                 if self._cond is not None:  # renewed only if still the version this run wrote
-                    self._version = self._cond.put(self._key(REMOTE_LOCK), _json_bytes(payload), self._version)
+                    self._version = self._conditional_write(payload, self._version)
                     if self._version is None:
                         self._lost = self._read_json(self.path(REMOTE_LOCK)) or {}
                         return
@@ -793,8 +807,6 @@ class ScoreStore:
         try:
             with self.fs.open_input_file(path) as f:
                 data = f.read()
-        except FileNotFoundError:
-            return None  # gone since the listing: nothing to recover
         except OSError as e:
             raise OutputError(
                 f"cannot read {self.location(path[len(self.root) + 1 :])} to recover an interrupted run: "
