@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raydefect.errors import DataError, error_text, first_line
 from raydefect.paths import glob_regex, printable_path
@@ -194,13 +194,18 @@ def _gcs_filesystem() -> pafs.FileSystem:
     import pyarrow.fs as pafs
 
     retry = datetime.timedelta(seconds=GCS_RETRY_S)
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
+    emulator = _gcs_emulator()
     if not emulator:
         return pafs.GcsFileSystem(retry_time_limit=retry)
     scheme, sep, host = emulator.partition("://")
     if not sep:
         scheme, host = "http", emulator
     return pafs.GcsFileSystem(anonymous=True, scheme=scheme, endpoint_override=host, retry_time_limit=retry)
+
+
+def _gcs_emulator() -> str:
+    """``STORAGE_EMULATOR_HOST`` as set (the Google clients' variable), or ""."""
+    return os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
 
 
 @functools.lru_cache(maxsize=1)
@@ -223,18 +228,15 @@ def _gcs_client(emulator: str) -> object | None:
         return None
 
 
-def _gcs_list_dir(path: str) -> list[Entry]:
+def _gcs_list_dir(client: Any, path: str) -> list[Entry]:
     """One gs:// folder (``bucket/prefix``): its objects and, as "dir" entries, its sub-folders, markers or not."""
     from google.api_core.retry import Retry
 
-    client = _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST", "").strip())
     bucket, _, prefix = path.strip("/").partition("/")
     prefix = prefix + "/" if prefix else ""
     out: list[Entry] = []
     try:
-        pages = client.list_blobs(  # type: ignore[union-attr]
-            bucket, prefix=prefix, delimiter="/", timeout=60, retry=Retry(timeout=GCS_RETRY_S)
-        )
+        pages = client.list_blobs(bucket, prefix=prefix, delimiter="/", timeout=60, retry=Retry(timeout=GCS_RETRY_S))
         for blob in pages:
             if not blob.name.endswith("/"):  # "name/" is a folder marker
                 out.append(Entry(f"{bucket}/{blob.name}", "file", int(blob.size or 0), _datetime_ns(blob.updated)))
@@ -521,9 +523,8 @@ def _folder_lister(fs: pafs.FileSystem) -> Callable[[str], list[Entry]] | None:
     without the google-cloud-storage client: the folder is then listed whole by one task)."""
     if sees_folders(fs):
         return functools.partial(_list_dir, fs)
-    if fs.type_name == "gcs" and _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST", "").strip()) is not None:
-        return _gcs_list_dir
-    return None
+    client = _gcs_client(_gcs_emulator()) if fs.type_name == "gcs" else None
+    return None if client is None else functools.partial(_gcs_list_dir, client)
 
 
 def _list_tree(fs: pafs.FileSystem, root: str, filt: ListFilter) -> list[Entry]:

@@ -412,8 +412,8 @@ class ScoreStore:
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:
             with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read().decode())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+                return _json_or_none(f.read())
+        except FileNotFoundError:
             return None
         except OSError as e:
             if "not found" in str(e).lower() or "does not exist" in str(e).lower():
