@@ -224,8 +224,9 @@ def s3_server():
 
 @pytest.fixture(scope="module")
 def gcs_server():
-    """A Google Cloud Storage emulator (gcp-storage-emulator, in memory) on loopback with a bucket ``factory``;
-    STORAGE_EMULATOR_HOST set so the driver and (forwarded) Ray workers reach it. Yields its address.
+    """A Google Cloud Storage emulator (gcp-storage-emulator, in memory, with GCS's upload preconditions added) on
+    loopback with a bucket ``factory``; STORAGE_EMULATOR_HOST set so the driver and (forwarded) Ray workers reach it.
+    Yields its address.
 
     In its own process: served from a thread of the test process, it waited for the GIL that pyarrow's Parquet
     footer read holds while it waits for the answer (each read then took a 60 s request timeout)."""
@@ -235,7 +236,9 @@ def gcs_server():
     with socket.socket() as s:  # a free port: the emulator does not report the one it bound
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
+    # the emulator with GCS's upload preconditions added (tests/gcs_emulator.py), which the gs:// lock relies on
+    emulator = str(Path(__file__).with_name("gcs_emulator.py"))
+    cmd = [sys.executable, emulator, "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen([*cmd, "--in-memory", "--default-bucket", "factory", "--quiet"])
     deadline = time.monotonic() + 60
     while True:

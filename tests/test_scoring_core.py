@@ -737,7 +737,49 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
         pass
 
 
-def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder(s3_server, monkeypatch, capsys):
+class _LockObject:
+    """The lock object of ``<scheme>://factory/<prefix>`` on the test S3 or GCS server, read and written directly
+    (no conditions), as another run or a person would."""
+
+    def __init__(self, scheme: str, prefix: str, request) -> None:
+        self.out, self.key = f"{scheme}://factory/{prefix}", f"{prefix}/_lock.json"
+        if scheme == "s3":
+            self.s3 = request.getfixturevalue("s3_server")
+        else:
+            request.getfixturevalue("gcs_server")
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            self.s3, self.gcs = None, storage.Client(credentials=AnonymousCredentials(), project="t").bucket("factory")
+
+    def holder(self) -> dict:
+        if self.s3 is not None:
+            return json.loads(self.s3.get_object(Bucket="factory", Key=self.key)["Body"].read())
+        return json.loads(self.gcs.blob(self.key).download_as_bytes())
+
+    def write(self, payload: dict) -> str:
+        """-> the new version (ETag, generation)"""
+        body = json.dumps(payload).encode()
+        if self.s3 is not None:
+            return self.s3.put_object(Bucket="factory", Key=self.key, Body=body)["ETag"]
+        blob = self.gcs.blob(self.key)
+        blob.upload_from_string(body)
+        return str(blob.generation)
+
+    def delete(self) -> None:
+        if self.s3 is not None:
+            self.s3.delete_object(Bucket="factory", Key=self.key)
+        else:
+            self.gcs.blob(self.key).delete()
+
+    def exists(self) -> bool:
+        if self.s3 is not None:
+            return "Contents" in self.s3.list_objects_v2(Bucket="factory", Prefix=self.key)
+        return self.gcs.get_blob(self.key) is not None
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder(scheme, request, monkeypatch, capsys):
     """Object stores: the lock object's heartbeat is renewed by a thread for as long as the run holds it (renewed
     only at commits, it lapsed under a slow live run: a second run took over and deleted the live run's staged
     files); a run that finds its lock taken commits nothing; a holder that died on this host (SIGKILL) no longer
@@ -745,73 +787,57 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
     import raydefect.scoring.store as store_mod
 
     monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.2)
-    out = "s3://factory/lock-test"
-    a, b = ScoreStore(out), ScoreStore(out)
+    lock = _LockObject(scheme, "lock-test", request)
+    a, b = ScoreStore(lock.out), ScoreStore(lock.out)
     a.open()
 
-    def holder() -> dict:
-        return json.loads(s3_server.get_object(Bucket="factory", Key="lock-test/_lock.json")["Body"].read())
-
     with a.lock("run-a"):
-        first = holder()["heartbeat"]
+        first = lock.holder()["heartbeat"]
         deadline = time.monotonic() + 30  # beats every 0.2 s; a loaded machine may take longer
-        while holder()["heartbeat"] == first and time.monotonic() < deadline:
+        while lock.holder()["heartbeat"] == first and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert holder()["heartbeat"] > first  # renewed with no commit in between
+        assert lock.holder()["heartbeat"] > first  # renewed with no commit in between
         busy = r"locked by run run-a .*last heartbeat \d+ s ago; if that run died"
         with pytest.raises(OutputError, match=busy), b.lock("run-b"):
             pass
         a.check_lock()  # still ours
         # another run took the lock object (a lapsed lease): the heartbeat stops renewing it, and a commit is refused
-        s3_server.put_object(
-            Bucket="factory",
-            Key="lock-test/_lock.json",
-            Body=json.dumps({"run_id": "run-c", "pid": 1, "host": "elsewhere", "heartbeat": time.time()}),
-        )
+        lock.write({"run_id": "run-c", "pid": 1, "host": "elsewhere", "heartbeat": time.time()})
         time.sleep(0.6)
-        assert holder()["run_id"] == "run-c"
-        with pytest.raises(OutputError, match="lost its lock on s3://factory/lock-test .*held by run run-c"):
+        assert lock.holder()["run_id"] == "run-c"
+        with pytest.raises(OutputError, match=f"lost its lock on {lock.out} .*held by run run-c"):
             a.check_lock()
-    assert holder()["run_id"] == "run-c"  # a run releases only its own lock
+    assert lock.holder()["run_id"] == "run-c"  # a run releases only its own lock
     # a lock object deleted by hand to break it: the live run does not write it back, and stops before committing
-    s3_server.delete_object(Bucket="factory", Key="lock-test/_lock.json")
+    lock.delete()
     with a.lock("run-f"):
-        s3_server.delete_object(Bucket="factory", Key="lock-test/_lock.json")
+        lock.delete()
         time.sleep(0.6)
-        assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="lock-test/_lock")
+        assert not lock.exists()
         with pytest.raises(OutputError, match="lost its lock .*the lock object was deleted"):
             a.check_lock()
     # a holder on this host whose process is gone (killed): taken over at once, with a warning
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    s3_server.put_object(
-        Bucket="factory",
-        Key="lock-test/_lock.json",
-        Body=json.dumps(
-            {"run_id": "run-d", "pid": int(dead.stdout), "host": socket.gethostname(), "heartbeat": time.time()}
-        ),
-    )
+    lock.write({"run_id": "run-d", "pid": int(dead.stdout), "host": socket.gethostname(), "heartbeat": time.time()})
     capsys.readouterr()
     with b.lock("run-e"):
-        assert holder()["run_id"] == "run-e"
+        assert lock.holder()["run_id"] == "run-e"
     assert "taking over the lock of run run-d" in capsys.readouterr().err
-    assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="lock-test/_lock")  # released
+    assert not lock.exists()  # released
     a.check_lock()  # holding no lock: nothing to lose
 
 
-def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s3_server, monkeypatch):
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(scheme, request, monkeypatch):
     """The race the read-then-write lock could not close: run A reads "no lock" (or a lapsed one), run B takes the
-    lock, then A writes. On S3 the lock object is written with If-None-Match / If-Match (boto3), so A's write fails
-    and A stops; before, A overwrote B's lock and both ran until B's heartbeat noticed."""
+    lock, then A writes. The lock object is written with conditions (S3: If-None-Match / If-Match with boto3; GCS:
+    ifGenerationMatch with google-cloud-storage), so A's write fails and A stops; before, A overwrote B's lock and
+    both ran until B's heartbeat noticed."""
     import raydefect.scoring.store as store_mod
 
-    out = "s3://factory/race-test"
-    a, b = ScoreStore(out), ScoreStore(out)
+    lock = _LockObject(scheme, "race-test", request)
+    a, b = ScoreStore(lock.out), ScoreStore(lock.out)
     a.open()
-    key = "race-test/_lock.json"
-
-    def holder() -> dict:
-        return json.loads(s3_server.get_object(Bucket="factory", Key=key)["Body"].read())
-
     real = store_mod.conditional_objects
     seen: dict[str, tuple[bytes, str] | None] = {"view": None}
 
@@ -825,18 +851,18 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
         monkeypatch.setattr(store_mod, "conditional_objects", as_read_a_moment_ago)
         with pytest.raises(OutputError, match="locked by run run-b"), a.lock("run-a"):
             pass
-        assert holder()["run_id"] == "run-b"
+        assert lock.holder()["run_id"] == "run-b"
         b.check_lock()  # still B's
         monkeypatch.setattr(store_mod, "conditional_objects", real)
     # 2. both found the same lapsed lock object and took it over
-    lapsed = json.dumps({"run_id": "run-x", "pid": 1, "host": "elsewhere", "heartbeat": time.time() - 3600}).encode()
-    version = s3_server.put_object(Bucket="factory", Key=key, Body=lapsed)["ETag"]
+    lapsed = {"run_id": "run-x", "pid": 1, "host": "elsewhere", "heartbeat": time.time() - 3600}
+    version = lock.write(lapsed)
     with b.lock("run-b2"):
-        seen["view"] = (lapsed, version)
+        seen["view"] = (json.dumps(lapsed).encode(), version)
         monkeypatch.setattr(store_mod, "conditional_objects", as_read_a_moment_ago)
         with pytest.raises(OutputError, match="locked by run run-b2"), a.lock("run-a2"):
             pass
-        assert holder()["run_id"] == "run-b2"
+        assert lock.holder()["run_id"] == "run-b2"
         b.check_lock()
     monkeypatch.setattr(store_mod, "conditional_objects", real)
 
@@ -845,17 +871,17 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
     def answer_lost(location, storage):
         cond = real(location, storage)
         put = cond.put
-        cond.put = lambda key, body, etag: put(key, body, etag) and None
+        cond.put = lambda key, body, version: put(key, body, version) and None
         return cond
 
     monkeypatch.setattr(store_mod, "conditional_objects", answer_lost)
     monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.1)
     with a.lock("run-a3"):
-        first = holder()["heartbeat"]
+        first = lock.holder()["heartbeat"]
         deadline = time.monotonic() + 30
-        while holder()["heartbeat"] == first and time.monotonic() < deadline:
+        while lock.holder()["heartbeat"] == first and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert holder()["run_id"] == "run-a3" and holder()["heartbeat"] > first
+        assert lock.holder()["run_id"] == "run-a3" and lock.holder()["heartbeat"] > first
         a.check_lock()
 
 

@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from raydefect.errors import DataError, error_text, first_line
 from raydefect.paths import glob_regex, printable_path
@@ -117,16 +117,28 @@ def _s3_endpoint(endpoint_override: str | None) -> str | None:
     return endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-class ConditionalObjects:
-    """Create-if-absent and compare-and-swap on single objects of one S3 bucket: PutObject with ``If-None-Match: *``
-    or ``If-Match: <ETag>`` (AWS S3 since 2024, MinIO; boto3, the ``s3`` extra). pyarrow's filesystems have neither,
-    and a lock needs one: two runs that both read "no lock" and both write one would each believe they hold it."""
+class ConditionalObjects(Protocol):
+    """Create-if-absent and compare-and-swap on single objects of one bucket. pyarrow's filesystems have neither, and
+    a lock needs one: two runs that both read "no lock" and both write one would each believe they hold it."""
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version; None if there is none."""
+        ...
+
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        """Write `body` only if the object is absent (`version` None) or still at `version`: its new version, or None
+        when it was not (another writer got there first, or it was deleted)."""
+        ...
+
+
+class S3ConditionalObjects:
+    """`ConditionalObjects` on S3: PutObject with ``If-None-Match: *`` or ``If-Match: <ETag>`` (AWS S3 since 2024,
+    MinIO; boto3, the ``s3`` extra). The version is the ETag."""
 
     def __init__(self, client: object, bucket: str) -> None:
         self.client, self.bucket = client, bucket
 
     def read(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag; None if there is none."""
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
             return got["Body"].read(), got["ETag"]
@@ -135,10 +147,8 @@ class ConditionalObjects:
                 return None
             raise OSError(f"cannot read s3://{self.bucket}/{key}: {first_line(e)}") from None
 
-    def put(self, key: str, body: bytes, etag: str | None) -> str | None:
-        """Write `body` only if the object is absent (`etag` None) or still the version `etag`: its new ETag, or None
-        when it was not (another writer got there first, or it was deleted)."""
-        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
             return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]  # type: ignore[attr-defined]
         except Exception as e:
@@ -153,9 +163,12 @@ def _s3_status(e: Exception) -> int | None:
 
 
 def conditional_objects(location: str, storage: Storage) -> ConditionalObjects | None:
-    """`ConditionalObjects` for an s3:// location's bucket, with the endpoint, region and retry bound its pyarrow
-    filesystem has; None on other stores, or without boto3."""
+    """`ConditionalObjects` for an object-store location's bucket: on s3:// with boto3 (the endpoint, region and retry
+    bound its pyarrow filesystem has), on gs:// with google-cloud-storage; None on other stores, or without them."""
     scheme, path = split_scheme(location)
+    if scheme == "gs":
+        client = _gcs_client(_gcs_emulator())
+        return None if client is None else GcsConditionalObjects(client, path.split("/", 1)[0])
     if scheme != "s3":
         return None
     try:
@@ -174,7 +187,7 @@ def conditional_objects(location: str, storage: Storage) -> ConditionalObjects |
     members = client.meta.service_model.operation_model("PutObject").input_shape.members
     if not {"IfMatch", "IfNoneMatch"} <= set(members):  # botocore before late 2024: no conditional writes
         return None
-    return ConditionalObjects(client, path.split("/", 1)[0])
+    return S3ConditionalObjects(client, path.split("/", 1)[0])
 
 
 # How long one gs:// call retries before it fails. With google-cloud-cpp's own default, a call without network or
@@ -244,6 +257,46 @@ def _gcs_list_dir(client: Any, path: str) -> list[Entry]:
     except Exception as e:  # google.api_core's exceptions (NotFound, Forbidden, RetryError), requests' errors
         raise DataError(f"cannot list gs://{path}: {first_line(e)}; check permissions and credentials") from None
     return out
+
+
+class GcsConditionalObjects:
+    """`ConditionalObjects` on Google Cloud Storage: uploads with ``ifGenerationMatch`` (0: the object must not exist;
+    N: it must still be generation N), google-cloud-storage (the ``gcs`` extra). The version is the generation."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self.bucket = client.bucket(bucket)
+
+    @staticmethod
+    def _calls() -> dict[str, Any]:
+        from google.api_core.retry import Retry
+
+        # conditional calls are idempotent, so they are retried (bounded); a retry after a lost answer finds the
+        # condition unmet, which `ScoreStore` recognises by the run's own id in the object
+        return {"timeout": 60, "retry": Retry(timeout=GCS_RETRY_S)}
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        for _ in range(3):  # the object replaced between its metadata and its bytes: read the new one
+            try:
+                blob = self.bucket.get_blob(key, **self._calls())
+                if blob is None:
+                    return None
+                generation = blob.generation  # before the download, which resets it from a response header
+                return blob.download_as_bytes(if_generation_match=generation, **self._calls()), str(generation)
+            except Exception as e:
+                if getattr(e, "code", None) not in (404, 412):
+                    raise OSError(f"cannot read gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        raise OSError(f"cannot read gs://{self.bucket.name}/{key}: it changed on every read; try again")
+
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        blob = self.bucket.blob(key)
+        try:
+            match = 0 if version is None else int(version)
+            blob.upload_from_string(body, content_type="application/json", if_generation_match=match, **self._calls())
+        except Exception as e:  # google.api_core's PreconditionFailed (412); NotFound; Conflict (concurrent writes)
+            if getattr(e, "code", None) in (404, 409, 412):
+                return None
+            raise OSError(f"cannot write gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        return str(blob.generation)
 
 
 def _datetime_ns(t: object) -> int:

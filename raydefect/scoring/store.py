@@ -34,10 +34,11 @@ images count as unscored and are scored again, and the warning is not repeated e
 
 Concurrency: one run per ``OUT``. Locally an exclusive ``fcntl.flock`` on ``OUT/.lock`` (released by the kernel
 when the holder dies, even by SIGKILL); a second run fails at once naming the holder (pid, host, start). On
-object stores a lock object with a heartbeat. On S3 with boto3 it is created, taken over and renewed with conditional
-writes (`ConditionalObjects`: If-None-Match / If-Match), so of two runs that both found it free only one gets it.
-pyarrow has no atomic create, so elsewhere (gs://) it is written and read back (a best effort that catches runs
-started apart, not at the same second) -- schedule with one scheduler (cron, or a Kubernetes CronJob with
+object stores a lock object with a heartbeat. On S3 with boto3 and on GCS with google-cloud-storage it is created,
+taken over and renewed with conditional writes (`ConditionalObjects`: If-None-Match / If-Match on the ETag;
+ifGenerationMatch on the generation), so of two runs that both found it free only one gets it. pyarrow has no atomic
+create, so without those libraries it is written and read back (a best effort that catches runs started apart, not
+at the same second) -- schedule with one scheduler (cron, or a Kubernetes CronJob with
 ``concurrencyPolicy: Forbid`` as in ``jobs/kuberay-nightly.yaml``). A thread renews the
 heartbeat every ``REMOTE_LOCK_BEAT_S`` while the lock is held; a lock object not renewed for
 ``REMOTE_LOCK_LEASE_S`` is free, one whose holder ran on this host and is gone is taken over at once, and a run
@@ -331,7 +332,7 @@ class ScoreStore:
         self._lock_fd: int | None = None
         self._holder: dict[str, Any] | None = None  # the remote lock object this store holds, while it does
         self._cond: ConditionalObjects | None = None  # conditional writes for the lock object, where the store has them
-        self._version: str | None = None  # the lock object's version (ETag) this run last wrote
+        self._version: str | None = None  # the lock object's version (S3 ETag, GCS generation) this run last wrote
         self._lost: dict[str, Any] | None = None  # what the heartbeat found in its place (empty: deleted)
 
     # --- paths ----------------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ class ScoreStore:
     def _remote_lock(self, holder: dict[str, Any]) -> None:
         path = self.path(REMOTE_LOCK)
         self._cond = conditional_objects(self.out, self.storage)
-        version: str | None = None  # the lock object's ETag as read, for a conditional takeover
+        version: str | None = None  # the lock object's version as read, for a conditional takeover
         if self._cond is not None:
             found = self._cond.read(self._key(REMOTE_LOCK))
             current, version = (_json_or_none(found[0]), found[1]) if found else (None, None)
