@@ -884,6 +884,18 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
         assert lock.holder()["run_id"] == "run-a3" and lock.holder()["heartbeat"] > first
         a.check_lock()
 
+    # 4. released only if still the version this run saw as its own: a lock taken over between that look and the
+    # delete (this run's lease lapsed) stays with its new holder; before, a read-then-delete removed it
+    monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 60)
+    monkeypatch.setattr(store_mod, "conditional_objects", as_read_a_moment_ago)
+    seen["view"] = None
+    with a.lock("run-a4"):
+        own = real(lock.out, a.storage).read(lock.key)
+        seen["view"] = own  # the run's last look, made just before the takeover
+        monkeypatch.setattr(a, "_read_json", lambda _path: json.loads(own[0]))
+        lock.write({"run_id": "run-b4", "pid": 1, "host": "elsewhere", "heartbeat": time.time()})
+    assert lock.exists() and lock.holder()["run_id"] == "run-b4"
+
 
 # --- reading results ------------------------------------------------------------------------------------------
 

@@ -130,6 +130,10 @@ class ConditionalObjects(Protocol):
         when it was not (another writer got there first, or it was deleted)."""
         ...
 
+    def delete(self, key: str, version: str) -> bool:
+        """Delete the object only if it is still at `version`: False when it was not (replaced, or already gone)."""
+        ...
+
 
 class S3ConditionalObjects:
     """`ConditionalObjects` on S3: PutObject with ``If-None-Match: *`` or ``If-Match: <ETag>`` (AWS S3 since 2024,
@@ -155,6 +159,16 @@ class S3ConditionalObjects:
             if _s3_status(e) in (404, 409, 412):  # absent for If-Match; a concurrent conditional write; not met
                 return None
             raise OSError(f"cannot write s3://{self.bucket}/{key}: {first_line(e)}") from None
+
+    def delete(self, key: str, version: str) -> bool:
+        # AWS S3 since 2025-09 (412 if replaced, 404 if absent); a store that ignores If-Match deletes as before
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=version)  # type: ignore[attr-defined]
+        except Exception as e:
+            if _s3_status(e) in (404, 412):
+                return False
+            raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e)}") from None
+        return True
 
 
 def _s3_status(e: Exception) -> int | None:
@@ -297,6 +311,15 @@ class GcsConditionalObjects:
                 return None
             raise OSError(f"cannot write gs://{self.bucket.name}/{key}: {first_line(e)}") from None
         return str(blob.generation)
+
+    def delete(self, key: str, version: str) -> bool:
+        try:
+            self.bucket.blob(key).delete(if_generation_match=int(version), **self._calls())
+        except Exception as e:
+            if getattr(e, "code", None) in (404, 412):
+                return False
+            raise OSError(f"cannot delete gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        return True
 
 
 def _datetime_ns(t: object) -> int:

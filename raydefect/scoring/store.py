@@ -563,9 +563,22 @@ class ScoreStore:
             )
 
     def _remote_unlock(self, run_id: str) -> None:
-        current = self._read_json(self.path(REMOTE_LOCK))
-        if current and current.get("run_id") == run_id:
-            self.fs.delete_file(self.path(REMOTE_LOCK))
+        """Delete the lock object if this run still holds it. With conditional writes the delete is conditional too,
+        on the version read: a lock taken over between that read and the delete (this run's lease lapsed) stays with
+        its new holder."""
+        if self._cond is None:
+            current = self._read_json(self.path(REMOTE_LOCK))
+            if current and current.get("run_id") == run_id:
+                self.fs.delete_file(self.path(REMOTE_LOCK))
+            return
+        key = self._key(REMOTE_LOCK)
+        for _ in range(3):  # refused: replaced since the read (another run, or this run's last heartbeat): look again
+            found = self._cond.read(key)
+            current = _json_or_none(found[0]) if found else None
+            if not found or not current or current.get("run_id") != run_id:
+                return
+            if self._cond.delete(key, found[1]):
+                return
 
     # --- records --------------------------------------------------------------------------------------------
     def records(self) -> list[RunRecord]:
