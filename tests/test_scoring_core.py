@@ -828,6 +828,27 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_an_object_store_lock_that_cannot_be_atomic_says_so_and_names_the_fix(scheme, request, monkeypatch, capsys):
+    """Without the library that writes conditionally (boto3 for s3://, google-cloud-storage for gs://) the lock is
+    a read-then-write: each run says so and what to install, instead of silently allowing the same-second race."""
+    import raydefect.scoring.store as store_mod
+
+    lock = _LockObject(scheme, "atomic-test", request)
+    store = ScoreStore(lock.out)
+    store.open()
+    capsys.readouterr()
+    with store.lock("run-1"):
+        pass
+    assert "not atomic" not in capsys.readouterr().err
+    monkeypatch.setattr(store_mod, "conditional_objects", lambda location, storage: None)  # as without the library
+    with store.lock("run-2"):
+        assert lock.holder()["run_id"] == "run-2"
+    extra = {"s3": "raydefect[s3]", "gs": "raydefect[gcs]"}[scheme]
+    err = capsys.readouterr().err
+    assert f"the lock on {lock.out} is not atomic" in err and f"pip install '{extra}'" in err, err
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(scheme, request, monkeypatch):
     """The race the read-then-write lock could not close: run A reads "no lock" (or a lapsed one), run B takes the
     lock, then A writes. The lock object is written with conditions (S3: If-None-Match / If-Match with boto3; GCS:

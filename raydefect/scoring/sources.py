@@ -176,6 +176,13 @@ def _s3_status(e: Exception) -> int | None:
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 
 
+#: What `conditional_objects` needs on each object store: the fix named when a lock cannot be atomic.
+CONDITIONAL_WRITES_NEED = {
+    "s3": "boto3 >= 1.36 (pip install 'raydefect[s3]')",
+    "gs": "google-cloud-storage and credentials it finds (pip install 'raydefect[gcs]')",
+}
+
+
 def conditional_objects(location: str, storage: Storage) -> ConditionalObjects | None:
     """`ConditionalObjects` for an object-store location's bucket: on s3:// with boto3 (the endpoint, region and retry
     bound its pyarrow filesystem has), on gs:// with google-cloud-storage; None on other stores, or without them."""

@@ -76,12 +76,14 @@ from raydefect.scoring.keys import (
 )
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import (
+    CONDITIONAL_WRITES_NEED,
     ConditionalObjects,
     Storage,
     absolute,
     conditional_objects,
     is_remote,
     sees_folders,
+    split_scheme,
 )
 
 if TYPE_CHECKING:
@@ -480,6 +482,11 @@ class ScoreStore:
             found = self._cond.read(self._key(REMOTE_LOCK))
             current, version = (_json_or_none(found[0]), found[1]) if found else (None, None)
         else:
+            need = CONDITIONAL_WRITES_NEED.get(split_scheme(self.out)[0], "a store with conditional writes")
+            console.warn(
+                f"the lock on {self.out} is not atomic (it needs {need}): two runs started in the same second could "
+                "both run; install it, or start runs from one scheduler"
+            )
             current = self._read_json(path)
         if current:
             age = time.time() - float(current.get("heartbeat", 0))
