@@ -482,9 +482,9 @@ class ScoreStore:
             found = self._cond.read(self._key(REMOTE_LOCK))
             current, version = (_json_or_none(found[0]), found[1]) if found else (None, None)
         else:
-            need = CONDITIONAL_WRITES_NEED.get(split_scheme(self.out)[0], "a store with conditional writes")
+            need = CONDITIONAL_WRITES_NEED.get(split_scheme(self.out)[0], "conditional writes")
             console.warn(
-                f"the lock on {self.out} is not atomic (it needs {need}): two runs started in the same second could "
+                f"the lock on {self.out} is not atomic without {need}: two runs started in the same second could "
                 "both run; install it, or start runs from one scheduler"
             )
             current = self._read_json(path)
