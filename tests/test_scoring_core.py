@@ -827,6 +827,35 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
     a.check_lock()  # holding no lock: nothing to lose
 
 
+def test_an_s3_store_that_refuses_conditional_deletes_still_releases_the_lock(s3_server, monkeypatch):
+    """S3-compatible stores that predate conditional deletes may refuse If-Match on DeleteObject (400 / 501) rather
+    than ignore it: the release then deletes plainly, as before conditional deletes (the run has just read the lock
+    as its own), instead of failing a finished run and leaving its lock to lapse."""
+    from botocore.exceptions import ClientError
+
+    import raydefect.scoring.store as store_mod
+
+    out = "s3://factory/refusing-test"
+    store = ScoreStore(out)
+    store.open()
+    cond = store_mod.conditional_objects(out, store.storage)
+    delete_object, calls = cond.client.delete_object, []
+
+    def no_if_match(**kwargs):
+        calls.append(sorted(kwargs))
+        if "IfMatch" in kwargs:
+            error = {"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}}
+            raise ClientError(error, "DeleteObject")
+        return delete_object(**kwargs)
+
+    monkeypatch.setattr(cond.client, "delete_object", no_if_match)
+    monkeypatch.setattr(store_mod, "conditional_objects", lambda location, storage: cond)
+    with store.lock("run-r"):
+        pass
+    assert calls == [["Bucket", "IfMatch", "Key"], ["Bucket", "Key"]]
+    assert "Contents" not in s3_server.list_objects_v2(Bucket="factory", Prefix="refusing-test/_lock")
+
+
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_an_object_store_lock_that_cannot_be_atomic_says_so_and_names_the_fix(scheme, request, monkeypatch, capsys):
     """Without the library that writes conditionally (boto3 for s3://, google-cloud-storage for gs://) the lock is

@@ -161,13 +161,20 @@ class S3ConditionalObjects:
             raise OSError(f"cannot write s3://{self.bucket}/{key}: {first_line(e)}") from None
 
     def delete(self, key: str, version: str) -> bool:
-        # AWS S3 since 2025-09 (412 if replaced, 404 if absent); a store that ignores If-Match deletes as before
+        # AWS S3 since 2025-09 (412 if replaced, 404 if absent). A store that ignores If-Match deletes as before it; one
+        # that refuses it (400, 501) gets the plain delete the caller's read has just justified, as before it too
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=version)  # type: ignore[attr-defined]
         except Exception as e:
-            if _s3_status(e) in (404, 412):
+            status = _s3_status(e)
+            if status in (404, 412):
                 return False
-            raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e)}") from None
+            if status not in (400, 501):
+                raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e)}") from None
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
+            except Exception as e2:
+                raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e2)}") from None
         return True
 
 
