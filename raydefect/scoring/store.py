@@ -479,8 +479,7 @@ class ScoreStore:
         self._cond = conditional_objects(self.out, self.storage)
         version: str | None = None  # the lock object's version as read, for a conditional takeover
         if self._cond is not None:
-            found = self._cond.read(self._key(REMOTE_LOCK))
-            current, version = (_json_or_none(found[0]), found[1]) if found else (None, None)
+            current, version = self._lock_object()
         else:
             need = CONDITIONAL_WRITES_NEED.get(split_scheme(self.out)[0], "conditional writes")
             console.warn(
@@ -515,18 +514,22 @@ class ScoreStore:
             raise OutputError(self._busy_message(mine))
         self._holder, self._lost = holder, None
 
+    def _lock_object(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lock object as read by the conditional writer: (its holder, its version); (None, None) if absent."""
+        assert self._cond is not None
+        found = self._cond.read(self._key(REMOTE_LOCK))
+        return (_json_or_none(found[0]), found[1]) if found else (None, None)
+
     def _conditional_write(self, payload: dict[str, Any], version: str | None) -> str | None:
         """Write the lock object if it is still at `version` (None: absent); its new version, or None if another run
         holds it. A refused write whose object holds this run's own id is this run's: an earlier attempt went through
         and its answer was lost (a timeout, then the SDK's retry found the condition no longer met)."""
         assert self._cond is not None
-        key = self._key(REMOTE_LOCK)
-        new = self._cond.put(key, _json_bytes(payload), version)
+        new = self._cond.put(self._key(REMOTE_LOCK), _json_bytes(payload), version)
         if new is None:
-            found = self._cond.read(key)
-            mine = _json_or_none(found[0]) if found else None
-            if found and mine and mine.get("run_id") == payload["run_id"]:
-                return found[1]
+            current, version = self._lock_object()
+            if current and current.get("run_id") == payload["run_id"]:
+                return version
         return new
 
     def _beat(self, holder: dict[str, Any], stop: threading.Event) -> None:
@@ -578,13 +581,11 @@ class ScoreStore:
             if current and current.get("run_id") == run_id:
                 self.fs.delete_file(self.path(REMOTE_LOCK))
             return
-        key = self._key(REMOTE_LOCK)
         for _ in range(3):  # refused: replaced since the read (another run, or this run's last heartbeat): look again
-            found = self._cond.read(key)
-            current = _json_or_none(found[0]) if found else None
-            if not found or not current or current.get("run_id") != run_id:
+            current, version = self._lock_object()
+            if not current or current.get("run_id") != run_id or version is None:
                 return
-            if self._cond.delete(key, found[1]):
+            if self._cond.delete(self._key(REMOTE_LOCK), version):
                 return
 
     # --- records --------------------------------------------------------------------------------------------
