@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,3 +101,16 @@ def timed(label: str) -> Iterator[dict]:
     finally:
         box["seconds"] = time.perf_counter() - start
         debug(f"{label}: {box['seconds']:.2f}s")
+
+
+@contextmanager
+def waiting(message: str, after: float) -> Iterator[None]:
+    """Print `message` (`info`) once if the block is still running `after` seconds on: a wait on something that has
+    not answered (a store, a cluster) then reads as a wait, not as a hang. Nothing is printed for a faster block."""
+    timer = threading.Timer(after, info, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -116,3 +116,16 @@ def test_first_line_marks_where_it_cut_a_long_message():
     assert first_line(ValueError()) == "ValueError"
     cut = first_line(OSError("x" * 250), limit=200)
     assert len(cut) == 200 and cut.endswith("x...")
+
+
+def test_console_waiting_speaks_only_for_a_block_that_outlasts_it(capsys):
+    import time
+
+    from raydefect import console
+
+    with console.waiting("slow store", 0.2):
+        time.sleep(0.5)
+    with console.waiting("fast store", 0.3):
+        pass
+    time.sleep(0.5)  # past the fast block's delay: its timer was cancelled
+    assert capsys.readouterr().out == "slow store\n"

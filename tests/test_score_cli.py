@@ -207,6 +207,40 @@ def test_scores_commands_on_an_unreachable_object_store_say_so_in_one_line(monke
     _one_line_error(r, f"cannot read the scores at {out}:", "Could not connect")
 
 
+def test_score_says_it_is_waiting_on_a_store_that_does_not_answer(monkeypatch, tmp_path, tiny_artifact, synth_archive):
+    """An endpoint that accepts connections and never answers: the run sat silent until its checks gave up (2 min on
+    gs://); now it says after SLOW_STORE_S what it waits on, for --input and for --out, then fails in one line."""
+    import socket
+
+    from raydefect.pipelines import score
+    from raydefect.scoring import sources
+
+    monkeypatch.setattr(score, "SLOW_STORE_S", 1.0)
+    monkeypatch.setattr(sources, "S3_ATTEMPTS", 1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # accepts (the kernel queues the connections), never answers
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        for name, value in {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}.items():
+            monkeypatch.setenv(name, value)
+        sources._filesystem.cache_clear()
+        try:
+            hung = {"--input": ("s3://factory/archive", str(tmp_path / "out")), "--out": (str(synth_archive["out"]),
+                    "s3://factory/scores")}  # fmt: skip
+            for option, (input, out) in hung.items():
+                r = _invoke("score", "--model", str(tiny_artifact), "--input", input, "--out", out)
+                where = input if option == "--input" else out
+                assert r.exit_code == 1, r.output
+                lines = [line for line in r.output.splitlines() if line.strip()]
+                assert lines[0] == (
+                    f"{option} {where}: no answer yet after 1 s, still waiting (a store that never answers fails after"
+                    " about 10 s; check the network, the endpoint and the credentials)"
+                ), r.output
+                assert len(lines) == 2 and lines[1].startswith("error: ") and where in lines[1], r.output
+        finally:
+            sources._filesystem.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def scores_dir(tiny_artifact, synth_archive, tmp_path_factory):
     """A scores folder written with the core scorer and the commit protocol (no Ray)."""

@@ -366,6 +366,24 @@ class _Setup:
             shutil.rmtree(self.model, ignore_errors=True)
 
 
+SLOW_STORE_S = 5.0  # a store that has not answered a run's first calls after this long is reported while it waits
+NO_ANSWER_FAILS = {"s3": "about 10 s", "gs": "about 2 min"}  # measured: the README's score inputs
+
+
+def _waiting_for(option: str, location: str) -> contextlib.AbstractContextManager:
+    """Say so when object storage is slow to answer the checks before a run (an endpoint that accepts and never
+    answers kept a run silent for 2 min on gs://); nothing for local paths."""
+    if not is_remote(location):
+        return contextlib.nullcontext()
+    fails = NO_ANSWER_FAILS.get(location.partition("://")[0].lower())
+    then = f"a store that never answers fails after {fails}; " if fails else ""
+    return console.waiting(
+        f"{option} {location}: no answer yet after {SLOW_STORE_S:.0f} s, still waiting ({then}check the network, "
+        "the endpoint and the credentials)",
+        SLOW_STORE_S,
+    )
+
+
 def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
     """Everything checked before Ray starts: model, input, output (clear errors, no cluster needed)."""
     from raydefect.models.artifact import read_artifact_meta
@@ -373,12 +391,14 @@ def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
     storage = Storage(sc.endpoint_override)
     fetched = is_remote(model)
     if fetched:
-        model = _fetch_model(model, storage)
+        with _waiting_for("--model", model):
+            model = _fetch_model(model, storage)
     try:
         meta = read_artifact_meta(model)
         if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
             meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
-        spec = resolve_input(input, storage)
+        with _waiting_for("--input", input):
+            spec = resolve_input(input, storage)
         return _Setup(meta, storage, spec, ScoreStore(out, storage), model, fetched)
     except BaseException:
         if fetched:
@@ -468,7 +488,8 @@ def _run(
     from raydefect.pipelines.cluster import cluster_cpus, cluster_gpus, connect
 
     meta, storage, store = s.meta, s.storage, s.store
-    store.open()
+    with _waiting_for("--out", store.out):
+        store.open()
     run_id = new_run_id()
     report = ScoreReport(run_id, meta.model_id, store.out, input)
     with store.lock(run_id), ExitStack() as stack:
