@@ -71,12 +71,14 @@ def test_ray_client_addresses_are_refused_with_the_alternatives(tmp_path, tiny_a
     assert "Ray Jobs API (dashboard) address" in result.output and "score --submit" in result.output
 
 
-def test_an_address_where_nothing_answers_fails_in_seconds_naming_it():
-    """ray.init retries a closed GCS port for good (11 minutes seen, the scores folder locked all along)."""
+def test_an_address_where_nothing_answers_fails_in_seconds_naming_it(ray_session, monkeypatch):
+    """ray.init retries a closed GCS port for good (11 minutes seen, the scores folder locked all along), and one
+    that accepts connections and never answers for ~14 minutes (20 attempts of ~41 s)."""
     import socket
     import time
 
     from raydefect.errors import ClusterError
+    from raydefect.pipelines import cluster
     from raydefect.pipelines.cluster import _check_reachable
 
     with socket.socket() as s:
@@ -87,10 +89,14 @@ def test_an_address_where_nothing_answers_fails_in_seconds_naming_it():
     with pytest.raises(ClusterError, match=refused):
         _check_reachable(f"127.0.0.1:{port}")
     assert time.monotonic() - start < 5
-    with socket.socket() as s:  # something listening: passes
+    monkeypatch.setattr(cluster, "REACH_TIMEOUT_S", 2.0)
+    with socket.socket() as s:  # accepts (the kernel queues the connection) and never answers: not a GCS
         s.bind(("127.0.0.1", 0))
         s.listen()
-        _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+        silent = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(ClusterError, match=rf"Ray at '{silent}' accepts connections but does not answer as a clu"):
+            _check_reachable(silent)
+    _check_reachable(ray_session.get_runtime_context().gcs_address)  # a GCS: passes
 
 
 def test_console_tables_align_numbers_right_and_text_left_with_per_column_formats():
@@ -116,6 +122,32 @@ def test_first_line_marks_where_it_cut_a_long_message():
     assert first_line(ValueError()) == "ValueError"
     cut = first_line(OSError("x" * 250), limit=200)
     assert len(cut) == 200 and cut.endswith("x...")
+
+
+def test_connecting_to_a_cluster_that_is_slow_to_answer_says_so(monkeypatch, capsys):
+    """A cluster that refuses this machine's token answers ray.init only after ~20 s of retries; the run said nothing
+    meanwhile. (ray.init stands in here: a real refusal needs a second cluster with other tokens.)"""
+    import time
+
+    import ray
+
+    from raydefect.errors import ClusterError
+    from raydefect.pipelines import cluster
+
+    def slow_refusal(**kwargs):
+        time.sleep(1.0)
+        raise ConnectionError("Failed to connect to Ray cluster")
+
+    monkeypatch.setattr(cluster, "SLOW_CONNECT_S", 0.3)
+    monkeypatch.setattr(cluster, "_check_reachable", lambda address: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_refusal)
+    with pytest.raises(ClusterError, match="cannot reach Ray at '10.0.0.9:6379'"):
+        cluster.connect("10.0.0.9:6379")
+    assert capsys.readouterr().out == (
+        "Ray at 10.0.0.9:6379: no answer yet after 0 s, still connecting (a cluster that refuses this machine's token "
+        "says so after about 20 s)\n"
+    )
 
 
 def test_console_waiting_speaks_only_for_a_block_that_outlasts_it(capsys):
