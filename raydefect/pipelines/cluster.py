@@ -128,9 +128,12 @@ def _check_reachable(address: str) -> None:
 
 def _speaks_grpc(address: str) -> bool:
     """Whether a gRPC (HTTP/2) channel to ``address`` becomes ready within REACH_TIMEOUT_S, as a GCS's does at once.
-    With TLS on (``RAY_USE_TLS``) a plain channel cannot tell, so the answer is then yes."""
-    import grpc
-
+    With TLS on (``RAY_USE_TLS``) a plain channel cannot tell, and without grpcio (installed by ray[default]) there is
+    nothing to ask: the answer is then yes, and ray.init judges."""
+    try:
+        import grpc
+    except ImportError:
+        return True
     if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
         return True
     channel = grpc.insecure_channel(address)
