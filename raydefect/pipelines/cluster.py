@@ -61,6 +61,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             # nothing for the user to do (logged by Ray's authentication setup; shown with -v)
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING"}
+        slow: contextlib.AbstractContextManager = contextlib.nullcontext()
         if resolved is None:
             # An explicit address=None would still pick up RAY_ADDRESS; "local" forces a new embedded instance.
             kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
@@ -68,14 +69,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         else:
             kwargs["address"] = resolved
             console.debug(f"connecting to Ray at {resolved}")
-        # a cluster that refuses this machine's token answers only after ~20 s of Ray's retries: not in silence
-        slow = console.waiting(
-            f"Ray at {resolved}: no answer yet after {SLOW_CONNECT_S:.0f} s, still connecting (a cluster that refuses "
-            "this machine's token says so after about 20 s)",
-            SLOW_CONNECT_S,
-        )
+            # a cluster that refuses this machine's token answers only after ~20 s of Ray's retries: not in silence
+            slow = console.waiting(
+                f"Ray at {resolved}: no answer yet after {SLOW_CONNECT_S:.0f} s, still connecting (a cluster that "
+                "refuses this machine's token says so after about 20 s)",
+                SLOW_CONNECT_S,
+            )
         try:
-            with slow if resolved else contextlib.nullcontext():
+            with slow:
                 ray.init(**kwargs)
         except ConnectionError as e:
             raise ClusterError(

@@ -57,6 +57,7 @@ from raydefect.scoring.sources import (
     output_folder,
     plan_listing,
     resolve_input,
+    split_scheme,
     walk,
 )
 from raydefect.scoring.store import Recovery, RunRecord, ScoreStore, StagedFile, new_run_id, write_staged
@@ -373,9 +374,10 @@ NO_ANSWER_FAILS = {"s3": "about 10 s", "gs": "about 2 min"}  # measured: the REA
 def _waiting_for(option: str, location: str) -> contextlib.AbstractContextManager:
     """Say so when object storage is slow to answer the checks before a run (an endpoint that accepts and never
     answers kept a run silent for 2 min on gs://); nothing for local paths."""
-    if not is_remote(location):
+    scheme = split_scheme(location)[0]
+    if not scheme:
         return contextlib.nullcontext()
-    fails = NO_ANSWER_FAILS.get(location.partition("://")[0].lower())
+    fails = NO_ANSWER_FAILS.get(scheme)
     then = f"a store that never answers fails after {fails}; " if fails else ""
     return console.waiting(
         f"{option} {location}: no answer yet after {SLOW_STORE_S:.0f} s, still waiting ({then}check the network, "
