@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from raydefect import console
+from raydefect.config import ScoreConfig
 
 
 def _model(out: Path, backbone: str, image_size: int, calibrate: list[str] | None = None, flagged: float = 0.3) -> str:
@@ -372,7 +373,12 @@ def main() -> None:
     )
     p.add_argument("--backbone", default="dinov3-s", help="backbone architecture (random weights)")
     p.add_argument("--image-size", type=int, default=224, help="model input side")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=ScoreConfig().batch_size,
+        help="model batch for (a) and (b); default: score.batch_size's default, what `raydefect score` runs",
+    )
     p.add_argument(
         "--engine",
         default="torch",
