@@ -96,8 +96,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 #: Seconds after which connecting to an existing cluster says it is still waiting.
 SLOW_CONNECT_S = 5.0
 
-#: Seconds to wait for a TCP connection to a cluster's GCS before saying it is not there (ray.init itself retries
-#: for good: tried against a closed port, it was still retrying after 11 minutes, holding the scores folder's lock).
+#: Seconds to wait for a TCP connection to a cluster's GCS, and then for its gRPC handshake, before saying it is not
+#: there (ray.init itself retries for good: tried against a closed port, it was still retrying after 11 minutes,
+#: holding the scores folder's lock).
 REACH_TIMEOUT_S = 10.0
 
 
