@@ -8,11 +8,14 @@ Steps (what a user types, see README "Training"):
    ``MT_Free`` = normal) into ``OUT/dataset`` (skipped when it is there already);
 2. ``raydefect train`` on Ray Train (one worker) into ``OUT/runs/<name>/``.
 
-No pretrained weights: this machine has no internet, so the backbone is the small random-init ``tiny`` ViT (96-dim,
-4 blocks, 8 px patches) trained FROM SCRATCH -- full fine-tuning only (freezing a random backbone is pointless).
-Expect far better numbers from a pretrained DINOv3 backbone; this measures the pipeline on real images within a
-fixed budget: by default 36 epochs at 96 px on one CPU core with one torch thread, about 20 CPU-minutes (one thread
-also keeps OpenMP from stalling when other jobs share the cores). The JSON line reports the CPU seconds used.
+3. the test split is evaluated by the training run itself (``test_metrics.json``), with the thresholds chosen on
+   the validation split.
+
+No pretrained weights: the recipe is ``--config scratch`` (configs/scratch.yaml), a timm CNN trained from random
+init on the 2-core CPU. The JSON line reports the test metrics, the resolved recipe, and the CPU seconds of the
+whole training command (driver, Ray and its workers: ``getrusage(RUSAGE_CHILDREN)``), the budget the issue sets.
+Other rows of the docs' table: ``--backbone``, ``--size``, ``--epochs`` or ``--set KEY=VALUE`` on top of the
+recipe. Run it niced in the background: ``nice -n 10 python benchmarks/magnetic_tile.py ... > mt.log 2>&1 &``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -29,53 +33,31 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def train_args(dataset: Path, runs: Path, args: argparse.Namespace) -> list[str]:
-    """The `raydefect train` arguments of this benchmark (printed so the run can be repeated by hand)."""
-    return [
-        "train",
-        "--data",
-        str(dataset),
-        "--name",
-        args.name,
-        "--backbone",
-        args.backbone,
-        "--image-size",
-        str(args.size),
-        "--epochs",
-        str(args.epochs) if args.pretrained else f"0,0,{args.epochs}",  # pretrained: the three stages
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--cpus-per-worker",
-        str(args.cpus),
-        "--set",
-        f"model.pretrained={'true' if args.pretrained else 'false'}",
-        "--set",
-        f"optim.head_lr={args.lr}",
-        "--set",
-        "optim.weight_decay=0.05",
-        "--set",
-        "model.drop_path_rate=0.0",
-        "--set",
-        "schedule.warmup_epochs=1",
-        "--set",
-        "data.loader_threads=1",
-        "--set",
-        f"train.runs_dir={runs}",
-    ]
+    """The `raydefect train` arguments of this benchmark (printed so the run can be repeated by hand): the shipped
+    recipe (``--config scratch``), with only what the command line of this script changes."""
+    out = ["train", "--data", str(dataset), "--name", args.name, "--config", args.config]
+    for flag, value in (("--backbone", args.backbone), ("--image-size", args.size), ("--epochs", args.epochs)):
+        if value is not None:
+            out += [flag, str(value)]
+    out += ["--cpus-per-worker", str(args.cpus), "--set", f"train.runs_dir={runs}"]
+    if args.pretrained:
+        out += ["--set", "model.pretrained=true"]
+    for item in args.set:
+        out += ["--set", item]
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("source", type=Path, help="the magnetic tile folder (holds MT_Blowhole, ..., MT_Free)")
     p.add_argument("--out", type=Path, default=Path("runs-magnetic-tile"), help="dataset and runs go here")
-    p.add_argument("--name", default="mt-tiny-scratch")
-    p.add_argument("--backbone", default="tiny")
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=36)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--cpus", type=int, default=1, help="CPUs of the worker = torch threads")
+    p.add_argument("--name", default="mt-scratch")
+    p.add_argument("--config", default="scratch", help="the recipe: a shipped config name or a YAML path")
+    p.add_argument("--backbone", help="override the recipe's model.backbone")
+    p.add_argument("--size", type=int, help="override the recipe's data.image_size")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of the worker = torch threads")
+    p.add_argument("--set", action="append", default=[], help="any other config key, KEY=VALUE (repeatable)")
     p.add_argument(
         "--pretrained",
         action="store_true",
@@ -96,11 +78,17 @@ def main() -> None:
         prepare += ["--out", str(dataset)]
         raydefect(*prepare)
     start = time.perf_counter()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     raydefect(*train_args(dataset, runs, args))
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = time.perf_counter() - start
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    import yaml
+
     from raydefect.engine.run import read_metrics_csv
 
     run = runs / args.name
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     epochs = read_metrics_csv(run / "metrics.csv")
     test = json.loads((run / "test_metrics.json").read_text())
     metrics = test["metrics"]
@@ -109,11 +97,13 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "magnetic_tile",
-                "backbone": args.backbone,
-                "pretrained": args.pretrained,
-                "image_size": args.size,
-                "epochs": args.epochs,
+                "config": args.config,
+                "backbone": cfg["model"]["backbone"],
+                "pretrained": cfg["model"]["pretrained"],
+                "image_size": cfg["data"]["image_size"],
+                "epochs": len(epochs),
                 "wall_s": round(seconds, 1),  # this call (a re-run of a finished run only re-exports)
+                "cpu_s": round(cpu, 1),  # the whole command: driver, Ray, workers
                 "train_s": round(sum(r["seconds"] for r in epochs), 1),
                 "train_cpu_s": round(sum(r["cpu_seconds"] for r in epochs), 1),  # the budget: CPU time of training
                 "best_epoch": test["checkpoint_epoch"],

@@ -73,8 +73,8 @@ def _model(out: Path, backbone: str, image_size: int, calibrate: list[str] | Non
     from raydefect.config import ModelConfig
     from raydefect.inference import Preprocessor
     from raydefect.models.artifact import save_artifact
-    from raydefect.models.backbones import resolve_backbone
     from raydefect.models.model import DefectModel
+    from raydefect.models.registry import resolve_backbone
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, pretrained=False)

@@ -136,16 +136,18 @@ def config_cmd(config_name: str, sets: tuple[str, ...], list_: bool) -> None:
 )
 @click.option("--exact", is_flag=True, help="Exact parameter counts instead of 21.6M-style.")
 def models_cmd(config_name: str, sets: tuple[str, ...], classes: int, exact: bool) -> None:
-    """List every backbone with its parameter counts (computed on the meta device: nothing is downloaded).
+    """List every backbone with its parameter counts (registry data: nothing is built or downloaded).
 
     \b
     Counts: the backbone, the classification head, the segmentation head and the total, for heads sized by the
     config (model.decoder_dim, model.head_hidden, model.feature_blocks) at each backbone's default image size
-    (the size its weights were made for; set data.image_size to a multiple of the patch size).
+    (the size its weights were made for; set data.image_size to a multiple of the patch size, for CNNs of 32).
+    Kind: vit (DINOv3 / DINOv2, best with pretrained weights) or cnn (timm ResNet / ConvNeXt / EfficientNet,
+    which also learn from your labels alone with --config scratch).
     Use a name, its torch-hub name or its timm name as model.backbone.
     """
     from raydefect.console import table
-    from raydefect.models.model import format_count, parameter_table
+    from raydefect.models.sizes import format_count, parameter_table
 
     cfg = build_config(config_name, sets)
     rows = parameter_table(cfg.model, num_classes=classes)
@@ -655,6 +657,14 @@ def train_config(
     if epochs is None and not freeze_backbone:
         return cfg
     sched = cfg.schedule
+    if freeze_backbone and not (cfg.model.pretrained or cfg.model.weights):
+        from raydefect.errors import ConfigError
+
+        raise ConfigError(
+            f"--freeze-backbone: the backbone {cfg.model.backbone} is random-init (model.pretrained=false, no "
+            "model.weights): freezing it would train the heads on noise. Drop --freeze-backbone to train it whole, "
+            "or load weights (model.pretrained=true or model.weights=PATH)"
+        )
     if freeze_backbone:
         total = epochs[0] if epochs and len(epochs) == 1 else (sched.frozen_epochs or sched.total_epochs)
         if epochs and len(epochs) == 3:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from raydefect.errors import ConfigError, ModelError
-from raydefect.models.backbones import check_image_size, resolve_backbone
+from raydefect.models.registry import check_image_size, resolve_backbone
 
 SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -75,7 +75,7 @@ class Preprocessor:
     @classmethod
     def for_backbone(cls, backbone: str, image_size: int) -> Preprocessor:
         """The preprocessing a backbone expects (its mean/std) at the run's image size: for training code."""
-        from raydefect.models.backbones import resolve_backbone
+        from raydefect.models.registry import resolve_backbone
 
         spec = resolve_backbone(backbone)
         return cls(image_size=image_size, mean=spec.mean, std=spec.std)

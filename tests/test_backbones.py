@@ -7,15 +7,15 @@ import torch
 
 from raydefect.config import load_config
 from raydefect.errors import ConfigError, ModelError, WeightsError
-from raydefect.models.backbones import (
+from raydefect.models.factory import create_backbone
+from raydefect.models.registry import (
     REGISTRY,
     check_image_size,
-    create_backbone,
-    fast_meta_init,
     list_backbones,
     resolve_backbone,
     timm_kwargs,
 )
+from raydefect.models.weights import fast_meta_init
 
 DINOV3 = {
     "dinov3-s": ("vit_small_patch16_dinov3", "dinov3_vits16"),
@@ -51,7 +51,8 @@ def test_short_hub_and_timm_names_resolve_to_the_same_spec(name):
 
 def test_registry_holds_all_families_and_tiny_models():
     names = [s.name for s in list_backbones()]
-    assert set(DINOV3) | set(DINOV2) | {"tiny", "test-tiny", "test-tiny-v2"} == set(names)
+    tiny = {"tiny", "test-tiny", "test-tiny-v2", "test-tiny-cnn"}
+    assert set(DINOV3) | set(DINOV2) | set(CNNS) | tiny == set(names) and len(names) == len(set(names))
     for tiny in ("tiny", "test-tiny", "test-tiny-v2"):
         assert not REGISTRY[tiny].has_pretrained and REGISTRY[tiny].patch_size == 8
 
@@ -82,7 +83,7 @@ def test_unknown_name_suggests_closest_and_the_list_command():
     with pytest.raises(ModelError, match=r"unknown backbone 'dinov3-bb'; did you mean 'dinov3-b'\? run `raydefect"):
         resolve_backbone("dinov3-bb")
     with pytest.raises(ModelError, match="run `raydefect models`"):
-        resolve_backbone("resnet50")
+        resolve_backbone("vgg16")
 
 
 def test_config_rejects_unknown_backbone_and_bad_image_size():
@@ -111,6 +112,16 @@ def test_specs_match_timm_models_on_meta():
     for spec in list_backbones():
         with torch.device("meta"), fast_meta_init():
             m = timm.create_model(spec.timm_name, pretrained=False, **timm_kwargs(spec, spec.default_image_size))
+        assert sum(p.numel() for p in m.parameters()) == spec.params, spec.name
+        if spec.has_pretrained:
+            cfg = timm.get_pretrained_cfg(f"{spec.timm_name}.{spec.pretrained_tag}")
+            assert cfg is not None and tuple(cfg.mean) == spec.mean and tuple(cfg.std) == spec.std, spec.name
+            assert cfg.input_size[-1] == spec.default_image_size, spec.name
+        if spec.kind == "cnn":
+            assert m.feature_info.channels() == list(spec.feature_channels), spec.name
+            assert m.feature_info.reduction() == [4, 8, 16, 32], spec.name
+            assert spec.embed_dim == spec.feature_channels[-1] and spec.depth == 4 and spec.patch_size == 32
+            continue
         assert m.patch_embed.patch_size == (spec.patch_size, spec.patch_size), spec.name
         assert m.embed_dim == spec.embed_dim and len(m.blocks) == spec.depth, spec.name
         assert tuple(m.pretrained_cfg["mean"]) == spec.mean, spec.name
@@ -120,7 +131,7 @@ def test_specs_match_timm_models_on_meta():
 
 @pytest.fixture(scope="module")
 def table():
-    from raydefect.models.model import parameter_table
+    from raydefect.models.sizes import parameter_table
 
     return {r["backbone"]: r for r in parameter_table()}
 
@@ -150,6 +161,71 @@ def test_tiny_backbones_are_timm_models_with_prefix_tokens():
         assert m.num_prefix_tokens == 5 and m.embed_dim == 32 and len(m.blocks) == 4
         final, levels = m.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[3], norm=True)
         assert levels[0].shape == (1, 32, 4, 4) and final.shape == (1, 5 + 16, 32)
+
+
+CNNS = [
+    *(f"resnet{n}" for n in ("10t", "14t", "18", "18d", "26d", "34", "34d", "50", "50d")),
+    *(f"convnext-{n}" for n in ("atto", "femto", "pico", "nano", "tiny", "small", "base")),
+    *(f"efficientnet-b{n}" for n in range(5)),
+]
+
+
+def test_cnn_families_are_registered_under_short_and_timm_names():
+    for name in CNNS:
+        spec = resolve_backbone(name)
+        assert spec.kind == "cnn" and spec.has_pretrained and spec.family in ("resnet", "convnext", "efficientnet")
+        assert resolve_backbone(spec.timm_name) is spec
+    assert resolve_backbone("convnext_atto").name == "convnext-atto"
+    with pytest.raises(ConfigError, match=r"multiple of resnet18's total stride 32; use 224 or 256"):
+        check_image_size(REGISTRY["resnet18"], 240)
+
+
+def test_tiny_cnn_returns_maps_at_strides_4_to_32():
+    m = create_backbone("test-tiny-cnn", 64)
+    maps = m(torch.randn(1, 3, 64, 96))
+    assert [tuple(x.shape) for x in maps] == [(1, 8, 16, 24), (1, 16, 8, 12), (1, 32, 4, 6), (1, 64, 2, 3)]
+
+
+def test_head_sizes_without_torch_match_the_real_heads():
+    """`raydefect models` counts heads by formula (no torch import); the built modules must agree."""
+    import dataclasses
+
+    from raydefect.config import ModelConfig
+    from raydefect.models.model import DefectModel
+    from raydefect.models.sizes import classifier_params, decoder_params
+
+    for name in ("test-tiny", "test-tiny-cnn", "dinov3-s", "resnet50", "convnext-atto", "efficientnet-b0"):
+        spec = resolve_backbone(name)
+        for decoder_dim, hidden, blocks, classes in ((128, 256, 4, 2), (48, 32, 2, 5)):
+            cfg = dataclasses.replace(
+                ModelConfig(), backbone=name, pretrained=False, decoder_dim=decoder_dim, head_hidden=hidden
+            )
+            cfg = dataclasses.replace(cfg, feature_blocks=blocks)
+            with torch.device("meta"), fast_meta_init():
+                model = DefectModel(cfg, 64, ["normal", *(f"c{i}" for i in range(1, classes))], load_weights=False)
+            counts = model.count_parameters()
+            assert counts["decoder"] == decoder_params(spec, decoder_dim, blocks), (name, decoder_dim)
+            assert counts["classifier"] == classifier_params(spec, hidden, classes), (name, hidden)
+
+
+def test_offline_cnn_pretrained_error_is_quick_and_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"resnet18 \(timm/resnet18\.a1_in1k\).*model\.pretrained=false"):
+        create_backbone("resnet18", 64, pretrained=True)
+
+
+def test_cnn_loads_a_local_timm_checkpoint_and_refuses_another_network(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    full = timm.create_model("resnet10t", pretrained=False, channels=(8, 16, 32, 64), stem_width=8)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    loaded = create_backbone("test-tiny-cnn", 64, weights=str(path))
+    assert torch.equal(loaded.state_dict()["layer4.0.conv1.weight"], full.state_dict()["layer4.0.conv1.weight"])
+    with pytest.raises(WeightsError, match=r"model\.weights: .*model\.safetensors does not fit backbone 'resnet18'"):
+        create_backbone("resnet18", 64, weights=str(path))
 
 
 def test_tiny_backbones_have_no_pretrained_weights():

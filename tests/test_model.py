@@ -7,7 +7,7 @@ import torch
 
 from raydefect.config import ModelConfig
 from raydefect.errors import ConfigError, ModelError
-from raydefect.models.model import DefectModel, feature_indices
+from raydefect.models.model import DefectModel, FPNDecoder, feature_indices
 
 TINY_CLASSES = ("normal", "scratch", "spot")
 
@@ -174,3 +174,72 @@ def test_param_groups_follow_trainable_blocks_and_requires_grad(build_tiny_model
     everything = model.param_groups(1e-4, 1e-3, 0.05, 0.75, trainable_blocks=model.num_blocks)
     pos = next(g for g in everything if any(p is model.backbone.pos_embed for p in g["params"]))
     assert pos["weight_decay"] == 0.0 and pos["name"] == "embed.no_decay"
+
+
+# ------------------------------------------------------------------------------------------------ CNN backbones
+@pytest.mark.parametrize(("size", "shape"), [(64, (64, 64)), (96, (96, 96))])
+def test_cnn_forward_shapes(size, shape, build_tiny_model):
+    model = build_tiny_model("test-tiny-cnn", size)
+    out = model(torch.randn(2, 3, *shape))
+    assert out.class_logits.shape == (2, len(TINY_CLASSES))
+    assert out.mask_logits.shape == (2, 1, *shape)
+    assert out.coarse_logits.shape == (2, 1, shape[0] // 32, shape[1] // 32)
+    assert isinstance(model.decoder, FPNDecoder) and model.num_blocks == 4
+
+
+def test_cnn_every_parameter_gets_a_gradient_and_the_mask_steers_the_classifier(build_tiny_model):
+    model = build_tiny_model("test-tiny-cnn", 64).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    (out.class_logits.sum() + out.mask_logits.sum()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    model.zero_grad()
+    model(torch.randn(2, 3, 64, 64)).class_logits[:, 1].sum().backward()
+    assert model.decoder.coarse.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("backbone", "stem", "level0", "level3"),
+    [
+        (
+            "test-tiny-cnn",
+            "backbone.conv1.0.weight",
+            "backbone.layer1.0.conv1.weight",
+            "backbone.layer4.0.conv2.weight",
+        ),
+        ("resnet18", "backbone.conv1.weight", "backbone.layer1.0.conv1.weight", "backbone.layer4.1.bn2.bias"),
+        (
+            "convnext-atto",
+            "backbone.stem_0.weight",
+            "backbone.stages_0.blocks.0.conv_dw.weight",
+            "backbone.stages_3.blocks.1.mlp.fc2.bias",
+        ),
+        (
+            "efficientnet-b0",
+            "backbone.conv_stem.weight",
+            "backbone.blocks.1.0.conv_pw.weight",
+            "backbone.blocks.6.0.bn3.bias",
+        ),
+    ],
+)
+def test_cnn_stages_freeze_and_decay_like_blocks(backbone, stem, level0, level3):
+    with torch.device("meta"):
+        model = build_cnn(backbone)
+    assert model._layer(stem.removeprefix("backbone.")) == -1
+    assert model._layer(level0.removeprefix("backbone.")) == 0
+    assert model._layer(level3.removeprefix("backbone.")) == 3
+    model.unfreeze_last(1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert level3 in trainable and level0 not in trainable and stem not in trainable
+    groups = model.param_groups(1e-3, 1e-2, 0.05, 0.5, trainable_blocks=4)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert by_param[id(names[level3])]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(names[level0])]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert by_param[id(names[stem])]["lr"] == pytest.approx(1e-3 * 0.5**4)
+
+
+def build_cnn(backbone):
+    from raydefect.models.weights import fast_meta_init
+
+    with fast_meta_init():
+        return DefectModel(ModelConfig(backbone=backbone, pretrained=False), 64, TINY_CLASSES, load_weights=False)

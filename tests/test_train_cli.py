@@ -144,8 +144,8 @@ def test_epochs_and_freeze_backbone_shape_the_schedule(tmp_path, monkeypatch):
     cases = {
         ("--epochs", "4"): (1, 1, 2),
         ("--epochs", "0,1,5"): (0, 1, 5),
-        ("--freeze-backbone",): (2, 0, 0),
-        ("--freeze-backbone", "--epochs", "3"): (3, 0, 0),
+        ("--freeze-backbone", "--set", "model.pretrained=true"): (2, 0, 0),
+        ("--freeze-backbone", "--epochs", "3", "--set", "model.pretrained=true"): (3, 0, 0),
     }
     for args, stages in cases.items():
         _invoke(["--data", str(tmp_path), *TINY, *args], tmp_path)
@@ -155,6 +155,11 @@ def test_epochs_and_freeze_backbone_shape_the_schedule(tmp_path, monkeypatch):
     cfg = seen["cfg"]
     assert cfg.data.dataset.endswith("/rel/ds") and cfg.data.dataset.startswith("/")  # absolute: cwd-independent
     assert (cfg.resources.num_workers, cfg.train.batch_size, cfg.optim.lr) == (3, 4, 1e-3)
+
+
+def test_freeze_backbone_refuses_a_random_init_backbone(tmp_path, no_ray_start):
+    line = _error_line(_invoke(["--data", str(tmp_path), *TINY, "--freeze-backbone"], tmp_path))
+    assert "--freeze-backbone" in line and "random-init" in line and "model.pretrained=true" in line
 
 
 def test_shipped_demo_config_trains_tiny_from_scratch():

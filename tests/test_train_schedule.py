@@ -32,6 +32,13 @@ def test_stages_are_numbered_across_and_empty_ones_skipped():
     assert plan_stages(ScheduleConfig(), 12)[0].warmup_epochs == 0.0  # heads only: no warm-up
 
 
+def test_a_random_init_backbone_trains_whole_for_every_epoch():
+    sched = ScheduleConfig(frozen_epochs=2, partial_epochs=2, full_epochs=4, warmup_epochs=1.5)
+    (stage,) = plan_stages(sched, 4, random_init=True)
+    assert (stage.name, stage.first_epoch, stage.last_epoch, stage.trainable_blocks) == ("full", 1, 8, 4)
+    assert stage.warmup_epochs == 1.5
+
+
 @pytest.mark.parametrize("total", [1, 2, 3, 5, 8, 13, 40])
 def test_split_epochs_keeps_the_total_and_zero_stages(total):
     sched = ScheduleConfig(frozen_epochs=2, partial_epochs=2, full_epochs=4)

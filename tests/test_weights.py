@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from raydefect.config import ModelConfig
 from raydefect.errors import WeightsError
-from raydefect.models.backbones import REGISTRY, create_backbone
+from raydefect.models.factory import create_backbone
+from raydefect.models.registry import REGISTRY
 from raydefect.models.weights import identify_backbone, read_state_dict
 
 

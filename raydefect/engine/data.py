@@ -185,7 +185,7 @@ class SampleSource:
     @classmethod
     def for_config(cls, cfg: Any, train: bool) -> SampleSource:
         """Training (augmenting) or evaluation source for a `Config`, normalised for its backbone."""
-        from raydefect.models.backbones import resolve_backbone
+        from raydefect.models.registry import resolve_backbone
 
         spec = resolve_backbone(cfg.model.backbone)
         return cls(

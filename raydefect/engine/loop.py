@@ -304,7 +304,14 @@ class Trainer:
         self.net: nn.Module = self.model
         self.wrap_model = wrap_model or (lambda m: m)
         self.loss_fn = DefectLoss.from_config(cfg.optim, list(class_counts)).to(self.device)
-        self.stages = plan_stages(cfg.schedule, self.model.num_blocks)
+        random_init = not (cfg.model.pretrained or cfg.model.weights)
+        self.stages = plan_stages(cfg.schedule, self.model.num_blocks, random_init=random_init)
+        staged = cfg.schedule.frozen_epochs + cfg.schedule.partial_epochs
+        if random_init and staged and self.rank == 0:
+            console.info(
+                f"model.pretrained is false: the random-init backbone trains whole for all {self.total_epochs} "
+                "epochs (freezing random features would train the heads on noise)"
+            )
         self.state = TrainState(config=cfg.to_dict(), class_names=self.class_names)
         self.stage: Stage | None = None
         self.optimizer: torch.optim.Optimizer | None = None

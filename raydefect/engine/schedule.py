@@ -10,6 +10,9 @@ Each stage gets a fresh AdamW (parameter groups from `DefectModel.param_groups`)
 warm-up of ``schedule.warmup_epochs`` (stages 2 and 3; pretrained features must not be wrecked by the first large
 updates of randomly initialised heads), then a cosine decay to ``min_lr_ratio`` of the peak by the stage's end.
 A stage with 0 epochs is skipped. Epochs are numbered from 1 across stages.
+
+A random-init backbone (``model.pretrained: false`` and no ``model.weights``) has no features worth protecting:
+freezing it would train heads on noise. Its schedule is one ``full`` stage of all the configured epochs.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ class Stage:
         return self.first_epoch <= epoch <= self.last_epoch
 
 
-def plan_stages(schedule: ScheduleConfig, depth: int) -> list[Stage]:
-    """The stages with epochs > 0, in order."""
+def plan_stages(schedule: ScheduleConfig, depth: int, *, random_init: bool = False) -> list[Stage]:
+    """The stages with epochs > 0, in order; a random-init backbone trains whole for all the epochs."""
+    if random_init:
+        return [Stage(3, schedule.total_epochs, 1, depth, schedule.warmup_epochs)]
     stages, first = [], 1
     for number, epochs, blocks, warmup in (
         (1, schedule.frozen_epochs, 0, 0.0),

@@ -368,8 +368,8 @@ def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from raydefect.models.backbones import resolve_backbone
     from raydefect.models.model import DefectModel
+    from raydefect.models.registry import resolve_backbone
 
     folder = resolve_artifact_dir(path)
     meta = ArtifactMeta.from_yaml(folder / META_FILE)

@@ -1,8 +1,8 @@
-"""The multi-task defect model: a timm ViT backbone, a light segmentation decoder and a mask-guided classifier.
+"""The multi-task defect model: a timm backbone, a light segmentation decoder and a mask-guided classifier.
 
-Data flow for an input [N, 3, S, S] (normalised with the backbone's mean/std):
+Data flow for a ViT backbone and an input [N, 3, S, S] (normalised with the backbone's mean/std):
 
-1. The backbone (`raydefect.models.backbones`) runs once; timm's ``forward_intermediates`` returns the
+1. The backbone (`raydefect.models.registry`) runs once; timm's ``forward_intermediates`` returns the
    final-normed tokens of ``model.feature_blocks`` evenly spaced blocks (the last included) as [N, D, S/p, S/p]
    maps, plus the prefix tokens (CLS, registers).
 2. `SegDecoder` projects every level with a 1x1 conv and sums them (= concat + 1x1), refines with two conv blocks
@@ -11,6 +11,11 @@ Data flow for an input [N, 3, S, S] (normalised with the backbone's mean/std):
 3. `MaskGuidedClassifier` pools the last block's patch tokens with softmax weights from the coarse logits (the
    segmentation branch decides *where* the classifier looks), concatenates the CLS token and predicts
    ``1 + len(defect classes)`` logits, class 0 = "normal".
+
+A CNN backbone (timm ``features_only``) gives maps at strides 4, 8, 16 and 32 instead: `FPNDecoder` merges them
+top-down (each merge refined by a conv block), predicts logits at stride 4 and refines them with a stride-2 stem on
+the image, so 2-3 px wide defects survive. The classifier pools the stride-32 map with weights from those logits
+max-pooled to its grid, beside the map's global average (a CNN's stand-in for the CLS token).
 
 Everything trains end to end; GroupNorm keeps the heads independent of batch size (DDP, batch-1 inference).
 The training code uses `freeze_backbone` / `unfreeze_last` / `unfreeze_all` and `param_groups` (layer-wise LR
@@ -27,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raydefect.config import ModelConfig
-from raydefect.errors import ConfigError, ModelError
-from raydefect.models.backbones import BackboneSpec, check_image_size, create_backbone, resolve_backbone
+from raydefect.errors import ModelError
+from raydefect.models.factory import create_backbone
+from raydefect.models.registry import BackboneSpec, check_image_size, resolve_backbone
+from raydefect.models.sizes import feature_indices
 
 NORMAL = "normal"
 MASK_PRIOR_LOGIT = -4.0  # defects cover a few percent of pixels: start near p=0.02 (RetinaNet-style prior)
@@ -39,14 +46,7 @@ class ModelOutput(NamedTuple):
 
     class_logits: Tensor  # [N, C], class 0 = normal
     mask_logits: Tensor  # [N, 1, H, W] at the input size
-    coarse_logits: Tensor  # [N, 1, S/p, S/p] on the patch grid; steers the classifier
-
-
-def feature_indices(depth: int, count: int) -> list[int]:
-    """``count`` evenly spaced block indices ending at the last block: depth 12, count 4 -> [2, 5, 8, 11]."""
-    if count > depth:
-        raise ConfigError(f"model.feature_blocks: {count} is more than the backbone's {depth} blocks; use <= {depth}")
-    return sorted({round(depth * (i + 1) / count) - 1 for i in range(count)})
+    coarse_logits: Tensor  # [N, 1, S/p, S/p] on the patch grid (CNN: the stride-32 grid); steers the classifier
 
 
 def _groups(channels: int) -> int:
@@ -86,6 +86,38 @@ class SegDecoder(nn.Module):
             x = x + proj(feat)
         x = self.fuse(x)
         coarse = self.coarse(x)
+        detail = self.stem(image)
+        size = detail.shape[-2:]
+        up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        fine = self.out(self.refine(torch.cat([up, detail], dim=1)))
+        fine = fine + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        mask = F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return mask, coarse
+
+
+class FPNDecoder(nn.Module):
+    """Top-down FPN over a CNN's stride 4-32 maps, logits at stride 4 refined at stride 2 with image detail."""
+
+    def __init__(self, channels: Sequence[int], dim: int) -> None:
+        super().__init__()
+        detail = max(16, dim // 4)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in channels)
+        self.smooth = nn.ModuleList(ConvBlock(dim, dim) for _ in channels[:-1])
+        self.coarse = nn.Conv2d(dim, 1, 1)
+        self.stem = ConvBlock(3, detail, stride=2)
+        self.refine = nn.Sequential(ConvBlock(dim + detail, detail), ConvBlock(detail, detail))
+        self.out = nn.Conv2d(detail, 1, 1)
+        nn.init.constant_(self.coarse.bias, MASK_PRIOR_LOGIT)
+        nn.init.zeros_(self.out.weight)  # start as the upsampled stride-4 map; learn the correction
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: Sequence[Tensor], image: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.lateral[-1](features[-1])
+        for i in range(len(features) - 2, -1, -1):
+            lateral = self.lateral[i](features[i])
+            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.smooth[i](x)
+        coarse = self.coarse(x)  # stride 4
         detail = self.stem(image)
         size = detail.shape[-2:]
         up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -152,7 +184,9 @@ class DefectModel(nn.Module):
         self.class_names = check_class_names(class_names)
         self.spec: BackboneSpec = resolve_backbone(model_cfg.backbone)
         check_image_size(self.spec, self.image_size)
-        self.feature_indices = feature_indices(self.spec.depth, model_cfg.feature_blocks)
+        self.is_cnn = self.spec.kind == "cnn"
+        cnn_levels = list(range(self.spec.depth))
+        self.feature_indices = cnn_levels if self.is_cnn else feature_indices(self.spec.depth, model_cfg.feature_blocks)
         self.backbone = create_backbone(
             self.spec,
             self.image_size,
@@ -160,9 +194,15 @@ class DefectModel(nn.Module):
             pretrained=model_cfg.pretrained and load_weights,
             weights=model_cfg.weights if load_weights else None,
         )
-        dim = self.backbone.embed_dim
-        self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
-        self.decoder = SegDecoder(dim, len(self.feature_indices), model_cfg.decoder_dim)
+        if self.is_cnn:
+            dim = self.spec.feature_channels[-1]
+            self.num_prefix_tokens = 0
+            self._levels = cnn_parameter_levels(self.backbone)
+            self.decoder: nn.Module = FPNDecoder(self.spec.feature_channels, model_cfg.decoder_dim)
+        else:
+            dim = self.backbone.embed_dim
+            self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
+            self.decoder = SegDecoder(dim, len(self.feature_indices), model_cfg.decoder_dim)
         self.classifier = MaskGuidedClassifier(dim, model_cfg.head_hidden, len(self.class_names), model_cfg.dropout)
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -171,6 +211,8 @@ class DefectModel(nn.Module):
         return len(self.class_names)
 
     def forward(self, x: Tensor) -> ModelOutput:
+        if self.is_cnn:
+            return self._forward_cnn(x)
         final, levels = self.backbone.forward_intermediates(
             x, indices=self.feature_indices, return_prefix_tokens=True, norm=True, output_fmt="NCHW"
         )
@@ -181,16 +223,32 @@ class DefectModel(nn.Module):
         class_logits = self.classifier(cls_token, patch_tokens, coarse)
         return ModelOutput(class_logits, mask_logits, coarse)
 
+    def _forward_cnn(self, x: Tensor) -> ModelOutput:
+        maps = self.backbone(x)
+        mask_logits, fine_coarse = self.decoder(maps, x)
+        top = maps[-1]
+        coarse = F.adaptive_max_pool2d(fine_coarse, top.shape[-2:])  # "is there a defect in this cell" on the grid
+        tokens = top.flatten(2).transpose(1, 2)
+        class_logits = self.classifier(top.mean(dim=(2, 3)), tokens, coarse)
+        return ModelOutput(class_logits, mask_logits, coarse)
+
     # ------------------------------------------------------------------------------------- freezing stages
     def backbone_blocks(self) -> nn.ModuleList:
+        """A ViT's transformer blocks (CNNs have stages, see `num_blocks`)."""
+        if self.is_cnn:
+            raise ModelError(f"{self.spec.name} is a CNN: it has stages, not transformer blocks")
         return self.backbone.blocks
 
     @property
     def num_blocks(self) -> int:
-        return len(self.backbone.blocks)
+        """Transformer blocks (ViT) or feature stages (CNN): the units of the freezing stages and layer decay."""
+        return self.spec.depth if self.is_cnn else len(self.backbone.blocks)
 
     def _layer(self, name: str) -> int:
-        """Backbone parameter name -> depth position: -1 embeddings/tokens, i for block i, depth for the top norm."""
+        """Backbone parameter name -> depth position: -1 embeddings/tokens/stem, i for block (or stage) i, depth for
+        the top norm."""
+        if self.is_cnn:
+            return self._levels[name]
         if name.startswith("blocks."):
             return int(name.split(".")[1])
         if name.startswith(("norm.", "fc_norm.", "head.")):
@@ -224,8 +282,13 @@ class DefectModel(nn.Module):
             p.requires_grad_(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone activations in backward (timm): less memory for large backbones, ~30% slower."""
-        self.backbone.set_grad_checkpointing(enable)
+        """Recompute backbone activations in backward (timm): less memory for large backbones, but slower."""
+        setter = getattr(self.backbone, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ModelError(
+                f"{self.spec.name} has no gradient checkpointing in timm; set train.grad_checkpointing=false"
+            )
+        setter(enable)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.decoder.parameters(), *self.classifier.parameters()]
@@ -294,52 +357,21 @@ class DefectModel(nn.Module):
         }
 
 
-def format_count(n: int) -> str:
-    """12_345_678 -> '12.3M' (the way model sizes are quoted)."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}" if n < 100 * scale else f"{n / scale:.0f}{unit}"
-    return str(n)
-
-
-def parameter_table(model_cfg: ModelConfig | None = None, num_classes: int = 2) -> list[dict[str, Any]]:
-    """One row per registered backbone with exact parameter counts, built on the meta device (no download, no RAM).
-
-    Head sizes follow ``model_cfg`` (decoder_dim, head_hidden, feature_blocks -- capped at the backbone's depth)
-    and ``num_classes`` (normal + defect classes).
-    """
-    import dataclasses
-
-    from raydefect.models.backbones import fast_meta_init, list_backbones
-
-    base = model_cfg or ModelConfig()
-    names = [NORMAL, *(f"defect{i}" for i in range(1, num_classes))]
-    rows = []
-    for spec in list_backbones():
-        cfg = dataclasses.replace(
-            base,
-            backbone=spec.name,
-            pretrained=False,
-            weights=None,
-            feature_blocks=min(base.feature_blocks, spec.depth),
-        )
-        with torch.device("meta"), fast_meta_init():
-            model = DefectModel(cfg, spec.default_image_size, names, load_weights=False)
-        counts = model.count_parameters()
-        rows.append(
-            {
-                "backbone": spec.name,
-                "hub name": spec.hub_name or "",
-                "timm model": spec.timm_name,
-                "patch": spec.patch_size,
-                "dim": spec.embed_dim,
-                "blocks": spec.depth,
-                "image": spec.default_image_size,
-                "backbone params": counts["backbone"],
-                "cls head": counts["classifier"],
-                "seg head": counts["decoder"],
-                "total": counts["total"],
-                "pretrained": "yes" if spec.has_pretrained else "no (random)",
-            }
-        )
-    return rows
+def cnn_parameter_levels(backbone: nn.Module) -> dict[str, int]:
+    """A timm ``features_only`` CNN's parameter names -> the feature level they feed: -1 for the stem, i for the
+    modules up to and including level i's (in parameter order, which follows the forward order in timm's CNNs)."""
+    names = [n for n, _ in backbone.named_parameters()]
+    modules = backbone.feature_info.module_name()
+    last: list[int] = []
+    first = len(names)
+    for module in modules:
+        prefixes = (module + ".", module.replace(".", "_") + ".")
+        hits = [i for i, n in enumerate(names) if n.startswith(prefixes)]
+        if not hits:
+            raise ModelError(f"cannot map {type(backbone).__name__}'s feature module '{module}' to its parameters")
+        first = min(first, hits[0])
+        last.append(hits[-1])
+    levels = {}
+    for i, n in enumerate(names):
+        levels[n] = -1 if i < first else next((lv for lv, end in enumerate(last) if i <= end), len(last) - 1)
+    return levels

@@ -1,8 +1,15 @@
-"""Backbone registry: short names -> timm models (timm-style: a frozen spec per name + one factory).
+"""Backbone registry: short names -> timm models (timm-style: a frozen spec per name; `factory` builds them).
 
-Users write ``model.backbone: dinov3-b`` (or the torch-hub name ``dinov3_vitb16``, or timm's own name); this
-module resolves it to a `BackboneSpec` and builds the timm model. The registry itself is plain data and imports
-neither torch nor timm, so configs can validate a name instantly; `create_backbone` imports timm when called.
+Users write ``model.backbone: dinov3-b`` (or the torch-hub name ``dinov3_vitb16``, or timm's own name, or a timm
+CNN such as ``resnet18``); this module resolves it to a `BackboneSpec`. The registry is plain data and imports
+neither torch nor timm (it is a leaf: configs validate a name and ``raydefect models`` lists sizes instantly).
+
+Two kinds of backbone:
+
+- ``vit``: DINOv3 / DINOv2 ViTs; the decoder fuses several evenly spaced blocks on the patch grid.
+- ``cnn``: timm CNN families (ResNet, ResNet-D/T, ConvNeXt, EfficientNet) built with ``features_only``; the
+  decoder is an FPN over their stride 4, 8, 16 and 32 maps. They learn from a user's labels alone (random init),
+  which ViTs do not on ~1,000 images.
 
 Tiny random backbones (``tiny``, ``test-tiny``, ``test-tiny-v2``) are real timm models with small kwargs, so tests
 and the demo run the same code path (prefix tokens, RoPE or absolute position embeddings, forward_intermediates)
@@ -11,17 +18,12 @@ as DINOv3 / DINOv2. They never have pretrained weights.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raydefect.errors import ConfigError, ModelError
-
-if TYPE_CHECKING:
-    from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,11 +35,15 @@ class BackboneSpec:
 
     name: str  # short name users type: "dinov3-b"
     timm_name: str  # timm model function: "vit_base_patch16_dinov3"
-    family: str  # "dinov3", "dinov2" or "test"
-    patch_size: int
-    embed_dim: int
-    depth: int
+    family: str  # "dinov3", "dinov2", "resnet", "convnext", "efficientnet" or "test"
+    patch_size: int  # ViT: the patch; CNN: the total stride (32): image sides must be multiples of it
+    embed_dim: int  # ViT: token width; CNN: channels of the stride-32 map
+    depth: int  # ViT: transformer blocks; CNN: stages (the feature levels the decoder reads)
     default_image_size: int  # the resolution the weights were made for (timm's pretrained cfg)
+    params: int = 0  # backbone parameters at default_image_size (no classifier); a test checks them against timm
+    kind: str = "vit"  # "vit" or "cnn"
+    feature_channels: tuple[int, ...] = ()  # CNN: channels at strides 4, 8, 16, 32
+    out_indices: tuple[int, ...] = ()  # CNN: timm feature indices of those strides
     hub_name: str | None = None  # torch-hub entry point: "dinov3_vitb16"
     pretrained_tag: str | None = None  # timm / HF hub tag; None = random init only
     timm_kwargs: tuple[tuple[str, Any], ...] = ()  # architecture overrides (tiny models)
@@ -71,6 +77,42 @@ _DIMS_V3 = {"s": (384, 12), "s+": (384, 12), "b": (768, 12), "l": (1024, 24), "h
 _HUB_V3 = {"s": "vits16", "s+": "vits16plus", "b": "vitb16", "l": "vitl16", "h+": "vith16plus", "7b": "vit7b16"}
 _SIZES_V2 = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 _DIMS_V2 = {"s": (384, 12), "b": (768, 12), "l": (1024, 24), "g": (1536, 40)}
+_PARAMS_V3 = {"s": 21586944, "s+": 28683264, "b": 85641216, "l": 303079424, "h+": 840509440, "7b": 6716030976}
+_PARAMS_V2 = {"s": 22056192, "b": 86579712, "l": 304367616, "g": 1136479232}
+_PARAMS_V2_REG = {"s": 22057344, "b": 86582016, "l": 304370688, "g": 1136483840}
+
+# timm CNNs: name -> (pretrained tag, default image size, backbone params, channels at strides 4-32, out_indices,
+# mean, std). Tags are timm's ImageNet weights; sizes and normalisation are those tags' pretrained cfgs.
+_R5 = (1, 2, 3, 4)  # ResNet / EfficientNet: feature 0 is the stride-2 stem
+_C4 = (0, 1, 2, 3)  # ConvNeXt: four stages, stride 4 first
+_CNNS: dict[str, tuple[str, int, int, tuple[int, ...], tuple[int, ...], tuple[float, ...], tuple[float, ...]]] = {
+    "resnet10t": ("c3_in1k", 176, 4922488, (64, 128, 256, 512), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet14t": ("c3_in1k", 176, 8032632, (256, 512, 1024, 2048), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet18": ("a1_in1k", 224, 11176512, (64, 128, 256, 512), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet18d": ("ra2_in1k", 224, 11195744, (64, 128, 256, 512), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet26d": ("bt_in1k", 224, 13965408, (256, 512, 1024, 2048), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet34": ("a1_in1k", 224, 21284672, (64, 128, 256, 512), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet34d": ("ra2_in1k", 224, 21303904, (64, 128, 256, 512), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": ("a1_in1k", 224, 23508032, (256, 512, 1024, 2048), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50d": ("a1_in1k", 224, 23527264, (256, 512, 1024, 2048), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_atto": ("d2_in1k", 224, 3373880, (40, 80, 160, 320), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_femto": ("d1_in1k", 224, 4832016, (48, 96, 192, 384), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_pico": ("d1_in1k", 224, 8531648, (64, 128, 256, 512), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_nano": ("d1h_in1k", 224, 14951280, (80, 160, 320, 640), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_tiny": ("fb_in1k", 224, 27818592, (96, 192, 384, 768), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_small": ("fb_in1k", 224, 49453152, (96, 192, 384, 768), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext_base": ("fb_in1k", 224, 87564416, (128, 256, 512, 1024), _C4, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b0": ("ra_in1k", 224, 3595388, (24, 40, 112, 320), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b1": ("ft_in1k", 224, 6101024, (24, 40, 112, 320), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b2": ("ra_in1k", 256, 7202562, (24, 48, 120, 352), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b3": ("ra2_in1k", 288, 10103336, (32, 48, 136, 384), _R5, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b4": ("ra2_in1k", 320, 16742216, (32, 56, 160, 448), _R5, IMAGENET_MEAN, IMAGENET_STD),
+}
+_CNN_FAMILIES = {
+    "resnet": "ResNet (He et al. 2015; -d / -t: deep stem, avg-pool downsampling), timm ImageNet weights",
+    "convnext": "ConvNeXt (Liu et al. 2022), timm ImageNet weights",
+    "efficientnet": "EfficientNet (Tan & Le 2019), timm ImageNet weights",
+}
 
 
 def _build_registry() -> dict[str, BackboneSpec]:
@@ -88,6 +130,7 @@ def _build_registry() -> dict[str, BackboneSpec]:
                 default_image_size=256,
                 hub_name=f"dinov3_{_HUB_V3[size]}",
                 pretrained_tag="lvd1689m",
+                params=_PARAMS_V3[size],
                 description=_DINOV3,
             )
         )
@@ -105,9 +148,31 @@ def _build_registry() -> dict[str, BackboneSpec]:
                     default_image_size=518,
                     hub_name=f"dinov2_vit{size}14" + ("_reg" if reg else ""),
                     pretrained_tag="lvd142m",
+                    params=(_PARAMS_V2_REG if reg else _PARAMS_V2)[size],
                     description=_DINOV2 + (", 4 registers" if reg else ""),
                 )
             )
+    for timm_name, (tag, size, params, channels, indices, mean, std) in _CNNS.items():
+        family = "resnet" if timm_name.startswith("resnet") else timm_name.split("_")[0]
+        specs.append(
+            BackboneSpec(
+                name=timm_name.replace("_", "-"),
+                timm_name=timm_name,
+                family=family,
+                patch_size=32,
+                embed_dim=channels[-1],
+                depth=len(channels),
+                default_image_size=size,
+                pretrained_tag=tag,
+                params=params,
+                kind="cnn",
+                feature_channels=channels,
+                out_indices=indices,
+                mean=mean,
+                std=std,
+                description=_CNN_FAMILIES[family],
+            )
+        )
     tiny = dict(patch_size=8, family="test", pretrained_tag=None)
     specs += [
         BackboneSpec(
@@ -117,6 +182,7 @@ def _build_registry() -> dict[str, BackboneSpec]:
             depth=4,
             default_image_size=64,
             timm_kwargs=(("patch_size", 8), ("embed_dim", 96), ("depth", 4), ("num_heads", 3)),
+            params=466176,
             description="random-init DINOv3-style ViT for demos (never pretrained)",
             **tiny,
         ),
@@ -127,6 +193,7 @@ def _build_registry() -> dict[str, BackboneSpec]:
             depth=4,
             default_image_size=32,
             timm_kwargs=(("patch_size", 8), ("embed_dim", 32), ("depth", 4), ("num_heads", 2)),
+            params=57088,
             description="random-init DINOv3-style ViT for tests (never pretrained)",
             **tiny,
         ),
@@ -137,8 +204,24 @@ def _build_registry() -> dict[str, BackboneSpec]:
             depth=4,
             default_image_size=32,
             timm_kwargs=(("patch_size", 8), ("embed_dim", 32), ("depth", 4), ("num_heads", 2)),
+            params=57984,
             description="random-init DINOv2-style ViT (absolute position embeddings) for tests",
             **tiny,
+        ),
+        BackboneSpec(
+            name="test-tiny-cnn",
+            timm_name="resnet10t",
+            family="test",
+            patch_size=32,
+            embed_dim=64,
+            depth=4,
+            default_image_size=64,
+            timm_kwargs=(("channels", (8, 16, 32, 64)), ("stem_width", 8)),
+            params=79646,
+            kind="cnn",
+            feature_channels=(8, 16, 32, 64),
+            out_indices=_R5,
+            description="random-init ResNet-10t-style CNN for tests (never pretrained)",
         ),
     ]
     return {s.name: s for s in specs}
@@ -196,69 +279,26 @@ def resolve_backbone(name: str) -> BackboneSpec:
 
 
 def check_image_size(spec: BackboneSpec, image_size: int, key: str = "data.image_size") -> None:
-    """The ViT grid must tile the image exactly; say which nearby sizes work."""
+    """The ViT grid (or a CNN's stride-32 grid) must tile the image exactly; say which nearby sizes work."""
     p = spec.patch_size
     if image_size % p:
         lower, upper = (image_size // p) * p, (image_size // p + 1) * p
         options = " or ".join(str(s) for s in (lower, upper) if s >= 16)
-        raise ConfigError(f"{key}: {image_size} is not a multiple of {spec.name}'s patch size {p}; use {options}")
+        unit = "total stride" if spec.kind == "cnn" else "patch size"
+        raise ConfigError(f"{key}: {image_size} is not a multiple of {spec.name}'s {unit} {p}; use {options}")
 
 
 def timm_kwargs(spec: BackboneSpec, image_size: int, drop_path_rate: float = 0.0) -> dict[str, Any]:
-    """Keyword arguments for ``timm.create_model``: no classifier, the run's image size, stochastic depth."""
+    """Keyword arguments for ``timm.create_model``: no classifier, stochastic depth; ViTs get the run's image size,
+    CNNs ``features_only`` maps at strides 4, 8, 16 and 32."""
     kwargs: dict[str, Any] = dict(spec.timm_kwargs)
-    kwargs.update(num_classes=0, img_size=image_size, drop_path_rate=drop_path_rate)
+    kwargs["drop_path_rate"] = drop_path_rate
+    if spec.kind == "cnn":
+        kwargs.update(features_only=True, out_indices=spec.out_indices)
+        return kwargs
+    kwargs.update(num_classes=0, img_size=image_size)
     if spec.timm_name.endswith("dinov2"):
         # Absolute position embeddings are built (and resampled on load) for the fixed run size; inputs are always
         # resized to image_size, so the per-forward interpolation of dynamic_img_size is never needed.
         kwargs["dynamic_img_size"] = False
     return kwargs
-
-
-def create_backbone(
-    spec: BackboneSpec | str,
-    image_size: int,
-    *,
-    drop_path_rate: float = 0.0,
-    pretrained: bool = False,
-    weights: str | None = None,
-) -> nn.Module:
-    """Build the timm model; optionally load pretrained weights (hub) or a local file (see `weights`)."""
-    import timm
-
-    if isinstance(spec, str):
-        spec = resolve_backbone(spec)
-    check_image_size(spec, image_size)
-    kwargs = timm_kwargs(spec, image_size, drop_path_rate)
-    if weights:
-        from raydefect.models.weights import load_weights_file
-
-        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        load_weights_file(model, weights, spec)
-        return model
-    if pretrained:
-        from raydefect.models.weights import create_pretrained
-
-        return create_pretrained(spec, kwargs)
-    return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-
-
-@contextlib.contextmanager
-def fast_meta_init() -> Iterator[None]:
-    """Build models on ``torch.device("meta")`` in milliseconds instead of ~0.5 s each.
-
-    timm's truncated-normal init decomposes into slow reference ops on meta tensors, which hold no values anyway;
-    it is skipped for them only, so anything building real models meanwhile is initialised as usual.
-    """
-    from timm.layers import weight_init
-
-    original = weight_init._trunc_normal_
-
-    def trunc_normal(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
-
-    weight_init._trunc_normal_ = trunc_normal
-    try:
-        yield
-    finally:
-        weight_init._trunc_normal_ = original
