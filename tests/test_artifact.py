@@ -215,3 +215,15 @@ def test_meta_dict_round_trip(tiny_artifact):
     meta = read_artifact_meta(tiny_artifact)
     assert ArtifactMeta.from_dict(meta.to_dict()) == meta
     assert meta.defect_classes == ("scratch", "spot") and meta.pixel_threshold == 0.5
+
+
+def test_cnn_round_trip_gives_the_same_outputs(tmp_path, make_tiny_model):
+    model = make_tiny_model("test-tiny-cnn", image_size=64, seed=4)
+    meta = save_artifact(model, tmp_path / "model", thresholds=THRESHOLDS, metrics={})
+    loaded = load_artifact(tmp_path / "model")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x), loaded.model(x)
+    assert torch.allclose(a.class_logits, b.class_logits, atol=1e-6)
+    assert torch.allclose(a.mask_logits, b.mask_logits, atol=1e-6)
+    assert meta.backbone == "test-tiny-cnn" and loaded.meta == meta

@@ -169,3 +169,12 @@ def test_cli_export(tiny_artifact, tmp_path):
     shutil.rmtree(tmp_path / "none", ignore_errors=True)
     missing = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "none"), "--out", str(out)])
     assert missing.exit_code == 1 and "model artifact not found" in missing.output
+
+
+def test_cnn_exports_to_onnx_with_parity(tmp_path, make_tiny_model):
+    from raydefect.models.artifact import save_artifact
+
+    artifact = tmp_path / "model"
+    save_artifact(make_tiny_model("test-tiny-cnn", image_size=64), artifact, thresholds={"image": 0.5, "pixel": 0.5})
+    report = export_model(artifact, tmp_path / "cnn.onnx", batch=2)
+    assert max(max(d.values()) for d in check_parity(artifact, report.path).values()) <= 1e-4
