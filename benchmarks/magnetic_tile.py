@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--backbone", help="override the recipe's model.backbone")
     p.add_argument("--size", type=int, help="override the recipe's data.image_size")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the worker = torch threads")
+    p.add_argument("--cpus", type=int, default=1, help="CPUs of the worker = torch threads (1: no OpenMP spinning)")
     p.add_argument("--set", action="append", default=[], help="any other config key, KEY=VALUE (repeatable)")
     p.add_argument(
         "--pretrained",

@@ -46,6 +46,17 @@ def _check(cond: bool, key: str, message: str) -> None:
 class DataConfig:
     dataset: str | None = _f(None, "Prepared dataset folder (holds manifest.parquet and dataset.yaml).")
     image_size: int = _f(224, "Square side in pixels the model sees; a multiple of the backbone's patch size.")
+    geometry: str = _f(
+        "square",
+        "How images become model inputs: 'square' (resized to image_size, aspect not kept), 'aspect' (longer side to "
+        "image_size, aspect kept, padded) or 'tiles' (scaled by data.scale and cut into tile_size tiles).",
+    )
+    scale: float = _f(1.0, "Tiles: resize factor applied before tiling; 1.0 = the camera's native pixels.")
+    tile_size: int = _f(512, "Tiles: side of a tile in pixels (the model's input); a multiple of the patch size.")
+    tile_overlap: int = _f(64, "Tiles: pixels shared by neighbouring tiles; stitching fades across them.")
+    tile_defect_share: float = _f(
+        0.5, "Tiles, training: share of tiles centred on a defect pixel (the rest are drawn anywhere)."
+    )
     subset: float = _f(1.0, "Fraction of the training split to use (0 < subset <= 1); tuning uses less.")
     balanced_sampling: bool = _f(False, "Sample classes evenly during training (defects are rare).")
     augment: bool = _f(True, "Mask-aligned augmentation during training.")
@@ -68,6 +79,19 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 4096, "data.image_size", f"must be in [16, 4096], got {self.image_size}")
         _check(0.0 < self.subset <= 1.0, "data.subset", f"must be in (0, 1], got {self.subset}")
+        _check(
+            self.geometry in ("square", "aspect", "tiles"),
+            "data.geometry",
+            f"must be 'square', 'aspect' or 'tiles', got {self.geometry!r}",
+        )
+        _check(0.01 <= self.scale <= 4.0, "data.scale", f"must be in [0.01, 4], got {self.scale}")
+        _check(16 <= self.tile_size <= 4096, "data.tile_size", f"must be in [16, 4096], got {self.tile_size}")
+        _check(
+            0 <= self.tile_overlap <= self.tile_size // 2,
+            "data.tile_overlap",
+            f"must be in [0, tile_size / 2 = {self.tile_size // 2}], got {self.tile_overlap}",
+        )
+        _check(0.0 <= self.tile_defect_share <= 1.0, "data.tile_defect_share", "must be in [0, 1]")
         _check(0.05 <= self.scale_min <= 1.0, "data.scale_min", f"must be in [0.05, 1], got {self.scale_min}")
         _check(0.0 <= self.brightness < 1.0, "data.brightness", f"must be in [0, 1), got {self.brightness}")
         _check(0.0 <= self.contrast < 1.0, "data.contrast", f"must be in [0, 1), got {self.contrast}")
@@ -365,7 +389,10 @@ class Config:
 
     def __post_init__(self) -> None:
         spec = resolve_backbone(self.model.backbone)  # cross-section: the ViT grid must tile the image
-        check_image_size(spec, self.data.image_size, key="data.image_size")
+        if self.data.geometry == "tiles":
+            check_image_size(spec, self.data.tile_size, key="data.tile_size")
+        else:
+            check_image_size(spec, self.data.image_size, key="data.image_size")
         if self.tune.image_size is not None:
             check_image_size(spec, self.tune.image_size, key="tune.image_size")
 

@@ -39,7 +39,7 @@ import numpy as np
 from raydefect import __version__, console
 from raydefect.errors import ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
-from raydefect.inference import Predictor, Preprocessor, decide, postprocess, upsample_prob
+from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.metrics._common import json_safe, nanmean, safe_div
 from raydefect.overlay import class_colour, render_overlay, save_png
@@ -160,7 +160,7 @@ class Evaluator:
         if record["defect_class"] not in self.class_index:
             item.error = f"class {record['defect_class']!r} is not in the dataset's class list"
             return item
-        item.x = self.pre(item.image)
+        item.x = None if self.meta.geometry.tiled else self.pre(item.image)  # tiles are cut by `infer_images`
         return item
 
     def load(self, records: Sequence[dict[str, Any]]) -> list[_Loaded]:
@@ -179,7 +179,10 @@ class Evaluator:
         ok = [item for item in loaded if item.error is None]
         rows: list[dict[str, Any]] = []
         if ok:
-            out = self.predictor.predict(np.stack([item.x for item in ok]))
+            if self.meta.geometry.tiled:
+                out = infer_images(self.predictor, [item.image for item in ok], len(ok))
+            else:
+                out = self.predictor.predict(np.stack([item.x for item in ok]))
             n_extra = len(self.class_names) - self.meta.num_classes
             probs = np.asarray(out["class_probs"], np.float64)
             if n_extra:
@@ -190,7 +193,8 @@ class Evaluator:
             image_acc.update(scores, labels, probs, class_ids)
             with_mask = [k for k, item in enumerate(ok) if item.truth is not None or item.record["label"] == 0]
             prob_maps = [
-                upsample_prob(out["mask_prob"][k], ok[k].image.shape[1], ok[k].image.shape[0]) for k in with_mask
+                upsample_prob(out["mask_prob"][k], ok[k].image.shape[1], ok[k].image.shape[0], self.meta.geometry.mode)
+                for k in with_mask
             ]
             truths = [ok[k].truth for k in with_mask]  # None (normal image) = empty truth
             ious, dices = pixel_acc.update(prob_maps, truths) if with_mask else (np.zeros(0), np.zeros(0))
@@ -435,7 +439,6 @@ def render_galleries(
     Returns {gallery: [caption dict + "png" (path relative to out_dir)]}.
     """
     meta = predictor.meta
-    pre = Preprocessor(meta)
     evaluator = Evaluator(predictor, class_names)
     unique = {r["index"]: r for rows in galleries.values() for r in rows}
     loaded = {item.record["index"]: item for item in evaluator.load([unique[i] for i in sorted(unique)])}
@@ -443,8 +446,7 @@ def render_galleries(
     ok = [i for i in sorted(loaded) if loaded[i].error is None]
     predicted: dict[int, np.ndarray] = {}
     if ok:
-        batch = np.stack([pre(loaded[i].image) for i in ok])
-        out = predictor.predict(batch)
+        out = infer_images(predictor, [loaded[i].image for i in ok])
         predicted = {i: out["mask_prob"][k] for k, i in enumerate(ok)}
     written: dict[str, list[dict[str, Any]]] = {}
     for key, rows in galleries.items():
@@ -454,7 +456,9 @@ def render_galleries(
             if item.error is not None:  # the file changed since it was scored
                 continue
             h, w = item.image.shape[:2]
-            mask = postprocess(predicted[row["index"]], w, h, meta.pixel_threshold, encode=False).mask
+            mask = postprocess(
+                predicted[row["index"]], w, h, meta.pixel_threshold, encode=False, geometry=meta.geometry.mode
+            ).mask
             truth = item.truth if item.truth is not None else np.zeros((h, w), bool)
             cls = row["predicted_class"]
             note = None if math.isnan(row["iou"]) else f"IoU {row['iou']:.3f}"

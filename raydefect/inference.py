@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from raydefect.geometry import content_of, fit_image, predict_tiled
 from raydefect.imaging import DEFAULT_MAX_PIXELS, Source, decode_image_sized, encode_png
 
 if TYPE_CHECKING:
@@ -40,16 +41,10 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxWx3 (or HxW) -> uint8 size x size x 3; bilinear, antialiased when shrinking. Whole image, no crop."""
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+def resize_rgb(image: np.ndarray, size: int, geometry: str = "square") -> np.ndarray:
+    """uint8 HxWx3 (or HxW) -> uint8 size x size x 3, bilinear; ``aspect`` keeps the aspect ratio and pads
+    (`raydefect.geometry.fit_image`). Whole image, no crop."""
+    return fit_image(image, size, geometry)[0]
 
 
 class Preprocessor:
@@ -62,12 +57,14 @@ class Preprocessor:
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        geometry: str = "square",
     ) -> None:
         if meta is not None:
-            image_size, mean, std = meta.image_size, meta.mean, meta.std
+            image_size, mean, std, geometry = meta.image_size, meta.mean, meta.std, meta.geometry.mode
         if image_size is None or mean is None or std is None:
             raise ValueError("Preprocessor needs an ArtifactMeta or image_size, mean and std")
         self.image_size = int(image_size)
+        self.geometry = geometry
         std_arr = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self._scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
         self._shift = (np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) / std_arr).astype(np.float32)
@@ -86,7 +83,12 @@ class Preprocessor:
         return chw * self._scale - self._shift
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.normalize(resize_rgb(image, self.image_size))
+        return self.normalize(resize_rgb(image, self.image_size, self.geometry))
+
+    def normalize_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 [T, t, t, 3] -> float32 [T, 3, t, t], normalised like `normalize`."""
+        chw = tiles.transpose(0, 3, 1, 2).astype(np.float32)
+        return chw * self._scale[None] - self._shift[None]
 
     def from_bytes(
         self,
@@ -284,6 +286,25 @@ class Predictor:
         return result
 
 
+def infer_images(predictor: Any, images: Sequence[np.ndarray], batch_size: int = 16) -> dict[str, Any]:
+    """Whole uint8 HxWx3 images through any predictor (`Predictor`, `OnnxPredictor`) in its model's geometry:
+    ``defect_score`` [N], ``class_probs`` [N, C] and ``mask_prob``, a list of 2-D maps for `postprocess` (the model's
+    square, or under ``tiles`` the stitched map at the scaled image size). Tiles are batched across the images."""
+    meta = predictor.meta
+    pre = Preprocessor(meta)
+    if not images:
+        return {"defect_score": np.zeros(0), "class_probs": np.zeros((0, meta.num_classes)), "mask_prob": []}
+    if meta.geometry.tiled:
+        tiled = predict_tiled(list(images), meta.geometry, pre.normalize_tiles, predictor.predict, batch_size)
+        return {
+            "defect_score": np.asarray([t.defect_score for t in tiled], np.float32),
+            "class_probs": np.stack([t.class_probs for t in tiled]),
+            "mask_prob": [t.mask_prob for t in tiled],
+        }
+    out = predictor.predict(np.stack([pre(image) for image in images]))
+    return {**out, "mask_prob": list(out["mask_prob"])}
+
+
 @dataclass(frozen=True)
 class MaskResult:
     """A predicted mask at the image's own resolution."""
@@ -295,9 +316,10 @@ class MaskResult:
     bbox: tuple[int, int, int, int] | None  # (x0, y0, x1, y1), x1/y1 exclusive; None for an empty mask
 
 
-def upsample_prob(mask_prob: np.ndarray, width: int, height: int) -> np.ndarray:
-    """float SxS probabilities -> float32 HxW, bilinear (PIL, half-pixel centres; antialiased when shrinking)."""
-    prob = np.asarray(mask_prob, dtype=np.float32)
+def upsample_prob(mask_prob: np.ndarray, width: int, height: int, geometry: str = "square") -> np.ndarray:
+    """float SxS probabilities -> float32 HxW, bilinear (PIL, half-pixel centres; antialiased when shrinking); under
+    ``aspect`` from the image's part of the square only."""
+    prob = content_of(np.asarray(mask_prob, dtype=np.float32), width, height, geometry)
     if prob.ndim != 2:
         raise ValueError(f"mask_prob must be 2-D (S x S), got shape {prob.shape}")
     if prob.shape == (height, width):
@@ -352,12 +374,19 @@ def _upsampled_mask(prob: np.ndarray, width: int, height: int, threshold: float)
 
 
 def postprocess(
-    mask_prob: np.ndarray, width: int, height: int, pixel_threshold: float, *, encode: bool = True
+    mask_prob: np.ndarray,
+    width: int,
+    height: int,
+    pixel_threshold: float,
+    *,
+    encode: bool = True,
+    geometry: str = "square",
 ) -> MaskResult:
-    """Upsample the probability to (height, width), threshold (``>=``), and describe the mask."""
+    """Upsample the probability to (height, width), threshold (``>=``), and describe the mask. ``geometry``: the
+    model's (`raydefect.geometry`); under ``aspect`` only the image's part of the square is used."""
     if width < 1 or height < 1:
         raise ValueError(f"width and height must be >= 1, got {width}x{height}")
-    prob = np.asarray(mask_prob, dtype=np.float32)
+    prob = content_of(np.asarray(mask_prob, dtype=np.float32), int(width), int(height), geometry)
     if prob.ndim == 2 and float(prob.max(initial=0.0)) < _below(pixel_threshold):
         # Bilinear upsampling weighs input pixels with non-negative weights that sum to 1, so no output pixel exceeds
         # the input's maximum: the full-size mask is empty, known without upsampling (most images of a nightly run).

@@ -27,7 +27,7 @@ from raydefect import console
 from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
-from raydefect.inference import Predictor, Preprocessor, decide, postprocess
+from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess
 from raydefect.overlay import class_colour, render_overlay, save_png
 from raydefect.paths import glob_files, printable_path
 
@@ -97,7 +97,7 @@ class Decoded:
 
     path: str
     image: np.ndarray | None = None  # uint8 HxWx3, kept for the overlay
-    x: np.ndarray | None = None  # float32 3xSxS
+    x: np.ndarray | None = None  # float32 3xSxS (None under tiles: `infer_images` cuts them)
     error: str | None = None
 
     @property
@@ -114,7 +114,7 @@ def decode_for_model(path: str, pre: Preprocessor, max_pixels: int = DEFAULT_MAX
         return Decoded(path, error=e.reason + (f" ({e.fix})" if e.fix else ""))
     except OSError as e:  # permissions, vanished file, I/O error
         return Decoded(path, error=f"cannot read: {e.strerror or e}")
-    return Decoded(path, image=image, x=pre(image))
+    return Decoded(path, image=image, x=None if pre.geometry == "tiles" else pre(image))
 
 
 def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -264,7 +264,10 @@ def predict_images(
         writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
         for batch in prefetched(pool, list(batched(paths, batch_size)), decode):
             ok = [d for d in batch if d.error is None]
-            result = predictor.predict(np.stack([d.x for d in ok])) if ok else None
+            if meta.geometry.tiled:
+                result = infer_images(predictor, [d.image for d in ok], batch_size) if ok else None
+            else:
+                result = predictor.predict(np.stack([d.x for d in ok])) if ok else None
             k = 0
             for item in batch:
                 summary.images += 1
@@ -277,7 +280,14 @@ def predict_images(
                 score = float(result["defect_score"][k])
                 probs = result["class_probs"][k]
                 width, height = item.size
-                mask = postprocess(result["mask_prob"][k], width, height, meta.pixel_threshold, encode=False)
+                mask = postprocess(
+                    result["mask_prob"][k],
+                    width,
+                    height,
+                    meta.pixel_threshold,
+                    encode=False,
+                    geometry=meta.geometry.mode,
+                )
                 is_defect, defect_class = decide(score, probs, meta)
                 summary.defects += int(is_defect)
                 summary.per_class[defect_class] = summary.per_class.get(defect_class, 0) + 1

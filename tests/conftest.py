@@ -128,9 +128,32 @@ def synth_archive(tmp_path_factory) -> dict:
 
 # --- training (issue 3 §3/§4): a tiny, fast training config for the synthetic data --------------------------------
 
+
+def tiny_backbone_weights() -> str:
+    """A local weights file for `test-tiny` (seeded random values), so tiny trainings run the three stages of a
+    pretrained backbone (a random-init backbone trains whole, `engine.schedule.plan_stages`)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / f"raydefect-tests-{os.getuid()}" / "test-tiny.safetensors"
+    if not path.is_file():
+        import torch
+        from safetensors.torch import save_file
+
+        from raydefect.models.factory import create_backbone
+
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in create_backbone("test-tiny", 32).state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    return str(path)
+
+
 TINY_TRAIN_SETS = (
     "model.backbone=test-tiny",
-    "model.pretrained=false",
+    "model.pretrained=true",
     "model.decoder_dim=32",
     "model.head_hidden=32",
     "model.drop_path_rate=0.0",
@@ -151,7 +174,7 @@ def tiny_train_config(dataset=None, runs_dir=None, *sets: str):
     """A `Config` that trains `test-tiny` at 32 px in seconds (3 epochs: one per stage); `sets` override it."""
     from raydefect.config import load_config
 
-    extra = []
+    extra = [f"model.weights={tiny_backbone_weights()}"]
     if dataset is not None:
         extra.append(f"data.dataset={dataset}")
     if runs_dir is not None:

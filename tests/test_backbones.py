@@ -231,3 +231,13 @@ def test_cnn_loads_a_local_timm_checkpoint_and_refuses_another_network(tmp_path)
 def test_tiny_backbones_have_no_pretrained_weights():
     with pytest.raises(WeightsError, match=r"random-init only .* --set model\.pretrained=false"):
         create_backbone("tiny", 64, pretrained=True)
+
+
+def test_a_vit_checkpoint_is_refused_by_a_cnn_with_the_reason(tmp_path):
+    """timm only warns about missing keys while loading into a features_only model; raydefect checks strictly."""
+    from safetensors.torch import save_file
+
+    vit = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in create_backbone("test-tiny", 32).state_dict().items()}, str(vit))
+    with pytest.raises(WeightsError, match=r"does not fit backbone 'test-tiny-cnn' .*missing tensors"):
+        create_backbone("test-tiny-cnn", 64, weights=str(vit))

@@ -17,6 +17,7 @@ in ``data.loader_processes`` DataLoader worker processes instead (`loader_proces
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections import deque
@@ -31,6 +32,7 @@ from PIL import Image
 from raydefect import console
 from raydefect.config import DataConfig
 from raydefect.errors import DataError, ImageError
+from raydefect.geometry import Box, cut_tiles, fit_mask, letterbox_box, sample_tile, scaled_size
 from raydefect.imaging import decode_image, decode_mask
 from raydefect.inference import Preprocessor
 
@@ -139,9 +141,7 @@ class Augmenter:
             cw, ch = w * side, h * side
             x0, y0 = rng.uniform(0.0, w - cw), rng.uniform(0.0, h - ch)
             box = (x0, y0, x0 + cw, y0 + ch)
-        img = np.asarray(Image.fromarray(image).resize((s, s), Image.Resampling.BILINEAR, box=box))
-        msk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((s, s), Image.Resampling.NEAREST, box=box))
-        msk = msk >= 128
+        img, msk = _resample(image, mask, box, s, cfg.geometry)
         if cfg.hflip and rng.random() < 0.5:
             img, msk = img[:, ::-1], msk[:, ::-1]
         if cfg.vflip and rng.random() < 0.5:
@@ -158,12 +158,21 @@ class Augmenter:
         return np.ascontiguousarray(out), np.ascontiguousarray(msk)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """bool HxW -> bool size x size, nearest (labels are never interpolated)."""
-    if mask.shape == (size, size):
-        return mask
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(img) >= 128
+def _resample(
+    image: np.ndarray, mask: np.ndarray, box: tuple[float, float, float, float], size: int, geometry: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``box`` of an image and its mask onto a ``size`` square: stretched (``square``) or, under ``aspect``,
+    resized with its aspect ratio and centred on black, exactly as `geometry.fit_image` places whole images."""
+    target = Box(0, 0, size, size)
+    if geometry == "aspect":
+        target = letterbox_box(max(1, round(box[2] - box[0])), max(1, round(box[3] - box[1])), size)
+    img = np.zeros((size, size, 3), dtype=np.uint8)
+    msk = np.zeros((size, size), dtype=bool)
+    part = Image.fromarray(image).resize((target.w, target.h), Image.Resampling.BILINEAR, box=box)
+    part_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((target.w, target.h), Image.NEAREST, box=box)
+    img[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part)
+    msk[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part_mask) >= 128
+    return img, msk
 
 
 @dataclass
@@ -175,12 +184,22 @@ class SampleSource:
     std: Sequence[float]
     augment: DataConfig | None = None  # None: evaluation preprocessing (= inference)
     max_pixels: int = 178_956_970
+    geometry: str = "square"
+    scale: float = 1.0  # tiles: resize factor before tiling
+    tile_defect_share: float = 0.5  # tiles, training: share of tiles centred on a defect pixel
     _pre: Preprocessor = field(init=False, repr=False)
     _aug: Augmenter | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._pre = Preprocessor(image_size=self.image_size, mean=self.mean, std=self.std)
-        self._aug = Augmenter(self.augment) if self.augment is not None and self.augment.augment else None
+        self._pre = Preprocessor(image_size=self.image_size, mean=self.mean, std=self.std, geometry=self.geometry)
+        aug = self.augment
+        if aug is not None and self.geometry == "tiles":  # a tile is augmented as a square of its own size
+            aug = dataclasses.replace(aug, geometry="square", image_size=self.image_size)
+        self._aug = Augmenter(aug) if aug is not None and aug.augment else None
+
+    @property
+    def tiled(self) -> bool:
+        return self.geometry == "tiles"
 
     @classmethod
     def for_config(cls, cfg: Any, train: bool) -> SampleSource:
@@ -188,12 +207,16 @@ class SampleSource:
         from raydefect.models.registry import resolve_backbone
 
         spec = resolve_backbone(cfg.model.backbone)
+        data = cfg.data
         return cls(
-            cfg.data.image_size,
+            data.tile_size if data.geometry == "tiles" else data.image_size,
             spec.mean,
             spec.std,
-            augment=cfg.data if train else None,
-            max_pixels=cfg.data.max_image_pixels,
+            augment=data if train else None,
+            max_pixels=data.max_image_pixels,
+            geometry=data.geometry,
+            scale=data.scale,
+            tile_defect_share=data.tile_defect_share,
         )
 
     def load(self, row: dict[str, Any], seed: Sequence[int] = (0,)) -> dict[str, Any]:
@@ -213,12 +236,14 @@ class SampleSource:
                 )
         else:
             mask = np.zeros(image.shape[:2], dtype=bool)
+        if self.tiled:
+            return self._load_tiled(row, image, mask, valid, seed)
         if self._aug is not None:
             img, msk = self._aug(image, mask, np.random.default_rng(list(seed)))
             x = self._pre.normalize(img)
         else:
             x = self._pre(image)
-            msk = resize_mask(mask, self.image_size)
+            msk = fit_mask(mask, self.image_size, self.geometry)
         return {
             "image": x,
             "mask": msk,
@@ -227,10 +252,46 @@ class SampleSource:
             "class_id": int(row["class_id"]),
         }
 
+    def _load_tiled(
+        self, row: dict[str, Any], image: np.ndarray, mask: np.ndarray, valid: bool, seed: Sequence[int]
+    ) -> dict[str, Any]:
+        """Tiles: training draws one tile (`geometry.sample_tile`), labelled by the defect pixels inside it;
+        evaluation keeps the whole scaled image for `geometry.predict_tiled` (``whole`` samples)."""
+        h, w = mask.shape
+        sw, sh = scaled_size(w, h, self.scale)
+        if (sw, sh) != (w, h):
+            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((sw, sh), Image.NEAREST)) >= 128
+        label, class_id = int(row["label"]), int(row["class_id"])
+        if self.augment is None:
+            return {"whole": image, "mask": mask, "mask_valid": valid, "label": label, "class_id": class_id}
+        rng = np.random.default_rng(list(seed))
+        box, has_defect = sample_tile(mask, self.image_size, rng, self.tile_defect_share if valid else 0.0)
+        tile = cut_tiles(image, [box])[0]
+        tile_mask = np.zeros((self.image_size, self.image_size), dtype=bool)
+        part = mask[box.y : box.y + box.h, box.x : box.x + box.w]
+        tile_mask[: part.shape[0], : part.shape[1]] = part
+        if self._aug is not None:
+            img, tile_mask = self._aug(tile, tile_mask, rng)
+            x = self._pre.normalize(img)
+        else:
+            x = self._pre.normalize_tiles(tile[None])[0]
+        if valid and label and not (has_defect and tile_mask.any()):  # a tile that misses the defect is normal
+            label, class_id = 0, 0
+        return {"image": x, "mask": tile_mask, "mask_valid": valid, "label": label, "class_id": class_id}
 
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
+    if "whole" in samples[0]:  # tiled evaluation: whole images of different sizes, tiled by `evaluate`
+        return {
+            "whole": [s["whole"] for s in samples],
+            "masks": [s["mask"] for s in samples],
+            "mask_valid": torch.tensor([s["mask_valid"] for s in samples], dtype=torch.bool),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+        }
     return {
         "image": torch.from_numpy(np.stack([s["image"] for s in samples]).astype(np.float32, copy=False)),
         "mask": torch.from_numpy(np.stack([s["mask"] for s in samples])[:, None].astype(np.float32)),

@@ -42,6 +42,8 @@ from raydefect.engine.schedule import (
     stage_for_epoch,
 )
 from raydefect.errors import ArtifactError, ConfigError, TrainingError
+from raydefect.geometry import Geometry, predict_tiled
+from raydefect.inference import Preprocessor
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.models.artifact import unwrap
 from raydefect.models.losses import DefectLoss
@@ -219,6 +221,9 @@ def evaluate(
     )
     try:
         for batch in batches:
+            if "whole" in batch:
+                _evaluate_tiled(net, batch, result, device=device, amp_dtype=amp_dtype)
+                continue
             batch = _to(batch, device)
             with _autocast(device, amp_dtype):
                 out = net(batch["image"])
@@ -237,6 +242,41 @@ def evaluate(
     finally:
         net.train(was_training)
     return result
+
+
+def _evaluate_tiled(
+    net: nn.Module, batch: dict[str, Any], result: Evaluation, *, device: torch.device, amp_dtype: torch.dtype | None
+) -> None:
+    """Whole images under ``tiles``: tiled, predicted and stitched exactly as inference does
+    (`geometry.predict_tiled`), so thresholds are chosen on whole images. No loss: ``val_loss`` is NaN."""
+    geometry = net.geometry
+
+    def predict(x: np.ndarray) -> dict[str, np.ndarray]:
+        with _autocast(device, amp_dtype):
+            out = net(torch.from_numpy(x).to(device))
+        probs = torch.softmax(out.class_logits.float(), dim=1)
+        return {
+            "defect_score": (1.0 - probs[:, 0]).cpu().numpy(),
+            "class_probs": probs.cpu().numpy(),
+            "mask_prob": torch.sigmoid(out.mask_logits.float())[:, 0].cpu().numpy(),
+        }
+
+    spec = net.spec
+    pre = Preprocessor(image_size=geometry.image_size, mean=spec.mean, std=spec.std, geometry="tiles")
+    tiled = predict_tiled(batch["whole"], geometry, pre.normalize_tiles, predict, batch_size=len(batch["whole"]) * 2)
+    probs = np.stack([t.class_probs for t in tiled])
+    labels = batch["label"].numpy()
+    result.image.update(
+        np.asarray([t.defect_score for t in tiled]), labels, class_probs=probs, class_ids=batch["class_id"].numpy()
+    )
+    valid = batch["mask_valid"].numpy()
+    if valid.any():
+        result.pixel.update(
+            [t.mask_prob for t, ok in zip(tiled, valid, strict=True) if ok],
+            [m for m, ok in zip(batch["masks"], valid, strict=True) if ok],
+        )
+    result.images += len(tiled)
+    result.loss_sum = math.nan
 
 
 def metric_names(class_names: Sequence[str]) -> list[str]:
@@ -299,7 +339,10 @@ class Trainer:
         self.rank, self.world_size = world()
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
-        self.model = DefectModel(cfg.model, cfg.data.image_size, self.class_names, load_weights=load_weights)
+        geometry = Geometry.from_data_config(cfg.data)
+        self.model = DefectModel(
+            cfg.model, geometry.image_size, self.class_names, load_weights=load_weights, geometry=geometry
+        )
         self.model.to(self.device)
         self.net: nn.Module = self.model
         self.wrap_model = wrap_model or (lambda m: m)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from raydefect import console
 from raydefect.config import Config, save_config
 from raydefect.errors import OutputError
+from raydefect.geometry import Geometry
 from raydefect.paths import write_text_atomic
 
 if TYPE_CHECKING:
@@ -309,7 +310,8 @@ def export_run(
     run_dir = Path(run_dir)
     state = read_state(checkpoint_dir)
     torch_device = resolve_device(device)
-    model = DefectModel(cfg.model, cfg.data.image_size, dataset.class_names, load_weights=False)
+    geometry = Geometry.from_data_config(cfg.data)
+    model = DefectModel(cfg.model, geometry.image_size, dataset.class_names, load_weights=False, geometry=geometry)
     load_weights(checkpoint_dir, model)
     model.to(torch_device).eval()
     amp = autocast_dtype(cfg.train.precision, torch_device)

@@ -33,6 +33,7 @@ import yaml
 from raydefect import __version__, console
 from raydefect.config import ModelConfig, _build_section
 from raydefect.errors import ArtifactError, OutputError, RaydefectError
+from raydefect.geometry import Geometry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,6 +122,11 @@ class ArtifactMeta:
     raydefect_version: str = __version__
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    geometry: Geometry = None  # type: ignore[assignment]  # None -> square at image_size (older model.yaml)
+
+    def __post_init__(self) -> None:
+        if self.geometry is None:
+            object.__setattr__(self, "geometry", Geometry("square", self.image_size))
 
     @property
     def image_threshold(self) -> float:
@@ -151,6 +157,8 @@ class ArtifactMeta:
             "model": model,
             "class_names": list(self.class_names),
             "thresholds": dict(self.thresholds),
+            # square models keep the ids they had before geometries existed
+            **({} if self.geometry.mode == "square" else {"geometry": self.geometry.to_dict()}),
         }
 
     def computed_model_id(self) -> str:
@@ -166,6 +174,7 @@ class ArtifactMeta:
                 "backbone": self.backbone,
                 "timm_name": self.timm_name,
                 "image_size": self.image_size,
+                "geometry": self.geometry.to_dict(),
                 "mean": list(self.mean),
                 "std": list(self.std),
                 "model": dataclasses.asdict(self.model),
@@ -213,6 +222,7 @@ class ArtifactMeta:
                 raydefect_version=str(data.get("raydefect_version", "")),
                 format_version=version,
                 extra=dict(data.get("extra") or {}),
+                geometry=Geometry.from_dict(data.get("geometry"), int(data["image_size"])),
             )
         except ArtifactError:
             raise
@@ -332,6 +342,7 @@ def save_artifact(
             metrics=_plain(dict(metrics or {})),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra=_plain(dict(extra or {})),
+            geometry=net.geometry,
         )
         meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
@@ -399,7 +410,7 @@ def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True)
             f"({meta.raydefect_version})"
         )
     try:
-        net = DefectModel(cfg, meta.image_size, meta.class_names, load_weights=False)
+        net = DefectModel(cfg, meta.image_size, meta.class_names, load_weights=False, geometry=meta.geometry)
     except RaydefectError as e:
         raise ArtifactError(f"{folder}: cannot rebuild the model described in {META_FILE}: {e}") from None
     try:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from raydefect.config import ModelConfig
 from raydefect.errors import ModelError
+from raydefect.geometry import Geometry
 from raydefect.models.factory import create_backbone
 from raydefect.models.registry import BackboneSpec, check_image_size, resolve_backbone
 from raydefect.models.sizes import feature_indices
@@ -168,6 +169,7 @@ class DefectModel(nn.Module):
     """Backbone + segmentation decoder + mask-guided classifier. Built from (ModelConfig, image_size, class_names).
 
     ``load_weights=False`` never touches pretrained weights (artifact loading, parameter counting on meta).
+    ``geometry`` (`raydefect.geometry`) is how images become its inputs; it travels into the artifact.
     """
 
     def __init__(
@@ -177,10 +179,14 @@ class DefectModel(nn.Module):
         class_names: Sequence[str],
         *,
         load_weights: bool = True,
+        geometry: Geometry | None = None,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
         self.image_size = int(image_size)
+        self.geometry = geometry or Geometry("square", self.image_size)
+        if self.geometry.image_size != self.image_size:
+            raise ModelError(f"geometry {self.geometry} does not match the model's input size {self.image_size}")
         self.class_names = check_class_names(class_names)
         self.spec: BackboneSpec = resolve_backbone(model_cfg.backbone)
         check_image_size(self.spec, self.image_size)

@@ -154,8 +154,12 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module)
     return out
 
 
-def _mismatches(converted: Mapping[str, torch.Tensor], model: nn.Module) -> list[str]:
+def _mismatches(converted: Mapping[str, torch.Tensor], model: nn.Module, skip: str | None = None) -> list[str]:
+    """What keeps ``converted`` from loading strictly into ``model`` (keys under the ``skip`` prefix ignored)."""
     expected = model.state_dict()
+    if skip:
+        expected = {k: v for k, v in expected.items() if not k.startswith(skip + ".")}
+        converted = {k: v for k, v in converted.items() if not k.startswith(skip + ".")}
     problems = []
     missing = [k for k in expected if k not in converted]
     unexpected = [k for k in converted if k not in expected]
@@ -208,9 +212,22 @@ def create_cnn_from_file(spec: BackboneSpec, kwargs: Mapping[str, Any], path: st
     """A CNN from a local timm checkpoint (e.g. ``resnet18.a1_in1k``'s model.safetensors): timm loads the state dict
     into the whole network (its own key filter, classifier included) before cutting the ``features_only`` wrapper."""
     import timm
+    import torch
 
     p = Path(path).expanduser()
     sd = read_state_dict(p)
+    with torch.device("meta"), fast_meta_init():  # the whole network, to check the file strictly (timm only warns)
+        full = timm.create_model(spec.timm_name, pretrained=False, **dict(spec.timm_kwargs))
+    try:
+        problems = _mismatches(convert_state_dict(sd, full), full, skip=full.pretrained_cfg.get("classifier"))
+    except Exception as e:  # a foreign layout can break timm's key filter
+        problems = [f"conversion failed ({first_line(e)})"]
+    if problems:
+        raise WeightsError(
+            f"model.weights: {p} does not fit backbone '{spec.name}' ({spec.timm_name}): {'; '.join(problems)}. "
+            f"Use a timm checkpoint of {spec.timm_name} or pick the backbone it was made for with "
+            "--set model.backbone=NAME"
+        )
     try:
         return timm.create_model(
             spec.timm_name, pretrained=True, pretrained_cfg_overlay={"state_dict": sd}, **dict(kwargs)

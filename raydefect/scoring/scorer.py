@@ -98,8 +98,10 @@ class Decoder:
         model_id: str = "",
         known: np.ndarray | None = None,
         reduced_jpeg: bool = True,
+        geometry: str = "square",
     ) -> None:
         self.image_size = int(image_size)
+        self.geometry = geometry
         self.reduce = bool(reduced_jpeg)
         self.storage = storage or Storage()
         self.max_pixels = int(max_pixels)
@@ -153,7 +155,7 @@ class Decoder:
         try:
             reduce_to = self.image_size if self.reduce else None
             image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, reduce_to)
-            pixels[i] = resize_rgb(image, self.image_size)
+            pixels[i] = resize_rgb(image, self.image_size, self.geometry)
         except ImageTooLargeError as e:  # the guard's setting is score's own, not prepare's --max-pixels
             return f"{e.reason}; score.max_image_pixels={self.max_pixels} (raise it to score such images)"
         except ImageError as e:
@@ -258,7 +260,7 @@ def finish(
                 cols[name].append(None)
             continue
         w, h = int(batch["width"][i]), int(batch["height"][i])
-        m = postprocess(batch["mask_prob"][i], w, h, meta.pixel_threshold)
+        m = postprocess(batch["mask_prob"][i], w, h, meta.pixel_threshold, geometry=meta.geometry.mode)
         is_defect, defect_class = decide(batch["defect_score"][i], batch["class_probs"][i], meta)
         cols["width"].append(w)
         cols["height"].append(h)
@@ -296,7 +298,10 @@ class BatchScorer:
     ) -> None:
         self.step = ModelStep(model, device=device, precision=precision, engine=engine)
         self.storage = storage or Storage()
-        self.decoder = Decoder(self.step.meta.image_size, self.storage, max_pixels, reduced_jpeg=reduced_jpeg)
+        meta = self.step.meta
+        self.decoder = Decoder(
+            meta.image_size, self.storage, max_pixels, reduced_jpeg=reduced_jpeg, geometry=meta.geometry.mode
+        )
         self.run_id = run_id
 
     def score(self, locations: Sequence[str], batch_size: int = 32) -> pa.Table:
