@@ -2,13 +2,16 @@
 
 The exported graph is `Predictor.predict` without Python around it::
 
-    input   image         float32 [N, 3, S, S]   RGB, resized whole to S x S, (x / 255 - mean) / std
+    input   image         float32 [N, 3, S, S]   RGB, per the model's geometry (a square, a letterbox or a tile),
+                                                 (x / 255 - mean) / std
     output  defect_score  float32 [N]            1 - p(normal)
             class_probs   float32 [N, C]         softmax over class_names (index 0 = normal)
             mask_prob     float32 [N, S, S]      sigmoid of the mask logits at the model's input size
 
 Preprocessing and decision rules are not in the graph; they are written beside it in ``<file>.json`` (the
-sidecar: image size, mean/std, class names, thresholds, output names, how to decide), so any runtime can use it.
+sidecar: image size, mean/std, the geometry -- for tiles the tiling, the stitching weights and the aggregation --,
+class names, thresholds, output names, how to decide), so any runtime can use it. A tiles model's parity check also
+runs one multi-tile image through raydefect's own stitching and through the file fed the same tiles.
 
 After writing, the same inputs run through PyTorch and the exported file at batch 1 and at a batch larger than the
 one used for tracing (so a batch size baked into the graph is caught); the largest absolute difference per output
@@ -300,6 +303,8 @@ def check_parity(
                     f"{tuple(want[name].shape)}; the batch size is not dynamic, export it again"
                 )
             diffs[f"batch_{n}"][name] = float(np.abs(got[name].astype(np.float64) - want[name]).max())
+    if loaded.meta.geometry.tiled:
+        diffs["stitched"] = _stitched_parity(loaded, runner)
     worst = max(((d, b, o) for b, per in diffs.items() for o, d in per.items()), default=(0.0, "", ""))
     if not worst[0] <= tolerance:  # also catches NaN
         raise ExportError(
@@ -308,6 +313,52 @@ def check_parity(
             "--legacy-exporter for ONNX, or raise --tolerance if the gap is expected)"
         )
     return diffs
+
+
+def _stitched_parity(loaded: LoadedModel, runner: _Runner) -> dict[str, float]:
+    """A tiles model: one multi-tile image through raydefect's own tiling and stitching (PyTorch) and through the
+    exported file fed the same tiles; the largest absolute difference of the image's score, classes and mask."""
+    from raydefect.geometry import predict_tiled
+    from raydefect.inference import Predictor, Preprocessor, infer_images
+
+    g = loaded.meta.geometry
+    side = max(1, round(g.image_size / g.scale))
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (int(side * 1.7), int(side * 2.5), 3), dtype=np.uint8)
+    want = infer_images(Predictor(loaded, device="cpu", precision="fp32"), [image])
+    got = predict_tiled([image], g, Preprocessor(loaded.meta).normalize_tiles, runner.run)[0]
+    return {
+        "defect_score": float(abs(got.defect_score - float(want["defect_score"][0]))),
+        "class_probs": float(np.abs(got.class_probs - want["class_probs"][0]).max()),
+        "mask_prob": float(np.abs(got.mask_prob - want["mask_prob"][0]).max()),
+    }
+
+
+def geometry_contract(meta: ArtifactMeta) -> dict[str, Any]:
+    """How whole images become inputs and how outputs become the image's results, per `raydefect.geometry`."""
+    g, s = meta.geometry, meta.image_size
+    if g.mode == "square":
+        return {"mode": "square", "resize": f"the whole image to {s}x{s} (aspect ratio not kept)"}
+    if g.mode == "aspect":
+        return {
+            "mode": "aspect",
+            "resize": f"the whole image so that its longer side is {s} (aspect ratio kept, each side rounded, >= 1), "
+            f"pasted centred on a black (0) {s}x{s} canvas at ((S - w) // 2, (S - h) // 2)",
+            "mask": "crop mask_prob to that rectangle, then resize it to the image's own size",
+        }
+    return {
+        "mode": "tiles",
+        "scale": g.scale,
+        "tile_size": s,
+        "tile_overlap": g.tile_overlap,
+        "tiling": f"resize the image by scale (each side rounded, >= 1); tile starts along a side of length L: 0, "
+        f"stride {s - g.tile_overlap} = tile_size - tile_overlap, while < L - tile_size, then L - tile_size (one "
+        f"tile at 0 when L <= tile_size); pixels past the image are black (0); tiles row-major",
+        "stitching": "mask_prob of each tile weighted by w(y, x) = r(y) * r(x), r(i) = min(1, (i + 1) / (overlap + "
+        "1), (tile_size - i) / (overlap + 1)) for i < overlap or >= tile_size - overlap, else 1; the image's map "
+        "= sum(w * p) / sum(w) over the tiles covering each pixel, then resized to the image's own size",
+        "aggregation": "the image's defect_score is the maximum over its tiles; its class_probs are that tile's",
+    }
 
 
 @dataclass
@@ -341,8 +392,7 @@ def preprocessing_contract(meta: ArtifactMeta) -> dict[str, Any]:
             "shape": ["batch", 3, s, s],
             "layout": "NCHW",
             "color": "RGB (grayscale replicated to 3 channels; alpha dropped; EXIF orientation applied)",
-            "resize": f"the whole image to {s}x{s} (no crop, aspect ratio not kept), bilinear with antialiasing "
-            "(PIL Image.resize(BILINEAR))",
+            "resize": "per geometry (below), bilinear with antialiasing (PIL Image.resize(BILINEAR))",
             "scale": "x / 255",
             "mean": list(meta.mean),
             "std": list(meta.std),
@@ -361,6 +411,7 @@ def preprocessing_contract(meta: ArtifactMeta) -> dict[str, Any]:
                 "meaning": "per-pixel defect probability at the input size; resize bilinearly to the image's own size",
             },
         ],
+        "geometry": geometry_contract(meta),
         "class_names": list(meta.class_names),
         "thresholds": {"image": meta.image_threshold, "pixel": meta.pixel_threshold},
         "decision": (

@@ -162,6 +162,24 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def scale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 HxWx3 resized by ``scale`` (`scaled_size`), bilinear; the image itself at 1.0."""
+    h, w = image.shape[:2]
+    sw, sh = scaled_size(w, h, scale)
+    if (sw, sh) == (w, h):
+        return image
+    return np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
+
+
+def scale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """bool HxW resized by ``scale``, nearest (labels are never interpolated)."""
+    h, w = mask.shape
+    sw, sh = scaled_size(w, h, scale)
+    if (sw, sh) == (w, h):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((sw, sh), Image.Resampling.NEAREST)) >= 128
+
+
 def cut_tiles(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
     """uint8 HxWx3 -> uint8 [T, tile, tile, 3]; pixels past the image are zeros."""
     h, w = image.shape[:2]
@@ -250,10 +268,8 @@ class TiledImage:
 
 class _Pending:
     def __init__(self, image: np.ndarray, geometry: Geometry) -> None:
-        h, w = image.shape[:2]
-        sw, sh = scaled_size(w, h, geometry.scale)
-        if (sw, sh) != (w, h):
-            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
+        image = scale_image(image, geometry.scale)
+        sh, sw = image.shape[:2]
         self.image = image
         self.boxes = tile_boxes(sw, sh, geometry.image_size, geometry.tile_overlap)
         self.stitcher = Stitcher(sw, sh, geometry.image_size, geometry.tile_overlap)

@@ -224,3 +224,83 @@ def test_tiles_train_validate_on_whole_images_and_predict_at_full_size(synth_dat
     out = infer_images(Predictor(loaded, device="cpu"), images, batch_size=5)
     assert [m.shape for m in out["mask_prob"]] == [(64, 64)] * 3 + [(20, 150)]
     assert out["class_probs"].shape == (4, loaded.meta.num_classes) and out["defect_score"].shape == (4,)
+
+
+def _tiled_artifact(tmp_path, make_tiny_model):
+    import torch
+
+    from raydefect.config import ModelConfig
+    from raydefect.models.artifact import save_artifact
+    from raydefect.models.model import DefectModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test-tiny", pretrained=False, decoder_dim=16, head_hidden=16)
+    model = DefectModel(cfg, 32, ("normal", "scratch"), geometry=Geometry("tiles", 32, 0.5, 8)).eval()
+    save_artifact(model, tmp_path / "tiled", thresholds={"image": 0.5, "pixel": 0.5})
+    return tmp_path / "tiled"
+
+
+def _write_images(folder, sizes):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        path = folder / f"img_{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (folder / "broken.png").write_bytes(b"not a png")
+    return [*paths, str(folder / "broken.png")]
+
+
+def test_tiled_batch_scorer_gives_one_row_per_image_with_its_own_mask_size(tmp_path, make_tiny_model):
+    from raydefect.imaging import decode_png_mask
+    from raydefect.inference import Predictor, infer_images
+    from raydefect.scoring.scorer import BatchScorer
+
+    artifact = _tiled_artifact(tmp_path, make_tiny_model)
+    paths = _write_images(tmp_path / "images", [(130, 70), (40, 300), (10, 10)])
+    table = BatchScorer(str(artifact), device="cpu", precision="fp32").score(paths, batch_size=3)
+    rows = table.to_pylist()
+    assert [r["path"] for r in rows] == paths and rows[-1]["error"] and not any(r["error"] for r in rows[:-1])
+    assert [(r["width"], r["height"]) for r in rows[:-1]] == [(130, 70), (40, 300), (10, 10)]
+    for row, (w, h) in zip(rows[:-1], [(130, 70), (40, 300), (10, 10)], strict=True):
+        assert decode_png_mask(row["mask_png"]).shape == (h, w)
+    # the same numbers as the Python entry point
+    from raydefect.imaging import decode_image
+
+    out = infer_images(Predictor(str(artifact), device="cpu"), [decode_image(p) for p in paths[:-1]])
+    assert np.allclose([r["defect_score"] for r in rows[:-1]], out["defect_score"], atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiled_model_scores_through_ray_data(ray_session, tmp_path, make_tiny_model):
+    import pyarrow.parquet as pq
+
+    from raydefect.pipelines.score import run_score
+
+    artifact = _tiled_artifact(tmp_path, make_tiny_model)
+    _write_images(tmp_path / "archive", [(130, 70), (40, 300), (64, 64), (200, 90)])
+    cfg = load_config("default", sets=["score.batch_size=2", "score.commit_interval_s=0"])
+    report = run_score(str(artifact), str(tmp_path / "archive"), str(tmp_path / "scores"), cfg)
+    assert (report.scored, report.errors) == (5, 1)
+    table = pq.read_table(str(tmp_path / "scores")).to_pylist()
+    sizes = {(r["width"], r["height"]) for r in table if not r["error"]}
+    assert sizes == {(130, 70), (40, 300), (64, 64), (200, 90)}
+
+
+def test_a_tiled_model_exports_with_its_geometry_and_stitched_parity(tmp_path, make_tiny_model):
+    import json
+
+    from raydefect.export import export_model, sidecar_path
+
+    artifact = _tiled_artifact(tmp_path, make_tiny_model)
+    report = export_model(artifact, tmp_path / "tiled.onnx", batch=2)
+    assert report.checked and set(report.parity) == {"batch_1", "batch_3", "stitched"}
+    assert max(report.parity["stitched"].values()) <= 1e-4
+    contract = json.loads(sidecar_path(report.path).read_text())
+    g = contract["geometry"]
+    assert (g["mode"], g["scale"], g["tile_size"], g["tile_overlap"]) == ("tiles", 0.5, 32, 8)
+    assert "maximum" in g["aggregation"] and "sum(w * p) / sum(w)" in g["stitching"]

@@ -32,7 +32,7 @@ from PIL import Image
 from raydefect import console
 from raydefect.config import DataConfig
 from raydefect.errors import DataError, ImageError
-from raydefect.geometry import Box, cut_tiles, fit_mask, letterbox_box, sample_tile, scaled_size
+from raydefect.geometry import Box, cut_tiles, fit_mask, letterbox_box, sample_tile, scale_image, scale_mask
 from raydefect.imaging import decode_image, decode_mask
 from raydefect.inference import Preprocessor
 
@@ -257,11 +257,7 @@ class SampleSource:
     ) -> dict[str, Any]:
         """Tiles: training draws one tile (`geometry.sample_tile`), labelled by the defect pixels inside it;
         evaluation keeps the whole scaled image for `geometry.predict_tiled` (``whole`` samples)."""
-        h, w = mask.shape
-        sw, sh = scaled_size(w, h, self.scale)
-        if (sw, sh) != (w, h):
-            image = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((sw, sh), Image.NEAREST)) >= 128
+        image, mask = scale_image(image, self.scale), scale_mask(mask, self.scale)
         label, class_id = int(row["label"]), int(row["class_id"])
         if self.augment is None:
             return {"whole": image, "mask": mask, "mask_valid": valid, "label": label, "class_id": class_id}

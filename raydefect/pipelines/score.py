@@ -167,11 +167,11 @@ def _filter_known(table: pa.Table, known: list, model_id: str, key_mode: str, co
 
 def _decode(table: pa.Table, image_size: int, storage: Storage, max_pixels: int, key_mode: str, model_id: str,
             known: list, counter: Any, reduced_jpeg: bool = True,
-            geometry: str = "square") -> dict[str, np.ndarray]:  # fmt: skip
+            geometry: str = "square", scale: float = 1.0) -> dict[str, np.ndarray]:  # fmt: skip
     import ray
 
     known_arr = ray.get(known[0]) if known and key_mode == "hash" else None
-    out = Decoder(image_size, storage, max_pixels, key_mode, model_id, known_arr, reduced_jpeg, geometry)(table)
+    out = Decoder(image_size, storage, max_pixels, key_mode, model_id, known_arr, reduced_jpeg, geometry, scale)(table)
     if key_mode == "hash":
         _count(counter, skipped=table.num_rows - len(out["path"]))
     unread = sum(1 for e in out["error"] if e.startswith(RETRY_PREFIX))
@@ -537,6 +537,7 @@ def _run(
             num_cpus=task_cpus,
             fn_kwargs={"image_size": meta.image_size, "storage": storage, "max_pixels": sc.max_image_pixels,
                        "reduced_jpeg": sc.reduced_jpeg, "geometry": meta.geometry.mode,
+                       "scale": meta.geometry.scale,
                        "key_mode": sc.incremental_key, "model_id": meta.model_id, "known": known_ref,
                        "counter": counter},
             **remote_args,

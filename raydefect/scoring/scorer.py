@@ -8,6 +8,10 @@ Stages and the batch each one hands on::
     model      + defect_score, class_probs [N, C], mask_prob [N, S, S]   (pixels dropped)   actor: GPU or CPU
     finish     -> a `SCORE_SCHEMA` table                          CPU: masks at each image's own size, PNG, bbox
 
+Under the ``tiles`` geometry the decode stage hands on each whole image at ``data.scale`` (``pixels`` is then a
+column of uint8 [h, w, 3] arrays of their own sizes), the model stage cuts, batches and stitches their tiles
+(`geometry.predict_tiled`, at most ``batch_size`` tiles in flight) and ``mask_prob`` holds each image's stitched map.
+
 The pixels cross stages as uint8 at the model's size (a quarter of float32) and are normalised next to the model:
 on the GPU when there is one, else with the very `Preprocessor.normalize` that `inference` uses. Every per-image
 failure (unreadable, corrupt, truncated, too large, undecodable in any way) becomes the row's ``error`` and the row
@@ -16,6 +20,7 @@ goes on without pixels: one bad image never fails a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
@@ -25,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydefect.errors import ImageError, ImageTooLargeError
+from raydefect.geometry import predict_tiled, scale_image
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
 from raydefect.scoring.keys import contains, first_occurrence, key_digests, read_error
@@ -99,9 +105,11 @@ class Decoder:
         known: np.ndarray | None = None,
         reduced_jpeg: bool = True,
         geometry: str = "square",
+        scale: float = 1.0,
     ) -> None:
         self.image_size = int(image_size)
         self.geometry = geometry
+        self.scale = float(scale)
         self.reduce = bool(reduced_jpeg)
         self.storage = storage or Storage()
         self.max_pixels = int(max_pixels)
@@ -113,7 +121,7 @@ class Decoder:
         n, s = table.num_rows, self.image_size
         paths = table.column("path").to_pylist()
         errors = [e or "" for e in table.column("error").to_pylist()]
-        pixels = np.zeros((n, s, s, 3), np.uint8)
+        pixels = np.zeros((n, s, s, 3), np.uint8) if self.geometry != "tiles" else _ragged(n, 3)
         width = np.zeros(n, np.int32)
         height = np.zeros(n, np.int32)
         sha1 = [""] * n
@@ -153,6 +161,11 @@ class Decoder:
 
     def _decode(self, data: bytes, loc: str, i: int, pixels: np.ndarray, width: np.ndarray, height: np.ndarray) -> str:
         try:
+            if self.geometry == "tiles":  # whole, at data.scale: the model stage cuts the tiles
+                image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, None)
+                pixels[i] = scale_image(image, self.scale)
+                height[i], width[i] = h, w
+                return ""
             reduce_to = self.image_size if self.reduce else None
             image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, reduce_to)
             pixels[i] = resize_rgb(image, self.image_size, self.geometry)
@@ -214,7 +227,28 @@ class ModelStep:
         # GPU: masks come back as float16, half the bytes through the copy, the object store and the finish tasks
         return self.predictor.predict(self._normalize(pixels), half_masks=True)
 
+    def _call_tiled(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch["pixels"]
+        n, c = len(pixels), self.meta.num_classes
+        ok = [i for i in range(n) if not batch["error"][i]]
+        score, probs, mask = np.zeros(n, np.float32), np.zeros((n, c), np.float32), _ragged(n, 2)
+        if ok:
+            tiled = predict_tiled(
+                [np.asarray(pixels[i], np.uint8) for i in ok],
+                dataclasses.replace(self.meta.geometry, scale=1.0),  # the decode stage scaled them already
+                self.pre.normalize_tiles,
+                self.predictor.predict,
+                batch_size=max(n, 1),
+            )
+            for i, t in zip(ok, tiled, strict=True):
+                score[i], probs[i], mask[i] = t.defect_score, t.class_probs, t.mask_prob
+        result = {k: v for k, v in batch.items() if k != "pixels"}
+        result.update(defect_score=score, class_probs=probs, mask_prob=mask)
+        return result
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.meta.geometry.tiled:
+            return self._call_tiled(batch)
         pixels = batch["pixels"]
         n, s, c = len(pixels), self.meta.image_size, self.meta.num_classes
         ok = np.asarray([not e for e in batch["error"]], bool)
@@ -230,6 +264,14 @@ class ModelStep:
         result = {k: v for k, v in batch.items() if k != "pixels"}
         result.update(defect_score=score, class_probs=probs, mask_prob=mask)
         return result
+
+
+def _ragged(n: int, ndim: int) -> np.ndarray:
+    """An object array of ``n`` empty ``ndim``-D arrays: a column of arrays of each image's own size."""
+    out = np.empty(n, dtype=object)
+    for i in range(n):
+        out[i] = np.zeros((0,) * ndim, np.uint8 if ndim == 3 else np.float32)
+    return out
 
 
 def finish(
@@ -299,8 +341,9 @@ class BatchScorer:
         self.step = ModelStep(model, device=device, precision=precision, engine=engine)
         self.storage = storage or Storage()
         meta = self.step.meta
+        g = meta.geometry
         self.decoder = Decoder(
-            meta.image_size, self.storage, max_pixels, reduced_jpeg=reduced_jpeg, geometry=meta.geometry.mode
+            meta.image_size, self.storage, max_pixels, reduced_jpeg=reduced_jpeg, geometry=g.mode, scale=g.scale
         )
         self.run_id = run_id
 
