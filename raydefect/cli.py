@@ -204,6 +204,13 @@ def _csv_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 )
 @click.option("--mask-suffix", default="", help="Appended to mask file stems, e.g. _mask.")
 @click.option(
+    "--defect-size",
+    type=click.IntRange(8),
+    default=None,
+    help="Draw each defect as on an image of this side, placed anywhere: small defects in camera-size images "
+    "(--size 1600x1200 --defect-size 128: scratches and cracks 2-6 px wide). Default: the image's own size.",
+)
+@click.option(
     "--archive",
     "archive_n",
     default=0,
@@ -223,6 +230,7 @@ def synth_cmd(
     textures: tuple[str, ...],
     color: str,
     mask_suffix: str,
+    defect_size: int | None,
     archive_n: int,
     overwrite: bool,
     workers: int | None,
@@ -241,7 +249,18 @@ def synth_cmd(
     from raydefect.data.synth import generate_archive, generate_raw
 
     raw = generate_raw(
-        out, per_class, normal, size, seed, classes, color, textures, mask_suffix, overwrite=overwrite, workers=workers
+        out,
+        per_class,
+        normal,
+        size,
+        seed,
+        classes,
+        color,
+        textures,
+        mask_suffix,
+        overwrite=overwrite,
+        workers=workers,
+        defect_size=defect_size,
     )
     console.result(
         f"wrote {raw['images']:,} images ({per_class} per class x {len(classes)} classes + {normal} normal, "
@@ -263,6 +282,7 @@ def synth_cmd(
             n_corrupt=min(3, archive_n),
             overwrite=overwrite,
             workers=workers,
+            defect_size=defect_size,
         )
         console.result(
             f"wrote an archive of {arc['files']:,} files ({arc['corrupt']} corrupt) to {arc['out']}; "

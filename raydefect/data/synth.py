@@ -255,14 +255,33 @@ def _to_uint8(gray: np.ndarray, tint: np.ndarray | None) -> np.ndarray:
     return (img * 255.0 + 0.5).astype(np.uint8)
 
 
+def _defect_mask(kind: str, rng: np.random.Generator, h: int, w: int, defect_size: int | None) -> np.ndarray:
+    ds = min(h, w) if not defect_size or defect_size >= min(h, w) else int(defect_size)
+    mask = _DEFECT_FNS[kind](rng, ds, ds) if ds < min(h, w) else _DEFECT_FNS[kind](rng, h, w)
+    for _ in range(10):  # a shape that fell outside the frame is redrawn (deterministically)
+        if mask.sum() >= 4:
+            break
+        mask = _DEFECT_FNS[kind](rng, ds, ds) if ds < min(h, w) else _DEFECT_FNS[kind](rng, h, w)
+    if mask.shape == (h, w):
+        return mask
+    full = np.zeros((h, w), dtype=bool)
+    y0, x0 = int(rng.integers(0, h - ds + 1)), int(rng.integers(0, w - ds + 1))
+    full[y0 : y0 + ds, x0 : x0 + ds] = mask
+    return full
+
+
 def render(
     kind: str,
     rng: np.random.Generator,
     size: Size = 64,
     color: str = "mixed",
     textures: Sequence[str] = TEXTURES,
+    defect_size: int | None = None,
 ) -> Sample:
-    """Draw one image of `kind` ("normal" or a defect class) from `rng`."""
+    """Draw one image of `kind` ("normal" or a defect class) from `rng`.
+
+    ``defect_size``: draw the defect as on an image of that side, placed anywhere in this one: camera-size images
+    with small defects (``size=(1600, 1200), defect_size=128`` gives scratches and cracks 2-6 px wide)."""
     w, h = _wh(size)
     texture = str(textures[int(rng.integers(len(textures)))])
     tex = np.clip(_TEXTURE_FNS[texture](rng, h, w), _LO, _HI).astype(np.float32)
@@ -273,11 +292,7 @@ def render(
     if kind == NORMAL:
         clean = _to_uint8(tex, tint)
         return Sample(clean, clean, np.zeros((h, w), dtype=bool), NORMAL, texture)
-    mask = _DEFECT_FNS[kind](rng, h, w)
-    for _ in range(10):  # a shape that fell outside the frame is redrawn (deterministically)
-        if mask.sum() >= 4:
-            break
-        mask = _DEFECT_FNS[kind](rng, h, w)
+    mask = _defect_mask(kind, rng, h, w, defect_size)
     painted = _paint(rng, kind, tex, mask)
     return Sample(_to_uint8(painted, tint), _to_uint8(tex, tint), mask, kind, texture)
 
@@ -335,10 +350,13 @@ class _RawJob:
     color: str
     textures: tuple[str, ...]
     mask_suffix: str
+    defect_size: int | None = None
 
     def __call__(self, task: tuple[str, int]) -> int:
         kind, i = task
-        s = sample(kind, i, self.seed, size=self.size, color=self.color, textures=self.textures)
+        s = sample(
+            kind, i, self.seed, size=self.size, color=self.color, textures=self.textures, defect_size=self.defect_size
+        )
         stem = f"{kind}_{i:05d}"
         if kind == NORMAL:
             (self.out / "normal_images" / f"{stem}.png").write_bytes(encode_png(s.image))
@@ -361,8 +379,10 @@ def generate_raw(
     mask_suffix: str = "",
     overwrite: bool = False,
     workers: int | None = None,
+    defect_size: int | None = None,
 ) -> dict:
     """Write the classic raw layout: `n_defect` images per class in `classes` plus `n_normal` normal images.
+    ``defect_size``: small defects in large images (see `render`).
 
     Masks are 8-bit PNGs (0 or 255) named like their image (plus `mask_suffix`). Returns a summary dict.
     `workers`: processes for big jobs (default: all cores; 1 = in this process). See `raydefect.data.pool`.
@@ -380,7 +400,7 @@ def generate_raw(
         (out / "defect_images" / cls).mkdir(parents=True, exist_ok=True)
         (out / "defect_masks" / cls).mkdir(parents=True, exist_ok=True)
     (out / "normal_images").mkdir(parents=True, exist_ok=True)
-    _run(_RawJob(out, seed, (w, h), color, tuple(textures), mask_suffix), tasks, workers)
+    _run(_RawJob(out, seed, (w, h), color, tuple(textures), mask_suffix, defect_size), tasks, workers)
     params = {
         "generator": "raydefect synth",
         "seed": seed,
@@ -391,6 +411,7 @@ def generate_raw(
         "per_class": n_defect,
         "normal": n_normal,
         "mask_suffix": mask_suffix,
+        "defect_size": defect_size,
     }
     (out / "synth.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return {
@@ -421,12 +442,13 @@ class _ArchiveJob:
     color: str
     textures: tuple[str, ...]
     corrupt_at: dict[int, str]
+    defect_size: int | None = None
 
     def __call__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, _STREAMS["archive"], i])
         defect = bool(self.classes) and rng.random() < self.defect_rate
         kind = str(self.classes[int(rng.integers(len(self.classes)))]) if defect else NORMAL
-        s = render(kind, rng, size=self.size, color=self.color, textures=self.textures)
+        s = render(kind, rng, size=self.size, color=self.color, textures=self.textures, defect_size=self.defect_size)
         ext = ".jpg" if rng.random() < 0.5 else ".png"
         reason = self.corrupt_at.get(i)
         if reason in ("truncated", "text_named_png"):
@@ -464,6 +486,7 @@ def generate_archive(
     truth_csv: str | Path | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    defect_size: int | None = None,
 ) -> dict:
     """Write `n` unlabelled files in nested folders (about half PNG, half JPEG); `n_corrupt` of them are broken.
 
@@ -484,7 +507,7 @@ def generate_archive(
     pick = np.random.default_rng([seed, _STREAMS["archive"], 1 << 30])
     corrupt_at = {int(i): CORRUPT_KINDS[k % 3] for k, i in enumerate(sorted(pick.choice(n, n_corrupt, False)))}
     out.mkdir(parents=True, exist_ok=True)
-    job = _ArchiveJob(out, seed, (w, h), defect_rate, classes, color, tuple(textures), corrupt_at)
+    job = _ArchiveJob(out, seed, (w, h), defect_rate, classes, color, tuple(textures), corrupt_at, defect_size)
     rows = _run(job, list(range(n)), workers)
     truth.parent.mkdir(parents=True, exist_ok=True)
     with truth.open("w", newline="", encoding="utf-8") as f:
