@@ -304,3 +304,53 @@ def test_a_tiled_model_exports_with_its_geometry_and_stitched_parity(tmp_path, m
     g = contract["geometry"]
     assert (g["mode"], g["scale"], g["tile_size"], g["tile_overlap"]) == ("tiles", 0.5, 32, 8)
     assert "maximum" in g["aggregation"] and "sum(w * p) / sum(w)" in g["stitching"]
+
+
+def test_bad_inputs_through_the_tile_path(tmp_path, make_tiny_model):
+    """A 1x5000 strip, a 16-bit PNG, an EXIF-rotated JPEG, an image over the pixel limit: each scored with a mask of
+    its own (oriented) size, or recorded as an error row while the job goes on."""
+    from PIL import Image
+
+    from raydefect.imaging import decode_png_mask
+    from raydefect.scoring.scorer import BatchScorer
+
+    artifact = _tiled_artifact(tmp_path, make_tiny_model)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    Image.fromarray(np.full((1, 5000, 3), 90, np.uint8)).save(folder / "strip.png")
+    Image.fromarray(np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) * 13).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: 120 x 40 stored, 40 x 120 shown
+    Image.fromarray(np.full((40, 120, 3), 150, np.uint8)).save(folder / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(folder / "huge.png")
+    paths = [str(folder / n) for n in ("strip.png", "deep16.png", "rotated.jpg", "huge.png")]
+    rows = BatchScorer(str(artifact), device="cpu", max_pixels=50_000).score(paths, batch_size=4).to_pylist()
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    expected = {"strip.png": (5000, 1), "deep16.png": (80, 60), "rotated.jpg": (40, 120)}
+    for name, (w, h) in expected.items():
+        row = by_name[name]
+        assert not row["error"] and (row["width"], row["height"]) == (w, h), row
+        assert decode_png_mask(row["mask_png"]).shape == (h, w)
+    assert "score.max_image_pixels=50000" in by_name["huge.png"]["error"]
+
+
+def test_predict_and_evaluate_honour_a_tiled_model(tmp_path, make_tiny_model, synth_dataset):
+    import csv
+
+    from raydefect.evaluate import Evaluator, split_records
+    from raydefect.inference import Predictor
+    from raydefect.predict import predict_images
+
+    artifact = _tiled_artifact(tmp_path, make_tiny_model)
+    _write_images(tmp_path / "images", [(130, 70), (40, 300)])
+    summary = predict_images(artifact, tmp_path / "images", tmp_path / "out", device="cpu", batch_size=2)
+    assert (summary.images, summary.errors) == (3, 1)
+    with open(summary.scores_csv, newline="") as f:
+        rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    assert (rows["img_0.png"]["width"], rows["img_0.png"]["height"]) == ("130", "70") and rows["broken.png"]["error"]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 2  # an overlay per readable image
+    evaluator = Evaluator(Predictor(artifact, device="cpu"), synth_dataset.class_names)
+    image_acc, pixel_acc = evaluator.new_accumulators()
+    records = split_records(synth_dataset.frame("test"))[:4]
+    out = evaluator.evaluate_batch(records, image_acc, pixel_acc)
+    assert len(out) == 4 and all(0.0 <= r["defect_score"] <= 1.0 for r in out)
