@@ -50,6 +50,9 @@ def test_shipped_spaces_load_and_every_value_makes_a_valid_config():
     check_space(space, load_config("default"), trial_config)
     demo, _ = load_space("tune-demo")
     check_space(demo, load_config("demo"), trial_config)
+    scratch, _ = load_space("tune-scratch")  # across CNN families, from scratch
+    assert {"resnet10t", "resnet18", "convnext-atto", "efficientnet-b0"} <= set(scratch.get("model.backbone").choices)
+    check_space(scratch, load_config("scratch"), trial_config)
 
 
 @pytest.mark.parametrize(
