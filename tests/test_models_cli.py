@@ -47,3 +47,21 @@ def test_models_human_readable_sizes():
     assert result.exit_code == 0
     assert _rows(result.output)["dinov3-b"][7] == "85.6M"
     assert _rows(result.output)["dinov3-7b"][7] == "6.72B"
+
+
+def test_models_answers_without_importing_torch():
+    """Sizes are registry data: listing needs neither torch nor timm (a fraction of a second, not seconds)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from raydefect.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['models'])\n"
+        "assert result.exit_code == 0 and 'resnet18' in result.output, result.output\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
