@@ -47,9 +47,10 @@ class DataConfig:
     dataset: str | None = _f(None, "Prepared dataset folder (holds manifest.parquet and dataset.yaml).")
     image_size: int = _f(224, "Square side in pixels the model sees; a multiple of the backbone's patch size.")
     geometry: str = _f(
-        "square",
-        "How images become model inputs: 'square' (resized to image_size, aspect not kept), 'aspect' (longer side to "
-        "image_size, aspect kept, padded) or 'tiles' (scaled by data.scale and cut into tile_size tiles).",
+        "aspect",
+        "How images become model inputs: 'aspect' (longer side to image_size, aspect kept, padded: nothing is "
+        "distorted), 'square' (resized to image_size, aspect not kept) or 'tiles' (scaled by data.scale and cut into "
+        "tile_size tiles: camera images with small defects).",
     )
     scale: float = _f(1.0, "Tiles: resize factor applied before tiling; 1.0 = the camera's native pixels.")
     tile_size: int = _f(512, "Tiles: side of a tile in pixels (the model's input); a multiple of the patch size.")

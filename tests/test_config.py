@@ -45,6 +45,15 @@ def test_default_yaml_matches_dataclass_defaults():
     assert load_config("default") == Config()
 
 
+def test_default_yaml_lists_every_key_with_its_documentation():
+    """configs/default.yaml is `raydefect config` as shipped: no key or description may drift from the dataclasses."""
+    from raydefect.config import describe, shipped_configs
+
+    shipped = shipped_configs()["default"].read_text(encoding="utf-8")
+    body = "\n".join(line for line in shipped.splitlines() if not line.startswith("#")) + "\n"
+    assert body == describe(Config())
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'.*did you mean 'optim\.lr'"):
         load_config(None, sets=["optim.lrr=1e-3"])
