@@ -162,3 +162,18 @@ def test_synthetic_dataset_for_benchmarks(tmp_path):
 
     ds = load_dataset(synthetic_dataset(tmp_path, 50, 32))
     assert ds.table.num_rows == 50 and ds.class_names[0] == "normal" and set(ds.class_names[1:]) == set(DEFECT_CLASSES)
+
+
+def test_defect_size_draws_small_defects_in_large_images():
+    import numpy as np
+
+    from raydefect.data.synth import sample
+
+    for kind in ("scratch", "crack", "spot", "missing_piece"):
+        big = sample(kind, 0, seed=1, size=(640, 480), defect_size=64, color="gray")
+        rows, cols = np.nonzero(big.mask)
+        assert big.image.shape == (480, 640) and big.mask.sum() >= 4, kind
+        assert rows.max() - rows.min() < 64 and cols.max() - cols.min() < 64, kind  # within one 64 px window
+        assert np.array_equal(big.image != big.clean, big.mask), kind  # the mask is exactly the painted pixels
+    same = sample("scratch", 3, seed=1, size=96, defect_size=None)
+    assert np.array_equal(same.mask, sample("scratch", 3, seed=1, size=96).mask)  # default: unchanged
