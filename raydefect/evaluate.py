@@ -43,6 +43,7 @@ from raydefect.inference import Predictor, Preprocessor, decide, postprocess, up
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.metrics._common import json_safe, nanmean, safe_div
 from raydefect.overlay import class_colour, render_overlay, save_png
+from raydefect.report import GALLERIES
 
 if TYPE_CHECKING:
     from raydefect.data.manifest import Dataset
@@ -55,13 +56,6 @@ REPORT_HTML = "report.html"
 GALLERY_DIR = "gallery"
 #: Record fields a worker needs from the manifest (the rest stays on the driver).
 RECORD_FIELDS = ("index", "image", "mask", "label", "defect_class")
-#: (key, title, what it shows) of every gallery, in report order.
-GALLERIES = (
-    ("false_negatives", "Worst false negatives", "defect images called normal, lowest defect score first"),
-    ("false_positives", "Worst false positives", "normal images called defects, highest defect score first"),
-    ("wrong_class", "Wrong defect class", "defects found but given another defect class, most confident first"),
-    ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
-)
 
 
 def evaluation_class_names(model_classes: Sequence[str], dataset_classes: Sequence[str]) -> tuple[str, ...]:

@@ -17,6 +17,14 @@ from typing import Any
 
 from raydefect.overlay import class_colour, hex_colour
 
+#: (key, title, what it shows) of every gallery, in report order.
+GALLERIES = (
+    ("false_negatives", "Worst false negatives", "defect images called normal, lowest defect score first"),
+    ("false_positives", "Worst false positives", "normal images called defects, highest defect score first"),
+    ("wrong_class", "Wrong defect class", "defects found but given another defect class, most confident first"),
+    ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
+)
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
        color: #1d1d1f; background: #f5f5f7; }
@@ -159,8 +167,6 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
 
 def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
     """The report page for `metrics` (metrics.json content, with "files" and "galleries"); images read from out_dir."""
-    from raydefect.evaluate import GALLERIES
-
     out_dir = Path(out_dir)
     model, data, image = metrics["model"], metrics["data"], metrics["image"]
     title = f"Evaluation of model {model['model_id']} on the {data['split']} split"

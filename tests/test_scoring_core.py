@@ -330,8 +330,9 @@ def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archiv
 
 
 def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_path, monkeypatch):
-    import raydefect.export as export
-    from raydefect.export import OnnxPredictor, engine_file, parity_inputs
+    import raydefect.inference.onnx_runtime as onnx_runtime
+    from raydefect.inference.graph import parity_inputs
+    from raydefect.inference.onnx_runtime import OnnxPredictor, engine_file
 
     loaded = load_artifact(tiny_artifact)
     x = parity_inputs(loaded.meta, 5, seed=3)
@@ -349,7 +350,7 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(export, "_export_onnx", no_export)
+    monkeypatch.setattr(onnx_runtime, "export_onnx", no_export)
     OnnxPredictor(loaded, cache_dir=tmp_path)  # the cached graph: no second export
     monkeypatch.undo()
     cached.write_bytes(b"not onnx")  # a damaged cache file is exported again, once
@@ -357,8 +358,8 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
 
 
 def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
-    import raydefect.export as export
-    import raydefect.inference as inference
+    import raydefect.inference.device as inference
+    import raydefect.inference.onnx_runtime as onnx_runtime
     from raydefect.errors import ConfigError
     from raydefect.inference import make_predictor, resolve_engine
     from raydefect.scoring.scorer import ModelStep
@@ -381,7 +382,7 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter cannot capture this graph")
 
-    monkeypatch.setattr(export, "engine_file", broken)
+    monkeypatch.setattr(onnx_runtime, "engine_file", broken)
     capsys.readouterr()
     assert make_predictor(str(tiny_artifact), device="cpu", engine="auto").engine == "torch"  # falls back, says so
     assert "ONNX Runtime engine unavailable" in capsys.readouterr().err
@@ -390,7 +391,7 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
 
 
 def test_scoring_precision_auto_is_bf16_on_gpus_and_cpus_with_native_bf16(tiny_artifact, monkeypatch):
-    import raydefect.inference as inference
+    import raydefect.inference.device as inference
     from raydefect.inference import cpu_has_native_bf16, resolve_precision
     from raydefect.scoring.scorer import ModelStep
 
