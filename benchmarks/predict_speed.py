@@ -37,8 +37,8 @@ from raydefect.imaging import decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import save_artifact
 from raydefect.models.model import DefectModel
-from raydefect.overlay import render_overlay, save_png
-from raydefect.predict import predict_images
+from raydefect.tasks.predict import predict_images
+from raydefect.viz.overlay import render_overlay, save_png
 
 
 def _cpu_s() -> float:

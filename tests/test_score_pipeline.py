@@ -24,9 +24,9 @@ from raydefect.errors import DataError
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.inference import Predictor, Preprocessor, upsample_prob
 from raydefect.models.artifact import load_artifact, read_artifact_meta, save_artifact
-from raydefect.overlay import display_scale
 from raydefect.scoring.results import extract, read_scores, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, read_file_metadata
+from raydefect.viz.overlay import display_scale
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

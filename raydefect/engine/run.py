@@ -304,7 +304,7 @@ def export_run(
     from raydefect.metrics._common import json_safe
     from raydefect.models.artifact import save_artifact
     from raydefect.models.model import DefectModel
-    from raydefect.plots import plot_training_curves, write_metric_plots
+    from raydefect.viz.plots import plot_training_curves, write_metric_plots
 
     run_dir = Path(run_dir)
     state = read_state(checkpoint_dir)

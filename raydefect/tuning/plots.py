@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from raydefect.plots import _new_figure, _save, _undefined
 from raydefect.tuning.space import SearchSpace
 from raydefect.tuning.study import TERMINATED, TrialRow
+from raydefect.viz.plots import _new_figure, _save, _undefined
 
 _COLORS = ("#1f4e79", "#d9531e", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b")
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from raydefect.overlay import class_colour, hex_colour
+from raydefect.viz.overlay import class_colour, hex_colour
 
 #: (key, title, what it shows) of every gallery, in report order.
 GALLERIES = (

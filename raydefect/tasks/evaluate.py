@@ -8,9 +8,9 @@ The work is split so that Ray can run the heavy part and the rest stays plain Py
    locally (`evaluate_records`) or inside Ray Data actors (`raydefect.pipelines.evaluate`); accumulators pickle
    and `merge`, so the driver combines what the workers collected.
 2. `summarize` turns merged accumulators and rows into the metrics dict written as ``metrics.json``.
-3. `write_evaluation` writes metrics.json, per_image.csv, the plots (`raydefect.plots`), the galleries of the
+3. `write_evaluation` writes metrics.json, per_image.csv, the plots (`raydefect.viz.plots`), the galleries of the
    worst mistakes (overlays with the true mask outlined; the few images shown are predicted again, locally) and
-   one self-contained ``report.html`` (`raydefect.report`).
+   one self-contained ``report.html`` (`raydefect.viz.report`).
 
 Thresholds: the image decision is ``defect_score >= thresholds.image`` and pixels are ``prob >= thresholds.pixel``,
 both from the artifact (fixed-threshold mode: a test split must not choose its own thresholds). The F1-best image
@@ -42,8 +42,8 @@ from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess, upsample_prob
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.metrics._common import json_safe, nanmean, safe_div
-from raydefect.overlay import class_colour, render_overlay, save_png
-from raydefect.report import GALLERIES
+from raydefect.viz.overlay import class_colour, render_overlay, save_png
+from raydefect.viz.report import GALLERIES
 
 if TYPE_CHECKING:
     from raydefect.data.manifest import Dataset
@@ -380,7 +380,7 @@ def _fmt(value: Any, digits: int = 6) -> str:
 
 
 def write_per_image_csv(path: Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
-    from raydefect.predict import class_columns
+    from raydefect.tasks.predict import class_columns
 
     columns = [
         "image",
@@ -478,8 +478,8 @@ def write_evaluation(
     gallery_size: int = 8,
 ) -> dict[str, Path]:
     """metrics.json, per_image.csv, plots, galleries (needs `predictor`) and report.html into `out`."""
-    from raydefect.plots import write_metric_plots
-    from raydefect.report import write_report
+    from raydefect.viz.plots import write_metric_plots
+    from raydefect.viz.report import write_report
 
     out = Path(out)
     try:

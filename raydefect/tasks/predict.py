@@ -28,8 +28,8 @@ from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
-from raydefect.overlay import class_colour, render_overlay, save_png
 from raydefect.paths import glob_files, printable_path
+from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta, LoadedModel
