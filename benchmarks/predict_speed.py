@@ -5,7 +5,7 @@
 
 A random-init model of the given backbone (weights do not change the speed) is saved as an artifact into a
 temporary folder; the images are synthetic ones of --image-px (default: --size) written there too, or the files of
---source (a glob; not copied). Side by side, as DESIGN's performance method asks:
+--source (a glob; not copied). Side by side, as docs/architecture.md's performance method asks:
 
   ceiling    the bare model forward on pre-decoded, pre-normalised tensors (batch --batch-size), at 1 thread and at
              PyTorch's default, the better of the two

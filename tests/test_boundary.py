@@ -1,4 +1,5 @@
-"""DESIGN.md's one rule: the core never imports Ray. Only raydefect.pipelines (and the CLI's commands) may."""
+"""The layers of docs/architecture.md: the core never imports Ray (only raydefect.pipelines and the CLI's commands
+may), imports point down the layers, and there are no import cycles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dataset reader every other module uses (training, tuning, evaluation): DESIGN contract 1.
+"""The dataset reader every other module uses (training, tuning, evaluation): contract 1 of docs/architecture.md.
 
 A dataset is a folder with ``manifest.parquet`` (one row per image) and ``dataset.yaml`` (schema version, class
 list with "normal" first, counts, the importer and its arguments). Paths in the manifest are absolute, or relative

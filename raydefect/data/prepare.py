@@ -1,4 +1,4 @@
-"""`raydefect prepare`: candidates from an importer -> a checked, split, versioned dataset folder (DESIGN contract 1).
+"""`raydefect prepare`: candidates from an importer -> a checked, split, versioned dataset folder (contract 1).
 
 Every candidate is scanned in parallel (read once: SHA-1 of the bytes, header size, full decode unless
 ``verify_pixels=False``, mask decode, binarised at 128). Bad items are recorded in ``problems.csv`` with their
@@ -11,8 +11,7 @@ Outputs in ``out``: ``manifest.parquet``, ``dataset.yaml``, ``problems.csv`` and
 ever read.
 
 Big scans run on forked worker processes (small images are CPU-bound Python work), small scans and copies on
-threads (`raydefect.data.pool`). DESIGN mentions a Ray scan for files on cluster storage; local folders do not
-need it.
+threads (`raydefect.data.pool`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md contract 4) and the end of a training: export the best checkpoint, test it.
+"""The run folder (contract 4 of docs/architecture.md) and the end of a training: export the best checkpoint, test it.
 
     runs/<name>/
       config.yaml          the resolved config (re-running the same name resumes with it)

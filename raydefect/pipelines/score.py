@@ -1,4 +1,4 @@
-"""`raydefect score`: nightly bulk scoring with Ray Data -> masks and scores in Parquet (DESIGN.md contract 3).
+"""`raydefect score`: nightly bulk scoring with Ray Data -> masks and scores in Parquet (contract 3).
 
 The stages (each a function or class from `raydefect.scoring`, which knows nothing of Ray)::
 
