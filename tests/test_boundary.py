@@ -189,3 +189,20 @@ def test_imports_point_down_the_layers():
         if (layer_of(d) or 0) > (layer_of(m) or 0)
     ]
     assert upward == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name another module needs is public: ``from raydefect.x import _y`` and imports of a private module from
+    outside its package hide a shared dependency (ruff's PLC2701 sees only imports between top-level packages)."""
+    private = []
+    for name, path in _module_files().items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("raydefect"):
+                continue
+            hidden = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            owner = node.module.rsplit(".", 1)[0]
+            if node.module.rsplit(".", 1)[-1].startswith("_") and not package.startswith(owner):
+                hidden.append(f"(module {node.module})")
+            private += [f"{name}:{node.lineno} imports {node.module}.{h}" for h in hidden]
+    assert private == []

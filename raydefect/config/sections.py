@@ -23,11 +23,11 @@ SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, doc: str) -> Any:
     """A dataclass field with its documentation attached."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": doc})
 
 
 def _check(cond: bool, key: str, message: str) -> None:

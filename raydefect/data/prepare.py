@@ -21,10 +21,9 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +57,7 @@ from raydefect.imaging import (
     read_bytes,
     read_info,
 )
-from raydefect.paths import is_printable, printable_path
+from raydefect.paths import is_printable, printable_path, write_atomic
 
 
 @dataclass
@@ -269,17 +268,6 @@ def _previous_splits(out: Path) -> dict[str, str]:
     return dict(zip(table.column("sha1").to_pylist(), table.column("split").to_pylist(), strict=True))
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_problems(path: Path, problems: list[Problem]) -> None:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
@@ -287,7 +275,7 @@ def _write_problems(path: Path, problems: list[Problem]) -> None:
             w.writerow(["file", "reason", "action", "detail"])
             w.writerows([printable_path(p.file), p.reason, p.action, printable_path(p.detail)] for p in problems)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def _manifest_table(rows: list[dict[str, Any]]):
@@ -458,7 +446,7 @@ def _write_dataset(
         counts[r["defect_class"]][r["split"]] += 1
     table = _manifest_table(rows)
     manifest = out / MANIFEST
-    _write_atomic(manifest, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(manifest, lambda tmp: pq.write_table(table, tmp))
     info = {
         "schema_version": DATASET_SCHEMA_VERSION,
         "kind": "raydefect-dataset",
@@ -477,7 +465,7 @@ def _write_dataset(
         "verify_pixels": verify_pixels,
     }
     dataset_yaml = out / DATASET_YAML
-    _write_atomic(dataset_yaml, lambda tmp: tmp.write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8"))
+    write_atomic(dataset_yaml, lambda tmp: tmp.write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8"))
     return PrepareReport(
         out=out,
         manifest=manifest,

@@ -299,9 +299,10 @@ def export_run(
     """
     from raydefect.engine.checkpoint import load_weights, read_state
     from raydefect.engine.data import SampleSource, iterate_batches, manifest_rows
-    from raydefect.engine.loop import autocast_dtype, evaluate, resolve_device
+    from raydefect.engine.loop import autocast_dtype, evaluate
+    from raydefect.inference.device import resolve_device
     from raydefect.metrics import validation_summary
-    from raydefect.metrics._common import json_safe
+    from raydefect.metrics.common import json_safe
     from raydefect.models.artifact import save_artifact
     from raydefect.models.model import DefectModel
     from raydefect.viz.plots import plot_training_curves, write_metric_plots

@@ -16,9 +16,12 @@ if TYPE_CHECKING:
     import torch
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """A torch.device as given, or from its name; ``auto``: CUDA when present, else the CPU."""
     import torch
 
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

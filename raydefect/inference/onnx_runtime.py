@@ -3,7 +3,6 @@ graph `engine_file` exports once per model and torch version on each machine."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from raydefect.inference.graph import (
     reference_outputs,
     short_error,
 )
+from raydefect.paths import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -49,16 +49,10 @@ def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Pat
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     wrapper = export_wrapper(loaded.model.to("cpu").eval())
     example = torch.from_numpy(parity_inputs(loaded.meta, 2))
-    try:
-        with quiet_export(), torch.no_grad():
-            export_onnx(wrapper, example, tmp, None, legacy=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with quiet_export(), torch.no_grad():
+        return write_atomic(path, lambda tmp: export_onnx(wrapper, example, tmp, None, legacy=True))
 
 
 class OnnxPredictor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from raydefect.metrics._common import json_safe, safe_div, to_numpy
+from raydefect.metrics.common import json_safe, safe_div, to_numpy
 from raydefect.metrics.thresholds import DEFAULT_FALLBACK_THRESHOLD, ThresholdChoice, choose_image_threshold
 
 

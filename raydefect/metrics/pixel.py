@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from raydefect.metrics._common import json_safe, safe_div, to_numpy, trapezoid_to
+from raydefect.metrics.common import json_safe, safe_div, to_numpy, trapezoid_to
 from raydefect.metrics.thresholds import (
     DEFAULT_FALLBACK_THRESHOLD,
     PIXEL_CRITERIA,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from raydefect.metrics._common import to_numpy
+from raydefect.metrics.common import to_numpy
 
 #: Used when validation data cannot pick a threshold (only one class present): the natural cut of a probability.
 DEFAULT_FALLBACK_THRESHOLD = 0.5

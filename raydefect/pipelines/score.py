@@ -38,8 +38,10 @@ import pyarrow.compute as pc
 
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
+from raydefect.data.pool import cpu_workers
 from raydefect.errors import ConfigError, DataError, Terminated, error_text
 from raydefect.inference import resolve_scoring
+from raydefect.paths import is_remote, split_scheme
 from raydefect.pipelines.cluster import quiet_ray_data
 from raydefect.pipelines.failures import user_error
 from raydefect.scoring.keys import RETRY_PREFIX, KeySet
@@ -51,13 +53,11 @@ from raydefect.scoring.sources import (
     ListPart,
     Storage,
     absolute,
-    is_remote,
     join_location,
     manifest_column,
     output_folder,
     plan_listing,
     resolve_input,
-    split_scheme,
     walk,
 )
 from raydefect.scoring.store import Recovery, RunRecord, ScoreStore, StagedFile, new_run_id, write_staged
@@ -386,7 +386,7 @@ def _waiting_for(option: str, location: str) -> contextlib.AbstractContextManage
     )
 
 
-def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
+def _setup(model: str, input_: str, out: str, sc: ScoreConfig) -> _Setup:
     """Everything checked before Ray starts: model, input, output (clear errors, no cluster needed)."""
     from raydefect.models.artifact import read_artifact_meta
 
@@ -399,8 +399,8 @@ def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
         meta = read_artifact_meta(model)
         if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
             meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
-        with _waiting_for("--input", input):
-            spec = resolve_input(input, storage)
+        with _waiting_for("--input", input_):
+            spec = resolve_input(input_, storage)
         return _Setup(meta, storage, spec, ScoreStore(out, storage), model, fetched)
     except BaseException:
         if fetched:
@@ -408,10 +408,10 @@ def _setup(model: str, input: str, out: str, sc: ScoreConfig) -> _Setup:
         raise
 
 
-def _remote_args(sc: ScoreConfig, input: str, out: str, spec: InputSpec) -> dict[str, Any]:
+def _remote_args(sc: ScoreConfig, input_: str, out: str, spec: InputSpec) -> dict[str, Any]:
     """Forward credentials (score.forward_env, by name) to workers when a path is remote."""
     env = {k: os.environ[k] for k in sc.forward_env if k in os.environ}
-    remote = is_remote(input) or is_remote(out) or spec.kind == "manifest"
+    remote = is_remote(input_) or is_remote(out) or spec.kind == "manifest"
     return {"runtime_env": {"env_vars": env}} if env and remote else {}
 
 
@@ -430,7 +430,7 @@ def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref:
 
 
 def list_pending(
-    model: str, input: str, out: str, cfg: Config | None = None, *, rescore: bool = False, address: str | None = None
+    model: str, input_: str, out: str, cfg: Config | None = None, *, rescore: bool = False, address: str | None = None
 ) -> pa.Table:
     """Dry run: the images a run would score now (path, size, mtime_ns, error), without scoring or writing.
 
@@ -439,14 +439,14 @@ def list_pending(
     """
 
     sc = (cfg or Config()).score
-    s = _setup(model, input, out, sc)
+    s = _setup(model, input_, out, sc)
     try:
-        return _list_pending(s, sc, input, out, rescore, address)
+        return _list_pending(s, sc, input_, out, rescore, address)
     finally:
         s.cleanup()
 
 
-def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, address: str | None) -> pa.Table:
+def _list_pending(s: _Setup, sc: ScoreConfig, input_: str, out: str, rescore: bool, address: str | None) -> pa.Table:
     import ray
 
     from raydefect.pipelines.cluster import cluster_cpus, connect
@@ -457,14 +457,14 @@ def _list_pending(s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: boo
     if not rescore and s.store.exists():
         known = s.store.load_keys(s.meta.model_id, sc.incremental_key)
     known_ref = [ray.put(known.array)] if len(known) else []
-    ds = _pending(s, sc, out, _remote_args(sc, input, out, s.spec), known_ref, None, int(cluster_cpus()))
+    ds = _pending(s, sc, out, _remote_args(sc, input_, out, s.spec), known_ref, None, int(cluster_cpus()))
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
 
 
 def run_score(
     model: str,
-    input: str,
+    input_: str,
     out: str,
     cfg: Config | None = None,
     *,
@@ -472,18 +472,18 @@ def run_score(
     retry_errors: bool = False,
     address: str | None = None,
 ) -> ScoreReport:
-    """Score every new or changed image of `input` with the model artifact `model` into the scores folder `out`."""
+    """Score every new or changed image of `input_` with the model artifact `model` into the scores folder `out`."""
 
     sc = (cfg or Config()).score
-    s = _setup(model, input, out, sc)
+    s = _setup(model, input_, out, sc)
     try:
-        return _run(s, sc, input, out, rescore, retry_errors, address)
+        return _run(s, sc, input_, out, rescore, retry_errors, address)
     finally:
         s.cleanup()
 
 
 def _run(
-    s: _Setup, sc: ScoreConfig, input: str, out: str, rescore: bool, retry_errors: bool, address: str | None
+    s: _Setup, sc: ScoreConfig, input_: str, out: str, rescore: bool, retry_errors: bool, address: str | None
 ) -> ScoreReport:
     import ray
 
@@ -493,16 +493,16 @@ def _run(
     with _waiting_for("--out", store.out):
         store.open()
     run_id = new_run_id()
-    report = ScoreReport(run_id, meta.model_id, store.out, input)
+    report = ScoreReport(run_id, meta.model_id, store.out, input_)
     with store.lock(run_id), ExitStack() as stack:
         report.recovery = store.recover(run_id)
         connect(address)
         stack.enter_context(_sigterm_as_interrupt())  # after ray.init, whose C++ handler only dumps a stack
         quiet_ray_data()
-        remote_args = _remote_args(sc, input, out, s.spec)
+        remote_args = _remote_args(sc, input_, out, s.spec)
         known = KeySet() if rescore else store.load_keys(meta.model_id, sc.incremental_key, retry_errors, repair=True)
         console.info(
-            f"scoring {input} with model {meta.model_id} into {store.out} (run {run_id}; "
+            f"scoring {input_} with model {meta.model_id} into {store.out} (run {run_id}; "
             + (
                 "--rescore: every image is scored again)"
                 if rescore
@@ -513,9 +513,9 @@ def _run(
         counter = _make_counter()
         gpus, cpus = cluster_gpus(), cluster_cpus()
         nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
-        actors, actor_cpus = resolve_actors(sc, gpus, cpus, nodes, _cores())
+        actors, actor_cpus = resolve_actors(sc, gpus, cpus, nodes, cpu_workers())
         num_gpus = 1 if gpus >= actors else (gpus / actors if gpus else 0)
-        threads = sc.model_threads or (None if num_gpus else max(1, (os.cpu_count() or 1) // -(-actors // nodes)))
+        threads = sc.model_threads or (None if num_gpus else max(1, cpu_workers() // -(-actors // nodes)))
         report.device, report.actors = ("cuda" if num_gpus else "cpu"), actors
         _check_cpus_left(actors, actor_cpus, cpus)
         task_cpus = sc.task_cpus
@@ -523,7 +523,7 @@ def _run(
         # what the actors will run (an explicit 'onnx' on GPUs is refused here, before any work); 'auto' engine and
         # precision are resolved again in each actor, on its own node's CPU
         report.engine, report.precision = resolve_scoring(sc.engine, report.device, sc.precision)
-        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=absolute(input))
+        record = RunRecord(run_id, meta.model_id, sc.incremental_key, input=absolute(input_))
         ds = _pending(s, sc, out, remote_args, known_ref, counter, light)
         # strict: every block holds exactly batch_size rows (the last excepted); without it each input block leaves
         # a remainder of its own, and half the model batches held 2 or 3 images
@@ -642,7 +642,7 @@ def _run(
                         "command scores the rest (nothing committed is scored twice)"
                     )
         if report.listed == 0:
-            raise DataError(f"--input {input}: no images found; check the path and score.extensions")
+            raise DataError(f"--input {input_}: no images found; check the path and score.extensions")
     return report
 
 
@@ -680,11 +680,6 @@ def _sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
 def file_rows(rows_per_file: int, batch_size: int) -> int:
     """Rows per output file: score.rows_per_file rounded down to whole model batches (when it holds one)."""
     return rows_per_file - rows_per_file % batch_size if rows_per_file >= batch_size else rows_per_file
-
-
-def _cores() -> int:
-    """Cores this process may run on (a cpuset/taskset limit included)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_actors(

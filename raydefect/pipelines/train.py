@@ -259,7 +259,7 @@ class _ProgressPrinter(threading.Thread):
         self.poll()
 
 
-def _use_gpu(cfg: Config) -> bool:
+def uses_gpu(cfg: Config) -> bool:
     from raydefect.pipelines.cluster import cluster_gpus
 
     if cfg.resources.use_gpu == "yes":
@@ -363,7 +363,7 @@ def run_training(
     from raydefect.pipelines.cluster import connect, quiet_ray_data
 
     connect(address)
-    use_gpu = _use_gpu(cfg)
+    use_gpu = uses_gpu(cfg)
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker

@@ -353,10 +353,10 @@ def tune_study(
     base = study.base
     t = base.tune
     from raydefect.pipelines.cluster import connect
-    from raydefect.pipelines.train import _use_gpu
+    from raydefect.pipelines.train import uses_gpu
 
     resources = connect(address)
-    use_gpu = _use_gpu(trial_config(base, {}))
+    use_gpu = uses_gpu(trial_config(base, {}))
     n_parallel = concurrency(base, use_gpu, resources)
     fail_rule = os.environ.get(FAIL_TRIALS_ENV) or None
     payload = {"base": base.to_dict(), "trials_dir": str(study.trials_dir), "fail_rule": fail_rule}

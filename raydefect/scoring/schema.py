@@ -50,7 +50,6 @@ SCORE_FIELDS = (
 )
 SCORE_SCHEMA = pa.schema(list(SCORE_FIELDS))
 COLUMNS = tuple(f.name for f in SCORE_FIELDS)
-KEY_COLUMNS = ("model_id", "path", "size", "mtime_ns", "sha1")
 META_PREFIX = "raydefect."
 
 

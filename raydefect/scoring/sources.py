@@ -31,34 +31,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from raydefect.errors import DataError, error_text, first_line
-from raydefect.paths import glob_regex, printable_path
+from raydefect.paths import glob_regex, has_glob, is_remote, printable_path, split_scheme
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 MANIFEST_SUFFIXES = {".txt": "txt", ".lst": "txt", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MANIFEST_COLUMNS = ("path", "image", "uri", "file")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
-
-
-def is_remote(location: str) -> bool:
-    scheme, sep, _ = location.partition("://")
-    return bool(sep) and scheme.lower() != "file"
 
 
 def absolute(location: str) -> str:
     """A URI as it is; a local path absolute (records, jobs on a cluster and stores outlive the working directory)."""
     return location if is_remote(location) else os.path.abspath(os.path.expanduser(location))
-
-
-def split_scheme(location: str) -> tuple[str, str]:
-    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("", absolute path); ``file:///x`` -> ("", "/x")."""
-    scheme, sep, rest = location.partition("://")
-    if sep and scheme.lower() != "file":
-        return scheme.lower(), rest
-    path = rest if sep else location
-    return "", os.path.abspath(os.path.expanduser(path))
 
 
 def join_location(base: str, relative: str) -> str:
@@ -434,11 +418,11 @@ def resolve_input(text: str, storage: Storage) -> InputSpec:
     if not text or not text.strip():
         raise DataError("--input is empty; pass a folder, a quoted glob or a manifest (.txt, .csv, .parquet)")
     scheme, path = split_scheme(text)
-    if _GLOB_CHARS.search(path):
+    if has_glob(path):
         parts = path.split("/")
         fixed = []
         for part in parts:
-            if _GLOB_CHARS.search(part):
+            if has_glob(part):
                 break
             fixed.append(part)
         base = "/".join(fixed) or ("/" if path.startswith("/") else ".")

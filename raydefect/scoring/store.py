@@ -65,6 +65,7 @@ import numpy as np
 
 from raydefect import __version__, console
 from raydefect.errors import OutputError, error_text, first_line
+from raydefect.paths import is_remote, split_scheme, write_atomic, write_bytes_atomic
 from raydefect.scoring.keys import (
     DIGEST,
     RETRY_PREFIX,
@@ -81,9 +82,7 @@ from raydefect.scoring.sources import (
     Storage,
     absolute,
     conditional_objects,
-    is_remote,
     sees_folders,
-    split_scheme,
 )
 
 if TYPE_CHECKING:
@@ -250,26 +249,27 @@ def write_staged(
         if is_remote(staging):  # an upload becomes visible only when complete
             with fs.open_output_stream(final) as f:
                 pq.write_table(table, f, compression="zstd")
-        else:
-            tmp = f"{folder}/.{name}.tmp"
-            pq.write_table(table, tmp, compression="zstd", filesystem=fs)
-            _fsync(tmp)
-            fs.move(tmp, final)
+        else:  # a half-written file never stays behind (it only ever has a hidden name)
+            _write_local_parquet(table, final)
     except OSError as e:
-        if not is_remote(staging):
-            with suppress(OSError):  # a half-written file never stays behind (it only ever had a hidden name)
-                fs.delete_file(f"{folder}/.{name}.tmp")
         raise OutputError(f"cannot write scores to {staging}: {error_text(e)}; check space and permissions") from None
     digests = row_digests(table, key_mode)
     errors, defects = _counts(table)
     return {
-        "file": Storage.location(_scheme(staging), final),
+        "file": Storage.location(split_scheme(staging)[0], final),
         "rows": table.num_rows,
         "errors": errors,
         "defects": defects,
         "digests": digests.tobytes(),
         "nodes": sorted({n for n in table.column("node_id").to_pylist() if n} | ({node_id} if node_id else set())),
     }
+
+
+def _write_local_parquet(table: pa.Table, path: str) -> None:
+    """A local Parquet file (zstd), whole or not at all (`paths.write_atomic`)."""
+    import pyarrow.parquet as pq
+
+    write_atomic(path, lambda tmp: pq.write_table(table, str(tmp), compression="zstd"))
 
 
 def row_digests(table: pa.Table, key_mode: str) -> np.ndarray:
@@ -298,19 +298,6 @@ def _counts(table: pa.Table) -> tuple[int, int]:
     errors = pc.sum(pc.is_valid(table.column("error"))).as_py() or 0
     defects = pc.sum(pc.fill_null(table.column("is_defect"), False)).as_py() or 0
     return int(errors), int(defects)
-
-
-def _scheme(location: str) -> str:
-    scheme, sep, _ = location.partition("://")
-    return scheme.lower() if sep and scheme.lower() != "file" else ""
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -342,7 +329,7 @@ class ScoreStore:
         return "/".join([self.root, *parts])
 
     def location(self, *parts: str) -> str:
-        return Storage.location(_scheme(self.out), self.path(*parts))
+        return Storage.location(split_scheme(self.out)[0], self.path(*parts))
 
     def _key(self, *parts: str) -> str:
         """An object's key within its bucket (``path`` without the bucket)."""
@@ -397,16 +384,9 @@ class ScoreStore:
             with self.fs.open_output_stream(path) as f:
                 f.write(payload)
             return
-        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_bytes_atomic(path, payload)
         except OSError as e:  # disk full, read-only: the previous version of `path` stays as it was
-            with suppress(OSError):
-                os.unlink(tmp)
             raise OutputError(
                 f"cannot write {path}: {e.strerror or e}; free space or fix permissions on --out and re-run "
                 "(what was committed before is complete; the rest is scored again)"
@@ -752,7 +732,7 @@ class ScoreStore:
         fs.delete_file(path)
         errors, defects = _counts(table)
         return new, StagedFile(
-            Storage.location(_scheme(item.location), new),
+            Storage.location(split_scheme(item.location)[0], new),
             table.num_rows,
             errors,
             defects,
@@ -878,9 +858,14 @@ class ScoreStore:
                 data_dir = self.path(model_id, run_id)
                 self.fs.create_dir(data_dir, recursive=True)
                 name = f"part-r{len(rec.files):04d}-{uuid.uuid4().hex[:8]}.parquet"
-                tmp = f"{data_dir}/.{name}.tmp"  # never matches *.parquet globs
-                pq.write_table(kept, tmp, filesystem=self.fs, compression="zstd")
-                self.fs.move(tmp, f"{data_dir}/{name}")
+                if self.remote:
+                    tmp = f"{data_dir}/.{name}.tmp"  # never matches *.parquet globs
+                    pq.write_table(kept, tmp, filesystem=self.fs, compression="zstd")
+                    self.fs.move(tmp, f"{data_dir}/{name}")
+                else:
+                    write_atomic(
+                        f"{data_dir}/{name}", lambda tmp, kept=kept: pq.write_table(kept, str(tmp), compression="zstd")
+                    )
                 rec.files.append(
                     {
                         "path": f"{model_id}/{run_id}/{name}",

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__, console
+from raydefect.data.pool import cpu_workers
 from raydefect.errors import ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess, upsample_prob
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
-from raydefect.metrics._common import json_safe, nanmean, safe_div
+from raydefect.metrics.common import json_safe, nanmean, safe_div
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 from raydefect.viz.report import GALLERIES
 
@@ -125,7 +126,7 @@ class Evaluator:
         self.num_bins = num_bins
         self.fpr_limit = fpr_limit
         self.max_pixels = max_pixels
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers = workers or min(4, cpu_workers())
         self._pool: ThreadPoolExecutor | None = None
 
     def new_accumulators(self) -> tuple[ImageMetricAccumulator, PixelMetricAccumulator]:

@@ -52,6 +52,7 @@ from raydefect.inference.graph import (
     reference_outputs,
     short_error,
 )
+from raydefect.paths import write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -95,20 +96,7 @@ def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None
     # (an uncatchable C++ exception) and leaves half a file
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
-    _write_file_atomic(path, buffer.getvalue())
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file beside `path`, then rename: `path` is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 class _Runner:
@@ -376,7 +364,7 @@ def export_model(
         },
     }
     try:
-        _write_file_atomic(report.sidecar, (json.dumps(sidecar, indent=2) + "\n").encode())
+        write_bytes_atomic(report.sidecar, (json.dumps(sidecar, indent=2) + "\n").encode())
     except OSError as e:
         _remove(out)  # a model file without its contract is not a finished export
         raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}; {out} was removed") from None

@@ -25,10 +25,11 @@ import numpy as np
 
 from raydefect import console
 from raydefect.config import IMAGE_EXTENSIONS
+from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
-from raydefect.paths import glob_files, printable_path
+from raydefect.paths import glob_files, has_glob, printable_path
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ OVERLAY_DIR = "overlays"
 #: scores.csv columns before the per-class probabilities (p_<class>) and after them.
 COLUMNS = ("path", "width", "height", "defect_score", "is_defect", "defect_class")
 TAIL_COLUMNS = ("mask_area_px", "mask_fraction", "bbox", "overlay", "error")
-_GLOB_CHARS = set("*?[")
 
 
 def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -53,7 +53,7 @@ def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[st
     found: list[str] = []
     for item in specs:
         text = os.path.expanduser(str(item))
-        if _GLOB_CHARS & set(text):
+        if has_glob(text):
             matches = [m for m in glob_files(text) if not os.path.isdir(m)]  # a bad link gets an error row
             found += [m for m in matches if m.lower().endswith(exts)]
         elif os.path.isdir(text):
@@ -160,7 +160,7 @@ def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
 
 def default_workers() -> int:
     """Decode/overlay threads: half the cores (1 on a 2-core laptop), at most 4."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    return max(1, min(4, cpu_workers() // 2))
 
 
 @contextlib.contextmanager
@@ -176,7 +176,7 @@ def cpu_threads(on_cpu: bool, workers: int) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    torch.set_num_threads(max(1, min(before, cpu_workers() - workers)))
     try:
         yield
     finally:
