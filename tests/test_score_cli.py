@@ -93,7 +93,7 @@ def test_ctrl_c_or_sigterm_during_a_commit_waits_for_its_end_and_a_second_one_st
     import signal
 
     from raydefect.errors import Terminated
-    from raydefect.pipelines.score import _CommitGuard
+    from raydefect.pipelines.signals import CommitGuard as _CommitGuard
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     guard, done = _CommitGuard(), []

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from raydefect.cli.app import RaydefectGroup, State, build_config, cli, config_options
+
+if TYPE_CHECKING:
+    from raydefect.config import Config
 
 
 @cli.command("score")
@@ -76,10 +81,6 @@ def score_cmd(
     one row per image. Read the results with `raydefect scores summarize OUT`, pandas, pyarrow or DuckDB:
       SELECT path, defect_score FROM read_parquet('OUT/*/*/*.parquet') ORDER BY defect_score DESC
     """
-    import json
-
-    from raydefect import console
-
     cfg = build_config(
         config_name,
         sets,
@@ -95,40 +96,81 @@ def score_cmd(
 
         check_report_file(json_path, "--json", out)
     if submit:
-        from raydefect.pipelines.submit import submit_score
+        _submit(state.address, model, input_, out, cfg, rescore, retry_errors, dry_run, json_path, env_names)
+    elif dry_run:
+        _dry_run(state.address, model, input_, out, cfg, rescore, json_path)
+    else:
+        _score(state.address, model, input_, out, cfg, rescore, retry_errors, json_path)
 
-        job_id = submit_score(
-            state.address,
-            model,
-            input_,
-            out,
-            cfg,
-            rescore=rescore,
-            retry_errors=retry_errors,
-            dry_run=dry_run,
-            json_path=json_path,
-            env_names=env_names,
-        )
-        console.result(f"submitted job {job_id} to {state.address}")
-        console.info(f"follow it with: ray job logs --address {state.address} --follow {job_id}")
-        return
-    if dry_run:
-        from raydefect.pipelines.score import list_pending
 
-        if json_path:
-            console.warn(f"--json {json_path}: a dry run scores nothing and writes no summary")
+def _submit(
+    address: str | None,
+    model: str,
+    input_: str,
+    out: str,
+    cfg: Config,
+    rescore: bool,
+    retry_errors: bool,
+    dry_run: bool,
+    json_path: str | None,
+    env_names: tuple[str, ...],
+) -> None:
+    """``--submit``: the same command as a Ray job on the cluster at ``--address``."""
+    from raydefect import console
+    from raydefect.pipelines.submit import submit_score
 
-        pending = list_pending(model, input_, out, cfg, rescore=rescore, address=state.address)
-        for path in pending.column("path").to_pylist()[:20]:
-            console.info(path)
-        more = pending.num_rows - 20
-        if more > 0:
-            console.info(f"... and {more:,} more")
-        console.result(f"{pending.num_rows:,} image(s) would be scored into {out}")
-        return
+    job_id = submit_score(
+        address,
+        model,
+        input_,
+        out,
+        cfg,
+        rescore=rescore,
+        retry_errors=retry_errors,
+        dry_run=dry_run,
+        json_path=json_path,
+        env_names=env_names,
+    )
+    console.result(f"submitted job {job_id} to {address}")
+    console.info(f"follow it with: ray job logs --address {address} --follow {job_id}")
+
+
+def _dry_run(
+    address: str | None, model: str, input_: str, out: str, cfg: Config, rescore: bool, json_path: str | None
+) -> None:
+    """``--dry-run``: list what a run would score now."""
+    from raydefect import console
+    from raydefect.pipelines.score import list_pending
+
+    if json_path:
+        console.warn(f"--json {json_path}: a dry run scores nothing and writes no summary")
+
+    pending = list_pending(model, input_, out, cfg, rescore=rescore, address=address)
+    for path in pending.column("path").to_pylist()[:20]:
+        console.info(path)
+    more = pending.num_rows - 20
+    if more > 0:
+        console.info(f"... and {more:,} more")
+    console.result(f"{pending.num_rows:,} image(s) would be scored into {out}")
+
+
+def _score(
+    address: str | None,
+    model: str,
+    input_: str,
+    out: str,
+    cfg: Config,
+    rescore: bool,
+    retry_errors: bool,
+    json_path: str | None,
+) -> None:
+    """The run itself, its summary, and ``--json``."""
+    import json
+
+    from raydefect import console
     from raydefect.pipelines.score import run_score
 
-    report = run_score(model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, address=state.address)
+    report = run_score(model, input_, out, cfg, rescore=rescore, retry_errors=retry_errors, address=address)
     for line in report.summary_lines():
         console.result(line)
     if json_path:

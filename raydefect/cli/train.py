@@ -32,33 +32,22 @@ def train_config(
 ):
     """The config of a training: a re-used --name starts from that run's saved config.yaml (so the same command,
     or just --name, resumes it) unless --config is given; then explicit options, --epochs / --freeze-backbone,
-    and --set."""
-    from pathlib import Path
-
-    from raydefect.engine.run import CONFIG_FILE
-    from raydefect.engine.schedule import split_epochs
+    and --set (the rules: `raydefect.engine.options`)."""
+    from raydefect.engine.options import STAGE_KEYS, saved_config, stage_epochs
 
     cfg = build_config(config_name, sets, **options)
     explicit_config = ctx.get_parameter_source("config_name") is not click.core.ParameterSource.DEFAULT
-    if cfg.train.name and not explicit_config:
-        saved = Path(cfg.train.runs_dir).expanduser() / cfg.train.name / CONFIG_FILE
-        if saved.is_file():
-            config_name = str(saved)
-            cfg = build_config(config_name, sets, **options)
-    if epochs is None and not freeze_backbone:
+    saved = None if explicit_config else saved_config(cfg)
+    if saved is not None:
+        config_name = str(saved)
+        cfg = build_config(config_name, sets, **options)
+    try:
+        stages = stage_epochs(cfg.schedule, epochs, freeze_backbone)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--epochs") from None
+    if stages is None:
         return cfg
-    sched = cfg.schedule
-    if freeze_backbone:
-        total = epochs[0] if epochs and len(epochs) == 1 else (sched.frozen_epochs or sched.total_epochs)
-        if epochs and len(epochs) == 3:
-            raise click.BadParameter("with --freeze-backbone give one number of epochs", param_hint="--epochs")
-        stages = (total, 0, 0)
-    elif epochs is not None and len(epochs) == 3:
-        stages = epochs
-    else:
-        stages = split_epochs(epochs[0], sched)  # type: ignore[index]
-    keys = ("schedule.frozen_epochs", "schedule.partial_epochs", "schedule.full_epochs")
-    return build_config(config_name, sets, **options, **dict(zip(keys, stages, strict=True)))
+    return build_config(config_name, sets, **options, **dict(zip(STAGE_KEYS, stages, strict=True)))
 
 
 @cli.command("train")
@@ -151,8 +140,14 @@ def train_cmd(
         console.info(f"training the best config of study {study.name}: {config_name}")
     cfg = train_config(ctx, config_name, sets, options, epochs, freeze_backbone)
     result = train(cfg, address=ctx.obj.address)
+    _print_training(result, cfg.schedule.metric)
+
+
+def _print_training(result: Any, metric: str) -> None:
+    """The end of a training on the console: the best epoch, the test metrics, where the model and metrics are."""
+    from raydefect import console
+
     best = result.best_metrics
-    metric = cfg.schedule.metric
 
     def f(value: Any) -> str:
         return "-" if value is None or value != value else f"{value:.3f}"
