@@ -18,11 +18,12 @@ from click.testing import CliRunner
 from raydefect.cli import cli
 from raydefect.models.artifact import read_artifact_meta
 from raydefect.scoring.keys import KeySet
+from raydefect.scoring.records import RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import WHERE_COLUMNS, read_scores
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import BatchScorer
 from raydefect.scoring.sources import Storage
-from raydefect.scoring.store import RunRecord, ScoreStore, StagedFile, write_staged
+from raydefect.scoring.store import ScoreStore
 
 ROOT = Path(__file__).parents[1]
 

@@ -24,6 +24,7 @@ from raydefect.imaging import decode_png_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import load_artifact, read_artifact_meta
 from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
+from raydefect.scoring.records import STAGING, RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import parse_where, read_scores, select_rows, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
 from raydefect.scoring.scorer import BatchScorer, Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
@@ -38,7 +39,7 @@ from raydefect.scoring.sources import (
     resolve_input,
     walk,
 )
-from raydefect.scoring.store import STAGING, RunRecord, ScoreStore, StagedFile, write_staged
+from raydefect.scoring.store import ScoreStore
 
 STORAGE = Storage()
 
@@ -785,7 +786,7 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
     only at commits, it lapsed under a slow live run: a second run took over and deleted the live run's staged
     files); a run that finds its lock taken commits nothing; a holder that died on this host (SIGKILL) no longer
     blocks the restart for the whole lease."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.2)
     lock = _LockObject(scheme, "lock-test", request)
@@ -834,7 +835,7 @@ def test_an_s3_store_that_refuses_conditional_deletes_still_releases_the_lock(s3
     as its own), instead of failing a finished run and leaving its lock to lapse."""
     from botocore.exceptions import ClientError
 
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     out = "s3://factory/refusing-test"
     store = ScoreStore(out)
@@ -861,7 +862,7 @@ def test_an_s3_store_that_refuses_conditional_deletes_still_releases_the_lock(s3
 def test_an_object_store_lock_that_cannot_be_atomic_says_so_and_names_the_fix(scheme, request, monkeypatch, capsys):
     """Without the library that writes conditionally (boto3 for s3://, google-cloud-storage for gs://) the lock is
     a read-then-write: each run says so and what to install, instead of silently allowing the same-second race."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     lock = _LockObject(scheme, "atomic-test", request)
     store = ScoreStore(lock.out)
@@ -884,7 +885,7 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
     lock, then A writes. The lock object is written with conditions (S3: If-None-Match / If-Match with boto3; GCS:
     ifGenerationMatch with google-cloud-storage), so A's write fails and A stops; before, A overwrote B's lock and
     both ran until B's heartbeat noticed."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     lock = _LockObject(scheme, "race-test", request)
     a, b = ScoreStore(lock.out), ScoreStore(lock.out)

@@ -52,6 +52,7 @@ from raydefect.pipelines.score_stages import (
 )
 from raydefect.pipelines.signals import CommitGuard, sigterm_as_interrupt
 from raydefect.scoring.keys import KeySet
+from raydefect.scoring.records import RunRecord, StagedFile, new_run_id
 from raydefect.scoring.report import ScoreReport
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.sizing import ResourcePlan, file_rows, plan_resources
@@ -61,7 +62,7 @@ from raydefect.scoring.sources import (
     absolute,
     resolve_input,
 )
-from raydefect.scoring.store import RunRecord, ScoreStore, StagedFile, new_run_id
+from raydefect.scoring.store import ScoreStore
 
 PROGRESS_EVERY_S = 10.0
 

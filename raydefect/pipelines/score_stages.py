@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from raydefect.config import ScoreConfig
 from raydefect.errors import DataError, error_text
 from raydefect.scoring.keys import RETRY_PREFIX
+from raydefect.scoring.records import write_staged
 from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
 from raydefect.scoring.sources import (
     InputSpec,
@@ -29,7 +30,6 @@ from raydefect.scoring.sources import (
     plan_listing,
     walk,
 )
-from raydefect.scoring.store import write_staged
 
 
 def _count(counter: Any, **values: int) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from raydefect.scoring.store import Recovery
+from raydefect.scoring.records import Recovery
 
 
 @dataclass

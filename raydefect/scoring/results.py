@@ -26,9 +26,10 @@ import pyarrow.compute as pc
 from raydefect.errors import DataError, ImageError, OutputError, first_line
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.paths import is_uri
+from raydefect.scoring.records import RunRecord
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.sources import Storage
-from raydefect.scoring.store import RunRecord, ScoreStore
+from raydefect.scoring.store import ScoreStore
 from raydefect.viz.overlay import render_overlay, save_png
 
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
