@@ -22,7 +22,7 @@ from raydefect.scoring.records import RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import WHERE_COLUMNS, read_scores
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import BatchScorer
-from raydefect.scoring.sources import Storage
+from raydefect.scoring.storage import Storage
 from raydefect.scoring.store import ScoreStore
 
 ROOT = Path(__file__).parents[1]
@@ -214,7 +214,7 @@ def test_score_says_it_is_waiting_on_a_store_that_does_not_answer(monkeypatch, t
     import socket
 
     from raydefect.pipelines import score
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     monkeypatch.setattr(score, "SLOW_STORE_S", 1.0)
     monkeypatch.setattr(sources, "S3_ATTEMPTS", 1)

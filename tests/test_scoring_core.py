@@ -23,22 +23,15 @@ from raydefect.errors import DataError, OutputError
 from raydefect.imaging import decode_png_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import load_artifact, read_artifact_meta
+from raydefect.paths import glob_regex
 from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
+from raydefect.scoring.listing import ListFilter, plan_listing, walk
 from raydefect.scoring.records import STAGING, RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import parse_where, read_scores, select_rows, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
 from raydefect.scoring.scorer import BatchScorer, Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
-from raydefect.scoring.sources import (
-    ListFilter,
-    Storage,
-    glob_regex,
-    join_location,
-    manifest_column,
-    output_folder,
-    plan_listing,
-    resolve_input,
-    walk,
-)
+from raydefect.scoring.sources import manifest_column, output_folder, resolve_input
+from raydefect.scoring.storage import Storage, join_location
 from raydefect.scoring.store import ScoreStore
 
 STORAGE = Storage()
@@ -160,10 +153,10 @@ def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server
     (the incremental key must not depend on how a file was listed)."""
     import pyarrow.fs as pafs
 
-    from raydefect.scoring import sources
+    from raydefect.scoring import listing as sources
 
     if lister == "pyarrow":
-        monkeypatch.setattr(sources, "_gcs_client", lambda emulator: None)
+        monkeypatch.setattr(sources, "gcs_client", lambda emulator: None)
 
     gcs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server.split("://", 1)[1])
     names = ["a/x.png", "a/b/y.png", "a/b/c/z.PNG", "a/.tmp/t.png", "a/.h.png", "a/notes.txt", "scores/s.png", "w.png"]
@@ -196,7 +189,7 @@ def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server
 def test_unreachable_gcs_fails_in_seconds_with_a_short_message(monkeypatch):
     """google-cloud-cpp's own retry policy kept an unreachable gs:// call going for over 200 s; raydefect bounds it
     (`GCS_RETRY_S`, set to 1 s here) and cuts its ~400-character status to the code and what happened."""
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -218,7 +211,7 @@ def test_a_hung_s3_endpoint_from_aws_endpoint_url_fails_in_seconds(monkeypatch):
     """An endpoint that accepts connections and never answers: through FileSystem.from_uri (the AWS SDK's default
     retry policy) one call took 99 s, and a run makes several; raydefect bounds the attempts (`S3_ATTEMPTS`, 3 by
     default: 11 s a call) whichever way the endpoint is given, here by AWS_ENDPOINT_URL."""
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

@@ -56,12 +56,8 @@ from raydefect.scoring.records import RunRecord, StagedFile, new_run_id
 from raydefect.scoring.report import ScoreReport
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.sizing import ResourcePlan, file_rows, plan_resources
-from raydefect.scoring.sources import (
-    InputSpec,
-    Storage,
-    absolute,
-    resolve_input,
-)
+from raydefect.scoring.sources import InputSpec, resolve_input
+from raydefect.scoring.storage import Storage, absolute
 from raydefect.scoring.store import ScoreStore
 
 PROGRESS_EVERY_S = 10.0

@@ -17,19 +17,11 @@ import pyarrow.compute as pc
 from raydefect.config import ScoreConfig
 from raydefect.errors import DataError, error_text
 from raydefect.scoring.keys import RETRY_PREFIX
+from raydefect.scoring.listing import ListFilter, ListPart, plan_listing, walk
 from raydefect.scoring.records import write_staged
 from raydefect.scoring.scorer import Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
-from raydefect.scoring.sources import (
-    InputSpec,
-    ListFilter,
-    ListPart,
-    Storage,
-    join_location,
-    manifest_column,
-    output_folder,
-    plan_listing,
-    walk,
-)
+from raydefect.scoring.sources import InputSpec, manifest_column, output_folder
+from raydefect.scoring.storage import Storage, join_location
 
 
 def _count(counter: Any, **values: int) -> None:

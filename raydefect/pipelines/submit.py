@@ -18,7 +18,7 @@ from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import ClusterError, ConfigError, first_line
 from raydefect.paths import is_remote
-from raydefect.scoring.sources import absolute
+from raydefect.scoring.storage import absolute
 
 
 def _value(v: object) -> str:

@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from raydefect import console
-from raydefect.errors import OutputError
+from raydefect.errors import OutputError, first_line
 from raydefect.paths import split_scheme
+from raydefect.scoring import storage as object_storage
 from raydefect.scoring.records import json_bytes, json_or_none, utc_now
-from raydefect.scoring.sources import CONDITIONAL_WRITES_NEED, conditional_objects
+from raydefect.scoring.storage import Storage, gcs_client, gcs_emulator, s3_endpoint
 
 LOCK_FILE = ".lock"
 REMOTE_LOCK = "_lock.json"
@@ -40,6 +41,158 @@ def _dead_here(holder: dict[str, Any]) -> bool:
     except (OSError, ValueError, TypeError):
         return False  # alive under another user, or no usable pid: let the lease decide
     return False
+
+
+class ConditionalObjects(Protocol):
+    """Create-if-absent and compare-and-swap on single objects of one bucket. pyarrow's filesystems have neither, and
+    a lock needs one: two runs that both read "no lock" and both write one would each believe they hold it."""
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version; None if there is none."""
+        ...
+
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        """Write `body` only if the object is absent (`version` None) or still at `version`: its new version, or None
+        when it was not (another writer got there first, or it was deleted)."""
+        ...
+
+    def delete(self, key: str, version: str) -> bool:
+        """Delete the object only if it is still at `version`: False when it was not (replaced, or already gone)."""
+        ...
+
+
+class S3ConditionalObjects:
+    """`ConditionalObjects` on S3: PutObject with ``If-None-Match: *`` or ``If-Match: <ETag>`` (AWS S3 since 2024,
+    MinIO; boto3, the ``s3`` extra). The version is the ETag."""
+
+    def __init__(self, client: object, bucket: str) -> None:
+        self.client, self.bucket = client, bucket
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
+            return got["Body"].read(), got["ETag"]
+        except Exception as e:
+            if _s3_status(e) == 404:
+                return None
+            raise OSError(f"cannot read s3://{self.bucket}/{key}: {first_line(e)}") from None
+
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)["ETag"]  # type: ignore[attr-defined]
+        except Exception as e:
+            if _s3_status(e) in (404, 409, 412):  # absent for If-Match; a concurrent conditional write; not met
+                return None
+            raise OSError(f"cannot write s3://{self.bucket}/{key}: {first_line(e)}") from None
+
+    def delete(self, key: str, version: str) -> bool:
+        # AWS S3 since 2025-09 (412 if replaced, 404 if absent). A store that ignores If-Match deletes as before it; one
+        # that refuses it (400, 501) gets the plain delete the caller's read has just justified, as before it too
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=version)  # type: ignore[attr-defined]
+        except Exception as e:
+            status = _s3_status(e)
+            if status in (404, 412):
+                return False
+            if status not in (400, 501):
+                raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e)}") from None
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
+            except Exception as e2:
+                raise OSError(f"cannot delete s3://{self.bucket}/{key}: {first_line(e2)}") from None
+        return True
+
+
+def _s3_status(e: Exception) -> int | None:
+    response = getattr(e, "response", None)  # botocore's ClientError
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+
+
+#: What `conditional_objects` needs on each object store: the fix named when a lock cannot be atomic.
+CONDITIONAL_WRITES_NEED = {
+    "s3": "boto3 >= 1.36 (pip install 'raydefect[s3]')",
+    "gs": "google-cloud-storage and credentials it finds (pip install 'raydefect[gcs]')",
+}
+
+
+def conditional_objects(location: str, storage: Storage) -> ConditionalObjects | None:
+    """`ConditionalObjects` for an object-store location's bucket: on s3:// with boto3 (the endpoint, region and retry
+    bound its pyarrow filesystem has), on gs:// with google-cloud-storage; None on other stores, or without them."""
+    scheme, path = split_scheme(location)
+    if scheme == "gs":
+        client = gcs_client(gcs_emulator())
+        return None if client is None else GcsConditionalObjects(client, path.split("/", 1)[0])
+    if scheme != "s3":
+        return None
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    fs, _ = storage.resolve(location)
+    config = Config(
+        retries={"max_attempts": object_storage.S3_ATTEMPTS, "mode": "standard"}, connect_timeout=5, read_timeout=30
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint(storage.endpoint_override),
+        region_name=getattr(fs, "region", None) or None,
+        config=config,
+    )
+    members = client.meta.service_model.operation_model("PutObject").input_shape.members
+    if not {"IfMatch", "IfNoneMatch"} <= set(members):  # botocore before late 2024: no conditional writes
+        return None
+    return S3ConditionalObjects(client, path.split("/", 1)[0])
+
+
+class GcsConditionalObjects:
+    """`ConditionalObjects` on Google Cloud Storage: uploads with ``ifGenerationMatch`` (0: the object must not exist;
+    N: it must still be generation N), google-cloud-storage (the ``gcs`` extra). The version is the generation."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self.bucket = client.bucket(bucket)
+
+    @staticmethod
+    def _calls() -> dict[str, Any]:
+        from google.api_core.retry import Retry
+
+        # conditional calls are idempotent, so they are retried (bounded); a retry after a lost answer finds the
+        # condition unmet, which `ScoreStore` recognises by the run's own id in the object
+        return {"timeout": 60, "retry": Retry(timeout=object_storage.GCS_RETRY_S)}
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        for _ in range(3):  # the object replaced between its metadata and its bytes: read the new one
+            try:
+                blob = self.bucket.get_blob(key, **self._calls())
+                if blob is None:
+                    return None
+                generation = blob.generation  # before the download, which resets it from a response header
+                return blob.download_as_bytes(if_generation_match=generation, **self._calls()), str(generation)
+            except Exception as e:
+                if getattr(e, "code", None) not in (404, 412):
+                    raise OSError(f"cannot read gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        raise OSError(f"cannot read gs://{self.bucket.name}/{key}: it changed on every read; try again")
+
+    def put(self, key: str, body: bytes, version: str | None) -> str | None:
+        blob = self.bucket.blob(key)
+        try:
+            match = 0 if version is None else int(version)
+            blob.upload_from_string(body, content_type="application/json", if_generation_match=match, **self._calls())
+        except Exception as e:  # google.api_core's PreconditionFailed (412); NotFound; Conflict (concurrent writes)
+            if getattr(e, "code", None) in (404, 409, 412):
+                return None
+            raise OSError(f"cannot write gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        return str(blob.generation)
+
+    def delete(self, key: str, version: str) -> bool:
+        try:
+            self.bucket.blob(key).delete(if_generation_match=int(version), **self._calls())
+        except Exception as e:
+            if getattr(e, "code", None) in (404, 412):
+                return False
+            raise OSError(f"cannot delete gs://{self.bucket.name}/{key}: {first_line(e)}") from None
+        return True
 
 
 class StoreLock:

@@ -23,7 +23,7 @@ from raydefect.scoring.keys import (
     key_digests,
 )
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage
+from raydefect.scoring.storage import Storage
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -28,7 +28,7 @@ from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.paths import is_uri
 from raydefect.scoring.records import RunRecord
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage
+from raydefect.scoring.storage import Storage
 from raydefect.scoring.store import ScoreStore
 from raydefect.viz.overlay import render_overlay, save_png
 

@@ -63,7 +63,7 @@ from raydefect.scoring.keys import (
     KeySet,
     first_occurrence,
 )
-from raydefect.scoring.lock import StoreLock
+from raydefect.scoring.lock import ConditionalObjects, StoreLock
 from raydefect.scoring.records import (
     COMMITS,
     DAMAGED,
@@ -81,12 +81,7 @@ from raydefect.scoring.records import (
     utc_now,
 )
 from raydefect.scoring.recovery import StoreRecovery
-from raydefect.scoring.sources import (
-    ConditionalObjects,
-    Storage,
-    absolute,
-    sees_folders,
-)
+from raydefect.scoring.storage import Storage, absolute, sees_folders
 
 if TYPE_CHECKING:
     import pyarrow as pa
