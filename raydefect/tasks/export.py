@@ -282,7 +282,39 @@ def export_model(
 
     start = time.perf_counter()
     out = Path(out)
-    fmt = fmt or default_format(out)
+    fmt, can_check = _check_request(out, fmt or default_format(out), batch, opset, legacy, check)
+    folder = resolve_artifact_dir(model)
+    loaded = load_artifact(folder, device="cpu")
+    meta = loaded.meta
+    wrapper = export_wrapper(loaded.model.to("cpu").eval())
+    example = torch.from_numpy(parity_inputs(meta, batch, seed=1))
+    _write_model(wrapper, example, out, fmt, opset, legacy, meta)
+    report = ExportReport(path=out, sidecar=sidecar_path(out), format=fmt, checked=False)
+    data_file = out.with_name(out.name + ".data")
+    if data_file.exists():
+        report.extra_files.append(data_file)
+    if check is False:
+        report.reason_unchecked = "--no-check"
+    elif not can_check:
+        report.reason_unchecked = f"ONNX Runtime is not installed ({ONNX_INSTALL})"
+        console.warn(f"parity NOT checked: ONNX Runtime is not installed; {ONNX_INSTALL}")
+    else:
+        try:
+            report.parity = check_parity(loaded, out, fmt, batch_sizes=(1, batch + 1), tolerance=tolerance)
+        except ExportError:
+            _remove(out)
+            raise
+        report.checked = True
+    _write_sidecar(report, meta, folder, legacy, tolerance)
+    report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_request(
+    out: Path, fmt: str | None, batch: int, opset: int | None, legacy: bool, check: bool | None
+) -> tuple[str, bool]:
+    """(the format, whether parity can be checked); every refusal before any work, naming the option to fix."""
     if fmt not in FORMATS:
         raise ExportError(f"--out {out}: cannot tell the format from the name; pass --format {' or '.join(FORMATS)}")
     if batch < 1:
@@ -296,11 +328,13 @@ def export_model(
         raise ExportError(f"exporting to ONNX needs the onnx and onnxscript packages: {ONNX_INSTALL}")
     if check is True and not can_check:
         raise ExportError(f"--check needs ONNX Runtime to compare outputs: {ONNX_INSTALL}, or leave out --check")
-    folder = resolve_artifact_dir(model)
-    loaded = load_artifact(folder, device="cpu")
-    meta = loaded.meta
-    wrapper = export_wrapper(loaded.model.to("cpu").eval())
-    example = torch.from_numpy(parity_inputs(meta, batch, seed=1))
+    return fmt, can_check
+
+
+def _write_model(
+    wrapper: Any, example: torch.Tensor, out: Path, fmt: str, opset: int | None, legacy: bool, meta: ArtifactMeta
+) -> None:
+    """The exported file itself, replacing an earlier export; nothing is left behind when it fails."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -323,30 +357,19 @@ def export_model(
         raise ExportError(
             f"exporting {meta.backbone} to {fmt} failed ({type(e).__name__}: {short_error(e)}){hint}"
         ) from e
-    report = ExportReport(path=out, sidecar=sidecar_path(out), format=fmt, checked=False)
-    data_file = out.with_name(out.name + ".data")
-    if data_file.exists():
-        report.extra_files.append(data_file)
-    if check is False:
-        report.reason_unchecked = "--no-check"
-    elif not can_check:
-        report.reason_unchecked = f"ONNX Runtime is not installed ({ONNX_INSTALL})"
-        console.warn(f"parity NOT checked: ONNX Runtime is not installed; {ONNX_INSTALL}")
-    else:
-        try:
-            report.parity = check_parity(loaded, out, fmt, batch_sizes=(1, batch + 1), tolerance=tolerance)
-        except ExportError:
-            _remove(out)
-            raise
-        report.checked = True
-    contract = preprocessing_contract(meta)
-    opset_used = _onnx_opset(out) if fmt == "onnx" else None
+
+
+def _write_sidecar(report: ExportReport, meta: ArtifactMeta, folder: Path, legacy: bool, tolerance: float) -> None:
+    """``<file>.json``: how to run the file (preprocessing, outputs, decisions) and how it was made and checked."""
+    import torch
+
+    out, fmt = report.path, report.format
     sidecar = {
         "format": fmt,
         "file": out.name,
         "sha256": _sha256(out),
         "external_data": [p.name for p in report.extra_files],
-        "opset": opset_used,
+        "opset": _onnx_opset(out) if fmt == "onnx" else None,
         "exporter": ("torch.onnx legacy" if legacy else "torch.onnx dynamo") if fmt == "onnx" else "torch.jit.trace",
         "torch_version": torch.__version__,
         "raydefect_version": __version__,
@@ -355,7 +378,7 @@ def export_model(
         "backbone": meta.backbone,
         "image_size": meta.image_size,
         "dynamic_batch": True,
-        **contract,
+        **preprocessing_contract(meta),
         "parity": {
             "checked": report.checked,
             "reason_unchecked": report.reason_unchecked or None,
@@ -368,9 +391,6 @@ def export_model(
     except OSError as e:
         _remove(out)  # a model file without its contract is not a finished export
         raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}; {out} was removed") from None
-    report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _onnx_opset(path: Path) -> int | None:

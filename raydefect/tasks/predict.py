@@ -28,7 +28,7 @@ from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
-from raydefect.inference import Predictor, Preprocessor, decide, postprocess
+from raydefect.inference import MaskResult, Predictor, Preprocessor, decide, postprocess
 from raydefect.paths import glob_files, has_glob, printable_path
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
@@ -206,6 +206,50 @@ def _open_csv(path: Path):
         raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
 
 
+def _error_row(item: Decoded, n_probs: int) -> list[Any]:
+    """The scores.csv row of an image that could not be read: its path and the error, the rest blank."""
+    blanks = len(COLUMNS) - 1 + n_probs + len(TAIL_COLUMNS) - 1
+    return [printable_path(item.path), *[""] * blanks, printable_path(item.error or "")]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One image's model outputs turned into decisions: its score, class probabilities, mask and verdict."""
+
+    score: float
+    probs: Any
+    mask: MaskResult
+    is_defect: bool
+    defect_class: str
+
+    @classmethod
+    def of(cls, item: Decoded, result: dict[str, np.ndarray], k: int, meta: ArtifactMeta) -> _Scored:
+        score = float(result["defect_score"][k])
+        probs = result["class_probs"][k]
+        width, height = item.size
+        mask = postprocess(result["mask_prob"][k], width, height, meta.pixel_threshold, encode=False)
+        is_defect, defect_class = decide(score, probs, meta)
+        return cls(score, probs, mask, is_defect, defect_class)
+
+    def row(self, item: Decoded, overlay: str) -> list[Any]:
+        """Its scores.csv row (`COLUMNS`, the class probabilities, `TAIL_COLUMNS`)."""
+        width, height = item.size
+        return [
+            printable_path(item.path),
+            width,
+            height,
+            f"{self.score:.6f}",
+            int(self.is_defect),
+            self.defect_class,
+            *[f"{p:.6f}" for p in self.probs],
+            self.mask.area_px,
+            f"{self.mask.fraction:.6f}",
+            format_bbox(self.mask.bbox),
+            overlay,
+            "",
+        ]
+
+
 def predict_images(
     model: str | Path | LoadedModel | Predictor,
     images: str | Path | Sequence[str | Path],
@@ -270,40 +314,21 @@ def predict_images(
                 summary.images += 1
                 if item.error is not None:
                     summary.errors += 1
-                    blanks = len(COLUMNS) - 1 + len(prob_columns) + len(TAIL_COLUMNS) - 1
-                    writer.writerow([printable_path(item.path), *[""] * blanks, printable_path(item.error)])
+                    writer.writerow(_error_row(item, len(prob_columns)))
                     continue
                 assert result is not None
-                score = float(result["defect_score"][k])
-                probs = result["class_probs"][k]
-                width, height = item.size
-                mask = postprocess(result["mask_prob"][k], width, height, meta.pixel_threshold, encode=False)
-                is_defect, defect_class = decide(score, probs, meta)
-                summary.defects += int(is_defect)
-                summary.per_class[defect_class] = summary.per_class.get(defect_class, 0) + 1
+                scored = _Scored.of(item, result, k, meta)
+                k += 1
+                summary.defects += int(scored.is_defect)
+                summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
                 overlay = ""
                 if overlays:
                     # the decided class's colour: green (normal) marks a mask below the image threshold
-                    colour = class_colour(meta.class_names.index(defect_class))
-                    writes.append(pool.submit(write_overlay, item, mask.mask, score, defect_class, colour))
+                    colour = class_colour(meta.class_names.index(scored.defect_class))
+                    mask = scored.mask.mask
+                    writes.append(pool.submit(write_overlay, item, mask, scored.score, scored.defect_class, colour))
                     overlay = printable_path(f"{OVERLAY_DIR}/{names[item.path]}")
-                writer.writerow(
-                    [
-                        printable_path(item.path),
-                        width,
-                        height,
-                        f"{score:.6f}",
-                        int(is_defect),
-                        defect_class,
-                        *[f"{p:.6f}" for p in probs],
-                        mask.area_px,
-                        f"{mask.fraction:.6f}",
-                        format_bbox(mask.bbox),
-                        overlay,
-                        "",
-                    ]
-                )
-                k += 1
+                writer.writerow(scored.row(item, overlay))
             handle.flush()
             while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
                 _finish(writes.pop(0), out)
