@@ -13,6 +13,7 @@ import yaml
 
 from raydefect.config.sections import SCHEMA_VERSION, Config, build_config, set_dotted, suggest
 from raydefect.errors import ConfigError
+from raydefect.paths import write_atomic
 
 
 def parse_set(items: Iterable[str]) -> dict[str, Any]:
@@ -98,8 +99,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"schema_version": SCHEMA_VERSION, **cfg.to_dict()}
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8"))
 
 
 def describe(cfg: Config | None = None) -> str:
