@@ -5,7 +5,7 @@
 
 A random-init model of the given backbone (weights do not change the speed) is saved as an artifact into a
 temporary folder; the images are synthetic ones of --image-px (default: --size) written there too, or the files of
---source (a glob; not copied). Side by side, as DESIGN's performance method asks:
+--source (a glob; not copied). Side by side, as docs/architecture.md's performance method asks:
 
   ceiling    the bare model forward on pre-decoded, pre-normalised tensors (batch --batch-size), at 1 thread and at
              PyTorch's default, the better of the two
@@ -37,8 +37,8 @@ from raydefect.imaging import decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import save_artifact
 from raydefect.models.model import DefectModel
-from raydefect.overlay import render_overlay, save_png
-from raydefect.predict import predict_images
+from raydefect.tasks.predict import predict_images
+from raydefect.viz.overlay import render_overlay, save_png
 
 
 def _cpu_s() -> float:

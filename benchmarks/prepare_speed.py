@@ -3,8 +3,8 @@
     python benchmarks/prepare_speed.py --images 10000 --size 64
 
 Generates synthetic 64 px images into a temporary folder (not timed), then times `prepare_dataset` on them with
-its default workers (one per core) and, for the ratio DESIGN's performance method asks for, with one worker (the
-naive way). CPU seconds are reported too: on a shared machine they move much less than wall time.
+its default workers (one per core) and, for the ratio docs/architecture.md's performance method asks for, with
+one worker (the naive way). CPU seconds are reported too: on a shared machine they move much less than wall time.
 """
 
 from __future__ import annotations

@@ -467,7 +467,7 @@ def main() -> None:
         files = _files(str(archive))  # part1's files first
         model = _model(Path(tmp) / "model", args.backbone, args.image_size, files[:: max(1, len(files) // 48)])
         a_here = ceiling(model, files[:n], args.batch_size, args.engine, device, precision=args.precision)
-        from raydefect.pipelines.score import default_actors
+        from raydefect.scoring.sizing import default_actors
 
         layout = int(args.model_actors.split(",")[0]) or default_actors(0, os.cpu_count() or 1, 0.0, 0)
         a_actor = ceiling_in_actors(model, files[:n], args.batch_size, args.engine, device, layout, args.precision)

@@ -6,13 +6,27 @@ Levels: -1 quiet (errors and final results only), 0 normal, 1+ verbose (Ray's ow
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _verbosity = 0
+
+
+def format_number(value: Any, digits: int = 3) -> str:
+    """A number for people (reports, plot legends): "n/a" when missing or not finite, yes/no for a bool, a whole
+    number with thousands separators, else `digits` decimals."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def set_verbosity(level: int) -> None:

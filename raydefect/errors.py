@@ -64,6 +64,10 @@ class ModelError(RaydefectError):
     """Unknown backbone, bad model config, missing or mismatched weights, unreadable artifact."""
 
 
+class ExportError(ModelError):
+    """The export failed, or the exported file does not reproduce the PyTorch model."""
+
+
 class WeightsError(ModelError):
     """Pretrained weights are missing or cannot be loaded."""
 

@@ -3,7 +3,8 @@
 POSIX file names are bytes; Python keeps bytes that are not UTF-8 as lone surrogates (PEP 383), which open()
 accepts but no UTF-8 writer does. Every output that writes a path as text goes through `printable_path`, so one
 odd name becomes a readable, stable string (its bad bytes as ``\\xNN``) instead of crashing the whole job.
-Also `write_text_atomic`: small text files (CSV, YAML, JSON records) written whole or not at all.
+Also the one copy of what every writer and reader of paths shares: `write_atomic` (a file written whole or not at
+all), the glob characters (`has_glob`), and URI schemes (`split_scheme`, `is_remote`, `is_uri`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from raydefect.errors import OutputError
@@ -30,7 +34,33 @@ def is_printable(path: str) -> bool:
     return printable_path(path) == path
 
 
-_GLOB_CHARS = frozenset("*?[")
+#: What makes a path a glob pattern (as Python's glob reads it).
+GLOB_CHARS = frozenset("*?[")
+
+
+def has_glob(text: str) -> bool:
+    """Whether `text` holds a glob character (``*``, ``?`` or ``[``)."""
+    return bool(GLOB_CHARS.intersection(text))
+
+
+def is_uri(location: str) -> bool:
+    """Whether `location` names a scheme (``s3://``, ``gs://``, ``file://`` ...) rather than a plain path."""
+    return "://" in location
+
+
+def is_remote(location: str) -> bool:
+    """Whether `location` is on object or cluster storage: a URI whose scheme is not ``file``."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() != "file"
+
+
+def split_scheme(location: str) -> tuple[str, str]:
+    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("", absolute path); ``file:///x`` -> ("", "/x")."""
+    scheme, sep, rest = location.partition("://")
+    if sep and scheme.lower() != "file":
+        return scheme.lower(), rest
+    path = rest if sep else location
+    return "", os.path.abspath(os.path.expanduser(path))
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -73,7 +103,7 @@ def glob_files(pattern: str) -> list[str]:
     if "**" not in pattern:
         return sorted(glob.glob(pattern))
     parts = pattern.split("/")
-    first = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    first = next(i for i, p in enumerate(parts) if has_glob(p))
     base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
     regex = glob_regex("/".join(parts[first:]))
     found = []
@@ -87,18 +117,55 @@ def glob_files(pattern: str) -> list[str]:
     return sorted(found)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a hidden temporary file and a rename: a reader (or a crash, or a full disk)
-    never sees half a file. A failure is one `OutputError` naming the file, and the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to the disk. A folder the platform cannot flush
+    this way is left to the OS."""
+    folder = os.path.isdir(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Write `path` whole or not at all. ``write(tmp)`` fills a hidden temporary file in the same folder; that file
+    is flushed to disk, renamed over `path` (``os.replace``), and the folder is flushed so the rename survives a
+    power cut too. A reader, a crash or a full disk never sees half a file; on any failure the temporary file is
+    removed, the previous `path` stays as it was, and the exception propagates."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_path(path.parent)
     return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """`write_atomic` of `data`."""
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_atomic` of UTF-8 `text` (CSV, YAML, JSON records); a failure is one `OutputError` naming the file."""
+    try:
+        return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_report_file(path: str | Path, option: str, scores_out: str | None = None) -> Path:
@@ -108,7 +175,7 @@ def check_report_file(path: str | Path, option: str, scores_out: str | None = No
     them and allowed)."""
     path = Path(path).expanduser().absolute()
     parent = path.parent
-    out = Path(scores_out).expanduser().absolute() if scores_out and "://" not in scores_out else None
+    out = Path(scores_out).expanduser().absolute() if scores_out and not is_uri(scores_out) else None
     if out is not None and path.is_relative_to(out) and not path.relative_to(out).parts[0].startswith(("_", ".")):
         raise OutputError(
             f"{option} {path} is inside the scores folder {out}, where pandas and pyarrow would try to read it "

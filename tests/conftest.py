@@ -230,7 +230,7 @@ def s3_server():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from raydefect.scoring.sources import _filesystem
+    from raydefect.scoring.storage import _filesystem
 
     _filesystem.cache_clear()  # filesystems are cached per bucket: one made for an earlier module's server is dead
     client = boto3.client("s3")
@@ -276,7 +276,7 @@ def gcs_server():
     address = f"http://127.0.0.1:{port}"
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = address
-    from raydefect.scoring.sources import _filesystem
+    from raydefect.scoring.storage import _filesystem
 
     _filesystem.cache_clear()
     yield address

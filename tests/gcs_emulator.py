@@ -3,7 +3,7 @@
 a delete of a missing object is 404).
 
 The emulator ignores them (checked: a second upload with ``if_generation_match=0`` succeeds), which would leave the
-gs:// lock's conditional writes (`raydefect.scoring.sources.GcsConditionalObjects`) untested. Only the check is
+gs:// lock's conditional writes (`raydefect.scoring.lock.GcsConditionalObjects`) untested. Only the check is
 added here, atomic with the upload or delete under one lock; uploads, deletes, storage and everything else are the
 emulator's own. Used by the ``gcs_server`` fixture, with the emulator's own arguments: ``python tests/gcs_emulator.py
 start --port N ...``.

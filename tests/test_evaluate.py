@@ -20,10 +20,10 @@ from raydefect.cli import cli
 from raydefect.data.importers import import_classic
 from raydefect.data.manifest import load_dataset
 from raydefect.data.prepare import prepare_dataset
-from raydefect.evaluate import GALLERIES, run_evaluation
 from raydefect.models.artifact import read_artifact_meta
-from raydefect.overlay import display_scale
-from raydefect.report import PLOTS
+from raydefect.tasks.evaluate import run_evaluation
+from raydefect.viz.overlay import display_scale
+from raydefect.viz.report import GALLERIES, PLOTS
 
 S = 32  # images are exactly the model's input size, so nothing is resampled between truth and prediction
 GREY, RED, BLUE = (100, 100, 100), (230, 30, 30), (30, 30, 230)

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from raydefect.cli import cli
-from raydefect.export import (
+from raydefect.inference import Predictor
+from raydefect.tasks.export import (
     OUTPUT_NAMES,
     ExportError,
     check_parity,
@@ -20,7 +21,6 @@ from raydefect.export import (
     parity_inputs,
     sidecar_path,
 )
-from raydefect.inference import Predictor
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 

@@ -294,7 +294,7 @@ def test_tiled_model_scores_through_ray_data(ray_session, tmp_path, make_tiny_mo
 def test_a_tiled_model_exports_with_its_geometry_and_stitched_parity(tmp_path, make_tiny_model):
     import json
 
-    from raydefect.export import export_model, sidecar_path
+    from raydefect.tasks.export import export_model, sidecar_path
 
     artifact = _tiled_artifact(tmp_path, make_tiny_model)
     report = export_model(artifact, tmp_path / "tiled.onnx", batch=2)
@@ -337,9 +337,9 @@ def test_bad_inputs_through_the_tile_path(tmp_path, make_tiny_model):
 def test_predict_and_evaluate_honour_a_tiled_model(tmp_path, make_tiny_model, synth_dataset):
     import csv
 
-    from raydefect.evaluate import Evaluator, split_records
     from raydefect.inference import Predictor
-    from raydefect.predict import predict_images
+    from raydefect.tasks.evaluate import Evaluator, split_records
+    from raydefect.tasks.predict import predict_images
 
     artifact = _tiled_artifact(tmp_path, make_tiny_model)
     _write_images(tmp_path / "images", [(130, 70), (40, 300)])

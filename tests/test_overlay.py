@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydefect.overlay import (
+from raydefect.viz.overlay import (
     DEFECT_COLOURS,
     NORMAL_COLOUR,
     TRUTH_COLOUR,

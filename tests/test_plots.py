@@ -11,7 +11,7 @@ import pytest
 from raydefect.errors import DataError, OutputError
 from raydefect.imaging import decode_image
 from raydefect.metrics import image_metrics, pixel_metrics
-from raydefect.plots import (
+from raydefect.viz.plots import (
     plot_confusion_matrix,
     plot_iou_histogram,
     plot_pr_curve,

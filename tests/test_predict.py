@@ -15,8 +15,8 @@ from raydefect.cli import cli
 from raydefect.errors import DataError
 from raydefect.imaging import decode_image
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
-from raydefect.overlay import display_scale
-from raydefect.predict import COLUMNS, TAIL_COLUMNS, list_images, overlay_names, predict_images
+from raydefect.tasks.predict import COLUMNS, TAIL_COLUMNS, list_images, overlay_names, predict_images
+from raydefect.viz.overlay import display_scale
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

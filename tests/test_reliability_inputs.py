@@ -244,7 +244,7 @@ def _predict_rows(out: Path) -> dict[str, dict]:
 
 
 def test_predict_gives_a_row_per_file_with_errors_for_bad_ones(corpus, tiny_artifact, tmp_path):
-    from raydefect.predict import predict_images
+    from raydefect.tasks.predict import predict_images
 
     summary = predict_images(tiny_artifact, corpus, tmp_path / "pred", batch_size=4, workers=1)
     rows = _predict_rows(tmp_path / "pred")

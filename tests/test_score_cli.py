@@ -18,11 +18,12 @@ from click.testing import CliRunner
 from raydefect.cli import cli
 from raydefect.models.artifact import read_artifact_meta
 from raydefect.scoring.keys import KeySet
+from raydefect.scoring.records import RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import WHERE_COLUMNS, read_scores
 from raydefect.scoring.schema import file_metadata
 from raydefect.scoring.scorer import BatchScorer
-from raydefect.scoring.sources import Storage
-from raydefect.scoring.store import RunRecord, ScoreStore, StagedFile, write_staged
+from raydefect.scoring.storage import Storage
+from raydefect.scoring.store import ScoreStore
 
 ROOT = Path(__file__).parents[1]
 
@@ -93,7 +94,7 @@ def test_ctrl_c_or_sigterm_during_a_commit_waits_for_its_end_and_a_second_one_st
     import signal
 
     from raydefect.errors import Terminated
-    from raydefect.pipelines.score import _CommitGuard
+    from raydefect.pipelines.signals import CommitGuard as _CommitGuard
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     guard, done = _CommitGuard(), []
@@ -213,7 +214,7 @@ def test_score_says_it_is_waiting_on_a_store_that_does_not_answer(monkeypatch, t
     import socket
 
     from raydefect.pipelines import score
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     monkeypatch.setattr(score, "SLOW_STORE_S", 1.0)
     monkeypatch.setattr(sources, "S3_ATTEMPTS", 1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raydefect.scoring.scorer import Decoder, ModelStep, stat_locations
-from raydefect.scoring.sources import Storage
+from raydefect.scoring.storage import Storage
 
 pytestmark = pytest.mark.gpu
 

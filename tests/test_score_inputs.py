@@ -183,7 +183,7 @@ def test_model_actors_that_would_take_every_cpu_are_refused(ray_session, inputs,
 
 
 def test_default_model_actors_share_each_gpu_but_leave_cpus_to_decode():
-    from raydefect.pipelines.score import default_actors
+    from raydefect.scoring.sizing import default_actors
 
     assert default_actors(0, 2, 0.0, 0) == 2  # CPU: one single-threaded replica per core
     assert default_actors(0, 64, 0.0, 0, nodes=2) == 16  # at most 8 per node: more threads each instead
@@ -201,7 +201,8 @@ def test_cpu_replicas_reserve_half_the_cpus_and_leave_one():
     """Without GPUs: one single-threaded replica per CPU; together they reserve half of the CPUs and always leave
     one to the other stages' whole-CPU tasks (a one-CPU machine: the replica reserves none)."""
     from raydefect.config import load_config
-    from raydefect.pipelines.score import _check_cpus_left, resolve_actors
+    from raydefect.scoring.sizing import check_cpus_left as _check_cpus_left
+    from raydefect.scoring.sizing import resolve_actors
 
     sc = load_config("default").score
     assert resolve_actors(sc, 0, 2) == (2, 0.5)  # the dev machine: two replicas, one CPU left for tasks
@@ -220,7 +221,7 @@ def test_cpu_replicas_reserve_half_the_cpus_and_leave_one():
 def test_output_files_hold_whole_model_batches():
     """A file is a whole number of model batches (a write task gets whole blocks of batch_size rows: 2,000 rows per
     file in 64-row blocks wrote files of 2,000 and 48 rows), never more than score.rows_per_file."""
-    from raydefect.pipelines.score import file_rows
+    from raydefect.scoring.sizing import file_rows
 
     assert file_rows(2000, 64) == 1984
     assert file_rows(5000, 32) == 4992  # the defaults

@@ -24,9 +24,9 @@ from raydefect.errors import DataError
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
 from raydefect.inference import Predictor, Preprocessor, upsample_prob
 from raydefect.models.artifact import load_artifact, read_artifact_meta, save_artifact
-from raydefect.overlay import display_scale
 from raydefect.scoring.results import extract, read_scores, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, read_file_metadata
+from raydefect.viz.overlay import display_scale
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -229,7 +229,8 @@ def test_a_new_model_scores_everything_again(first, tmp_path, make_tiny_model):
 def test_model_weights_reach_the_actors_by_reference_not_inside_their_arguments(ray_session, tiny_artifact):
     """Ray Data keys a callable class by its constructor arguments, by their ``repr`` when unhashable: with the
     weights' bytes inside them the driver built a string ~2.8x the weights (252 MB for a ViT-S) at every run."""
-    from raydefect.pipelines.score import _actor_kwargs, _artifact_files
+    from raydefect.pipelines.score_stages import actor_kwargs as _actor_kwargs
+    from raydefect.pipelines.score_stages import artifact_files as _artifact_files
 
     kwargs = _actor_kwargs(str(tiny_artifact), model_id="m", threads=1)
     files = _artifact_files(str(tiny_artifact))

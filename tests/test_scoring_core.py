@@ -23,22 +23,16 @@ from raydefect.errors import DataError, OutputError
 from raydefect.imaging import decode_png_mask
 from raydefect.inference import Predictor, Preprocessor, decide, postprocess
 from raydefect.models.artifact import load_artifact, read_artifact_meta
+from raydefect.paths import glob_regex
 from raydefect.scoring.keys import KeySet, contains, first_occurrence, key_digests
+from raydefect.scoring.listing import ListFilter, plan_listing, walk
+from raydefect.scoring.records import STAGING, RunRecord, StagedFile, write_staged
 from raydefect.scoring.results import parse_where, read_scores, select_rows, summarize
 from raydefect.scoring.schema import SCORE_SCHEMA, file_metadata, read_file_metadata
 from raydefect.scoring.scorer import BatchScorer, Decoder, ModelStep, drop_known, finish, listing_table, stat_locations
-from raydefect.scoring.sources import (
-    ListFilter,
-    Storage,
-    glob_regex,
-    join_location,
-    manifest_column,
-    output_folder,
-    plan_listing,
-    resolve_input,
-    walk,
-)
-from raydefect.scoring.store import STAGING, RunRecord, ScoreStore, StagedFile, write_staged
+from raydefect.scoring.sources import manifest_column, output_folder, resolve_input
+from raydefect.scoring.storage import Storage, join_location
+from raydefect.scoring.store import ScoreStore
 
 STORAGE = Storage()
 
@@ -159,10 +153,10 @@ def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server
     (the incremental key must not depend on how a file was listed)."""
     import pyarrow.fs as pafs
 
-    from raydefect.scoring import sources
+    from raydefect.scoring import listing as sources
 
     if lister == "pyarrow":
-        monkeypatch.setattr(sources, "_gcs_client", lambda emulator: None)
+        monkeypatch.setattr(sources, "gcs_client", lambda emulator: None)
 
     gcs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=gcs_server.split("://", 1)[1])
     names = ["a/x.png", "a/b/y.png", "a/b/c/z.PNG", "a/.tmp/t.png", "a/.h.png", "a/notes.txt", "scores/s.png", "w.png"]
@@ -195,7 +189,7 @@ def test_gcs_listing_finds_files_under_folders_without_marker_objects(gcs_server
 def test_unreachable_gcs_fails_in_seconds_with_a_short_message(monkeypatch):
     """google-cloud-cpp's own retry policy kept an unreachable gs:// call going for over 200 s; raydefect bounds it
     (`GCS_RETRY_S`, set to 1 s here) and cuts its ~400-character status to the code and what happened."""
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -217,7 +211,7 @@ def test_a_hung_s3_endpoint_from_aws_endpoint_url_fails_in_seconds(monkeypatch):
     """An endpoint that accepts connections and never answers: through FileSystem.from_uri (the AWS SDK's default
     retry policy) one call took 99 s, and a run makes several; raydefect bounds the attempts (`S3_ATTEMPTS`, 3 by
     default: 11 s a call) whichever way the endpoint is given, here by AWS_ENDPOINT_URL."""
-    from raydefect.scoring import sources
+    from raydefect.scoring import storage as sources
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -330,8 +324,9 @@ def test_batch_scorer_matches_inference_run_directly(tiny_artifact, synth_archiv
 
 
 def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_path, monkeypatch):
-    import raydefect.export as export
-    from raydefect.export import OnnxPredictor, engine_file, parity_inputs
+    import raydefect.inference.onnx_runtime as onnx_runtime
+    from raydefect.inference.graph import parity_inputs
+    from raydefect.inference.onnx_runtime import OnnxPredictor, engine_file
 
     loaded = load_artifact(tiny_artifact)
     x = parity_inputs(loaded.meta, 5, seed=3)
@@ -349,7 +344,7 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(export, "_export_onnx", no_export)
+    monkeypatch.setattr(onnx_runtime, "export_onnx", no_export)
     OnnxPredictor(loaded, cache_dir=tmp_path)  # the cached graph: no second export
     monkeypatch.undo()
     cached.write_bytes(b"not onnx")  # a damaged cache file is exported again, once
@@ -357,8 +352,8 @@ def test_onnx_engine_matches_pytorch_and_reuses_its_export(tiny_artifact, tmp_pa
 
 
 def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
-    import raydefect.export as export
-    import raydefect.inference as inference
+    import raydefect.inference.device as inference
+    import raydefect.inference.onnx_runtime as onnx_runtime
     from raydefect.errors import ConfigError
     from raydefect.inference import make_predictor, resolve_engine
     from raydefect.scoring.scorer import ModelStep
@@ -381,7 +376,7 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter cannot capture this graph")
 
-    monkeypatch.setattr(export, "engine_file", broken)
+    monkeypatch.setattr(onnx_runtime, "engine_file", broken)
     capsys.readouterr()
     assert make_predictor(str(tiny_artifact), device="cpu", engine="auto").engine == "torch"  # falls back, says so
     assert "ONNX Runtime engine unavailable" in capsys.readouterr().err
@@ -390,7 +385,7 @@ def test_engine_choice_and_fallback(tiny_artifact, monkeypatch, capsys):
 
 
 def test_scoring_precision_auto_is_bf16_on_gpus_and_cpus_with_native_bf16(tiny_artifact, monkeypatch):
-    import raydefect.inference as inference
+    import raydefect.inference.device as inference
     from raydefect.inference import cpu_has_native_bf16, resolve_precision
     from raydefect.scoring.scorer import ModelStep
 
@@ -784,7 +779,7 @@ def test_an_object_store_lock_is_renewed_while_held_and_freed_by_its_dead_holder
     only at commits, it lapsed under a slow live run: a second run took over and deleted the live run's staged
     files); a run that finds its lock taken commits nothing; a holder that died on this host (SIGKILL) no longer
     blocks the restart for the whole lease."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     monkeypatch.setattr(store_mod, "REMOTE_LOCK_BEAT_S", 0.2)
     lock = _LockObject(scheme, "lock-test", request)
@@ -833,7 +828,7 @@ def test_an_s3_store_that_refuses_conditional_deletes_still_releases_the_lock(s3
     as its own), instead of failing a finished run and leaving its lock to lapse."""
     from botocore.exceptions import ClientError
 
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     out = "s3://factory/refusing-test"
     store = ScoreStore(out)
@@ -860,7 +855,7 @@ def test_an_s3_store_that_refuses_conditional_deletes_still_releases_the_lock(s3
 def test_an_object_store_lock_that_cannot_be_atomic_says_so_and_names_the_fix(scheme, request, monkeypatch, capsys):
     """Without the library that writes conditionally (boto3 for s3://, google-cloud-storage for gs://) the lock is
     a read-then-write: each run says so and what to install, instead of silently allowing the same-second race."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     lock = _LockObject(scheme, "atomic-test", request)
     store = ScoreStore(lock.out)
@@ -883,7 +878,7 @@ def test_two_runs_that_both_find_an_object_store_lock_free_cannot_both_take_it(s
     lock, then A writes. The lock object is written with conditions (S3: If-None-Match / If-Match with boto3; GCS:
     ifGenerationMatch with google-cloud-storage), so A's write fails and A stops; before, A overwrote B's lock and
     both ran until B's heartbeat noticed."""
-    import raydefect.scoring.store as store_mod
+    import raydefect.scoring.lock as store_mod
 
     lock = _LockObject(scheme, "race-test", request)
     a, b = ScoreStore(lock.out), ScoreStore(lock.out)

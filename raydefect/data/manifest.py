@@ -1,4 +1,4 @@
-"""The dataset reader every other module uses (training, tuning, evaluation): DESIGN contract 1.
+"""The dataset reader every other module uses (training, tuning, evaluation): contract 1 of docs/architecture.md.
 
 A dataset is a folder with ``manifest.parquet`` (one row per image) and ``dataset.yaml`` (schema version, class
 list with "normal" first, counts, the importer and its arguments). Paths in the manifest are absolute, or relative
@@ -16,6 +16,7 @@ import yaml
 
 from raydefect.data.splits import SPLITS
 from raydefect.errors import DataError
+from raydefect.paths import is_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -52,7 +53,7 @@ class Dataset:
     def _absolute(self, path: str | None) -> str | None:
         if path is None:
             return None
-        return path if os.path.isabs(path) or "://" in path else str(self.root / path)
+        return path if os.path.isabs(path) or is_uri(path) else str(self.root / path)
 
     def frame(self, split: str | None = None) -> pd.DataFrame:
         """The manifest as pandas, image/mask paths absolute; optionally one split (may be empty)."""
@@ -143,7 +144,7 @@ def _check_inside(root: Path, manifest: Path, table: Any) -> None:
             if value is None:
                 continue
             parts = Path(value).parts
-            if os.path.isabs(value) or "://" in value or ".." in parts:
+            if os.path.isabs(value) or is_uri(value) or ".." in parts:
                 raise DataError(
                     f"{manifest}: row {i} {column} {value!r} points outside the dataset folder {root} (this dataset "
                     "was prepared with --copy: paths must be relative and inside it); fix the row or re-run "

@@ -29,7 +29,7 @@ def fork_is_safe() -> bool:
 
 
 def cpu_workers() -> int:
-    """Cores this process may use."""
+    """Cores this process may run on (a cpuset/taskset limit included): the one core count every default uses."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

@@ -1,4 +1,4 @@
-"""`raydefect prepare`: candidates from an importer -> a checked, split, versioned dataset folder (DESIGN contract 1).
+"""`raydefect prepare`: candidates from an importer -> a checked, split, versioned dataset folder (contract 1).
 
 Every candidate is scanned in parallel (read once: SHA-1 of the bytes, header size, full decode unless
 ``verify_pixels=False``, mask decode, binarised at 128). Bad items are recorded in ``problems.csv`` with their
@@ -11,8 +11,7 @@ Outputs in ``out``: ``manifest.parquet``, ``dataset.yaml``, ``problems.csv`` and
 ever read.
 
 Big scans run on forked worker processes (small images are CPU-bound Python work), small scans and copies on
-threads (`raydefect.data.pool`). DESIGN mentions a Ray scan for files on cluster storage; local folders do not
-need it.
+threads (`raydefect.data.pool`).
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,7 +57,7 @@ from raydefect.imaging import (
     read_bytes,
     read_info,
 )
-from raydefect.paths import is_printable, printable_path
+from raydefect.paths import is_printable, printable_path, write_atomic
 
 
 @dataclass
@@ -270,17 +268,6 @@ def _previous_splits(out: Path) -> dict[str, str]:
     return dict(zip(table.column("sha1").to_pylist(), table.column("split").to_pylist(), strict=True))
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_problems(path: Path, problems: list[Problem]) -> None:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
@@ -288,7 +275,7 @@ def _write_problems(path: Path, problems: list[Problem]) -> None:
             w.writerow(["file", "reason", "action", "detail"])
             w.writerows([printable_path(p.file), p.reason, p.action, printable_path(p.detail)] for p in problems)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def _manifest_table(rows: list[dict[str, Any]]):
@@ -378,6 +365,94 @@ def prepare_dataset(
         ) from None
 
 
+def _record_problems(
+    problems_csv: Path, problems: list[Problem], strict: bool, any_kept: bool, n: int
+) -> Counter[tuple[str, str]]:
+    """problems.csv, and the refusals it justifies: any counted problem under --strict, no usable image at all.
+    Returns the problems counted by (reason, action)."""
+    _write_problems(problems_csv, problems)
+    by_reason = Counter((p.reason, p.action) for p in problems)
+    counted = [p for p in problems if p.action != IGNORED]
+    if strict and counted:
+        summary = ", ".join(f"{k} {r}" for (r, a), k in sorted(by_reason.items()) if a != IGNORED)
+        raise DataError(
+            f"prepare --strict: {len(counted)} problem(s) ({summary}); see {problems_csv}; "
+            "fix them, or run without --strict to skip bad items and keep flagged ones"
+        )
+    if not any_kept:
+        raise DataError(f"no usable images among {n} candidates; see {problems_csv} for the reasons")
+    return by_reason
+
+
+def _manifest_rows(
+    listing: Listing, kept: list[Scanned], splits: list[str], class_id: dict[str, int], copy: bool
+) -> tuple[list[dict[str, Any]], list[tuple[Scanned, str, str | None]]]:
+    """(manifest rows, what ``--copy`` copies where) for the kept images, in manifest order."""
+    rows, copies = [], []
+    for s, split in zip(kept, splits, strict=True):
+        image, mask = s.candidate.image, s.mask
+        if copy:
+            stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
+            cls = _safe(s.defect_class)
+            image = f"{COPY_IMAGES}/{cls}/{stem}{Path(image).suffix.lower()}"
+            mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
+            copies.append((s, image, mask))
+        rows.append(
+            {
+                "image": image,
+                "mask": mask,
+                "label": s.label,
+                "defect_class": s.defect_class,
+                "class_id": class_id[s.defect_class],
+                "split": split,
+                "width": s.width,
+                "height": s.height,
+                "mask_fraction": s.mask_fraction,
+                "mask_soft_pixels": s.soft_pixels,
+                "sha1": s.sha1,
+                "bytes": s.size_bytes,
+                "flags": s.flags,
+                "source": listing.importer,
+                "original_image": s.candidate.image,
+                "original_mask": s.mask,
+            }
+        )
+    return rows, copies
+
+
+def _dataset_info(
+    listing: Listing,
+    rows: list[dict[str, Any]],
+    classes: list[str],
+    counts: dict[str, dict[str, int]],
+    by_reason: Counter[tuple[str, str]],
+    split: Sequence[float],
+    seed: int,
+    kept_previous: int,
+    copy: bool,
+    max_pixels: int,
+    verify_pixels: bool,
+) -> dict[str, Any]:
+    """dataset.yaml's content (contract 1): what the dataset holds and how it was made."""
+    return {
+        "schema_version": DATASET_SCHEMA_VERSION,
+        "kind": "raydefect-dataset",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "raydefect_version": __version__,
+        "importer": {"name": listing.importer, "arguments": listing.arguments},
+        "paths": "relative" if copy else "absolute",
+        "split": {"fractions": [float(f) for f in split], "seed": seed, "kept_previous": kept_previous},
+        "classes": classes,
+        "images": len(rows),
+        "counts": {c: {**counts[c], "total": sum(counts[c].values())} for c in classes},
+        "split_counts": {sp: sum(counts[c][sp] for c in classes) for sp in SPLITS},
+        "problems": {f"{r} ({a})": k for (r, a), k in sorted(by_reason.items())},
+        "mask_threshold": MASK_THRESHOLD,
+        "max_image_pixels": max_pixels,
+        "verify_pixels": verify_pixels,
+    }
+
+
 def _write_dataset(
     listing: Listing,
     out: Path,
@@ -400,18 +475,7 @@ def _write_dataset(
     problems = scanned_problems
     out.mkdir(parents=True, exist_ok=True)
     problems_csv = out / PROBLEMS_CSV
-    _write_problems(problems_csv, problems)
-    by_reason = Counter((p.reason, p.action) for p in problems)
-    counted = [p for p in problems if p.action != IGNORED]
-    if strict and counted:
-        summary = ", ".join(f"{k} {r}" for (r, a), k in sorted(by_reason.items()) if a != IGNORED)
-        raise DataError(
-            f"prepare --strict: {len(counted)} problem(s) ({summary}); see {problems_csv}; "
-            "fix them, or run without --strict to skip bad items and keep flagged ones"
-        )
-    if not kept:
-        raise DataError(f"no usable images among {n} candidates; see {problems_csv} for the reasons")
-
+    by_reason = _record_problems(problems_csv, problems, strict, bool(kept), n)
     defect_classes = sorted({s.defect_class for s in kept if s.defect_class != NORMAL})
     classes = [NORMAL, *defect_classes]
     class_id = {c: i for i, c in enumerate(classes)}
@@ -419,36 +483,7 @@ def _write_dataset(
     kept_previous = sum(1 for s in kept if s.sha1 in previous)
     order = sorted(range(len(kept)), key=lambda i: (class_id[kept[i].defect_class], kept[i].candidate.image))
 
-    rows, copies = [], []
-    for i in order:
-        s = kept[i]
-        image, mask = s.candidate.image, s.mask
-        if copy:
-            stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
-            cls = _safe(s.defect_class)
-            image = f"{COPY_IMAGES}/{cls}/{stem}{Path(image).suffix.lower()}"
-            mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
-            copies.append((s, image, mask))
-        rows.append(
-            {
-                "image": image,
-                "mask": mask,
-                "label": s.label,
-                "defect_class": s.defect_class,
-                "class_id": class_id[s.defect_class],
-                "split": splits[i],
-                "width": s.width,
-                "height": s.height,
-                "mask_fraction": s.mask_fraction,
-                "mask_soft_pixels": s.soft_pixels,
-                "sha1": s.sha1,
-                "bytes": s.size_bytes,
-                "flags": s.flags,
-                "source": listing.importer,
-                "original_image": s.candidate.image,
-                "original_mask": s.mask,
-            }
-        )
+    rows, copies = _manifest_rows(listing, [kept[i] for i in order], [splits[i] for i in order], class_id, copy)
     if copies:
         console.info(f"copying {len(copies):,} images into {out}")
         parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copied")
@@ -459,26 +494,12 @@ def _write_dataset(
         counts[r["defect_class"]][r["split"]] += 1
     table = _manifest_table(rows)
     manifest = out / MANIFEST
-    _write_atomic(manifest, lambda tmp: pq.write_table(table, tmp))
-    info = {
-        "schema_version": DATASET_SCHEMA_VERSION,
-        "kind": "raydefect-dataset",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "raydefect_version": __version__,
-        "importer": {"name": listing.importer, "arguments": listing.arguments},
-        "paths": "relative" if copy else "absolute",
-        "split": {"fractions": [float(f) for f in split], "seed": seed, "kept_previous": kept_previous},
-        "classes": classes,
-        "images": len(rows),
-        "counts": {c: {**counts[c], "total": sum(counts[c].values())} for c in classes},
-        "split_counts": {sp: sum(counts[c][sp] for c in classes) for sp in SPLITS},
-        "problems": {f"{r} ({a})": k for (r, a), k in sorted(by_reason.items())},
-        "mask_threshold": MASK_THRESHOLD,
-        "max_image_pixels": max_pixels,
-        "verify_pixels": verify_pixels,
-    }
+    write_atomic(manifest, lambda tmp: pq.write_table(table, tmp))
+    info = _dataset_info(
+        listing, rows, classes, counts, by_reason, split, seed, kept_previous, copy, max_pixels, verify_pixels
+    )
     dataset_yaml = out / DATASET_YAML
-    _write_atomic(dataset_yaml, lambda tmp: tmp.write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8"))
+    write_atomic(dataset_yaml, lambda tmp: tmp.write_text(yaml.safe_dump(info, sort_keys=False), encoding="utf-8"))
     return PrepareReport(
         out=out,
         manifest=manifest,

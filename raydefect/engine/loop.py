@@ -44,6 +44,7 @@ from raydefect.engine.schedule import (
 from raydefect.errors import ArtifactError, ConfigError, TrainingError
 from raydefect.geometry import Geometry, predict_tiled
 from raydefect.inference import Preprocessor
+from raydefect.inference.device import resolve_device
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.models.artifact import unwrap
 from raydefect.models.losses import DefectLoss
@@ -301,14 +302,6 @@ def check_metric(cfg: Config, class_names: Sequence[str]) -> None:
             f"schedule.metric: '{cfg.schedule.metric}' is not a reported metric; {hint}choose one of "
             f"{', '.join(n for n in names if n.startswith('val_'))}"
         )
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

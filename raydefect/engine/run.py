@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md contract 4) and the end of a training: export the best checkpoint, test it.
+"""The run folder (contract 4 of docs/architecture.md) and the end of a training: export the best checkpoint, test it.
 
     runs/<name>/
       config.yaml          the resolved config (re-running the same name resumes with it)
@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,6 +284,44 @@ def _finite_threshold(value: float) -> float:
     return float(min(1.0, max(0.0, value))) if math.isfinite(value) else 0.5
 
 
+def _score_test_split(
+    score: Callable[[list[dict[str, Any]], float], Any],
+    dataset: Dataset,
+    thresholds: dict[str, float],
+    epoch: int,
+    plots_dir: Path,
+    plots: dict[str, Path],
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """The test split scored at the thresholds chosen on val: (test metrics, test_metrics.json's content), its plots
+    added to `plots`; nothing, with a warning, for a dataset without a test split."""
+    from raydefect.engine.data import manifest_rows
+    from raydefect.metrics import validation_summary
+    from raydefect.viz.plots import write_metric_plots
+
+    test_rows = manifest_rows(dataset, "test", required=False)
+    if not test_rows:
+        console.warn(f"{dataset.root}: no test split, so no test metrics (prepare with a test fraction to get them)")
+        return {}, None
+    test = score(test_rows, thresholds["pixel"])
+    test_image, test_pixel = test.image.compute(thresholds["image"]), test.pixel.compute()
+    test_metrics = validation_summary(test_image, test_pixel, prefix="test_", use_fixed_pixel_threshold=True)
+    test_metrics["test_image_threshold"] = thresholds["image"]
+    test_metrics["test_pixel_threshold"] = thresholds["pixel"]
+    for key in ("test_image_threshold_fallback", "test_pixel_threshold_fallback"):
+        test_metrics.pop(key, None)
+    test_payload = {
+        "split": "test",
+        "checkpoint_epoch": epoch,
+        "thresholds": thresholds,
+        "metrics": test_metrics,
+        "image": test_image.to_dict(),
+        "pixel": test_pixel.to_dict(),
+    }
+    for name, path in write_metric_plots(plots_dir / "test", test_image, test_pixel).items():
+        plots[f"test_{name}"] = path
+    return test_metrics, test_payload
+
+
 def export_run(
     run_dir: str | Path,
     checkpoint_dir: str | Path,
@@ -300,12 +338,13 @@ def export_run(
     """
     from raydefect.engine.checkpoint import load_weights, read_state
     from raydefect.engine.data import SampleSource, iterate_batches, manifest_rows
-    from raydefect.engine.loop import autocast_dtype, evaluate, resolve_device
+    from raydefect.engine.loop import autocast_dtype, evaluate
+    from raydefect.inference.device import resolve_device
     from raydefect.metrics import validation_summary
-    from raydefect.metrics._common import json_safe
+    from raydefect.metrics.common import json_safe
     from raydefect.models.artifact import save_artifact
     from raydefect.models.model import DefectModel
-    from raydefect.plots import plot_training_curves, write_metric_plots
+    from raydefect.viz.plots import plot_training_curves, write_metric_plots
 
     run_dir = Path(run_dir)
     state = read_state(checkpoint_dir)
@@ -343,31 +382,8 @@ def export_run(
     for name, path in write_metric_plots(plots_dir / "val", val_image, val_pixel).items():
         plots[f"val_{name}"] = path
 
-    test_rows = manifest_rows(dataset, "test", required=False)
-    test_metrics: dict[str, float] = {}
+    test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
     test_path = None
-    test_payload: dict[str, Any] | None = None
-    if test_rows:
-        test = score(test_rows, thresholds["pixel"])
-        test_image, test_pixel = test.image.compute(thresholds["image"]), test.pixel.compute()
-        test_metrics = validation_summary(test_image, test_pixel, prefix="test_", use_fixed_pixel_threshold=True)
-        test_metrics["test_image_threshold"] = thresholds["image"]
-        test_metrics["test_pixel_threshold"] = thresholds["pixel"]
-        for key in ("test_image_threshold_fallback", "test_pixel_threshold_fallback"):
-            test_metrics.pop(key, None)
-        test_payload = {
-            "split": "test",
-            "checkpoint_epoch": state.epoch,
-            "thresholds": thresholds,
-            "metrics": test_metrics,
-            "image": test_image.to_dict(),
-            "pixel": test_pixel.to_dict(),
-        }
-        for name, path in write_metric_plots(plots_dir / "test", test_image, test_pixel).items():
-            plots[f"test_{name}"] = path
-    else:
-        console.warn(f"{dataset.root}: no test split, so no test metrics (prepare with a test fraction to get them)")
-
     meta = save_artifact(
         model,
         run_dir / MODEL_DIR,
@@ -377,11 +393,7 @@ def export_run(
     )
     if test_payload is not None:
         test_payload["model_id"] = meta.model_id
-        test_path = run_dir / TEST_METRICS_FILE
-        try:
-            test_path.write_text(json.dumps(json_safe(test_payload), indent=2), encoding="utf-8")
-        except OSError as e:
-            raise OutputError(f"cannot write {test_path}: {e.strerror}") from None
+        test_path = write_text_atomic(run_dir / TEST_METRICS_FILE, json.dumps(json_safe(test_payload), indent=2))
     metrics_csv = run_dir / METRICS_FILE
     if metrics_csv.is_file():
         plots["training_curves"] = plot_training_curves(

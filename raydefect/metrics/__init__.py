@@ -18,6 +18,7 @@ from raydefect.metrics.pixel import (
     PixelMetricAccumulator,
     PixelMetrics,
     SegmentationPoint,
+    choose_pixel_threshold,
     mask_iou_dice,
     pixel_metrics,
 )
@@ -27,7 +28,6 @@ from raydefect.metrics.thresholds import (
     PIXEL_CRITERIA,
     ThresholdChoice,
     choose_image_threshold,
-    choose_pixel_threshold,
 )
 
 __all__ = [

@@ -1,10 +1,10 @@
 """Image-level metrics: is this image a defect, and which defect?
 
 Inputs are per-image defect scores (higher = more likely a defect, usually 1 - p(normal)), binary labels
-(1 = defect) and optionally class probabilities over the class list, whose index 0 is "normal" (DESIGN.md contract
-1: `defect_class` is "normal" for normal images). Everything is exact (sorting, no binning) and NaN-tolerant: a
-metric the data cannot define is NaN with a note saying why, never an exception, so a validation epoch on an
-unlucky split still finishes.
+(1 = defect) and optionally class probabilities over the class list, whose index 0 is "normal" (contract 1 of
+docs/architecture.md: `defect_class` is "normal" for normal images). Everything is exact (sorting, no binning)
+and NaN-tolerant: a metric the data cannot define is NaN with a note saying why, never an exception, so a
+validation epoch on an unlucky split still finishes.
 
 Conventions (the same as scikit-learn / torchmetrics unless said otherwise):
   * an image is called a defect when score >= threshold;
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from raydefect.metrics._common import json_safe, safe_div, to_numpy
+from raydefect.metrics.common import json_safe, safe_div, to_numpy
 from raydefect.metrics.thresholds import DEFAULT_FALLBACK_THRESHOLD, ThresholdChoice, choose_image_threshold
 
 

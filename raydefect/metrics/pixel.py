@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from raydefect.metrics._common import json_safe, safe_div, to_numpy, trapezoid_to
+from raydefect.metrics.common import json_safe, safe_div, to_numpy, trapezoid_to
 from raydefect.metrics.thresholds import (
     DEFAULT_FALLBACK_THRESHOLD,
+    PIXEL_CRITERIA,
     PixelCriterion,
     ThresholdChoice,
-    choose_pixel_threshold,
+    first_max_run,
 )
 
 _RANGE_TOLERANCE = 1e-6  # probabilities a hair outside [0, 1] from float rounding are clipped, not rejected
@@ -453,3 +454,39 @@ def pixel_metrics(
     acc = PixelMetricAccumulator(threshold=threshold, num_bins=num_bins, fpr_limit=fpr_limit)
     acc.update(prob_masks, true_masks)
     return acc.compute(criterion)
+
+
+def choose_pixel_threshold(
+    acc: PixelMetricAccumulator, criterion: PixelCriterion = "dice", fallback: float = DEFAULT_FALLBACK_THRESHOLD
+) -> ThresholdChoice:
+    """The mask-probability threshold, among the accumulator's bin edges, that maximises `criterion`.
+
+    criterion:
+      "dice"        mean per-image Dice over all images (a normal image scores 1 with an empty predicted mask and 0
+                    with any false pixel), so false alarms on normal images count as much as coverage of defects;
+      "dice_defect" mean Dice over defect images only (ignores normal images: tends to lower thresholds);
+      "f1"          pixel-level F1 over all pixels pooled (anomalib's adaptive threshold; large defects dominate).
+    The winning run of edges is e_a..e_b; the threshold is the edge at its centre (index (a + b) // 2), so it is
+    exactly reproducible and the metrics there are exact. Resolution is the bin width (1 / num_bins).
+    Falls back to `fallback` (flagged) when no defect pixel was seen.
+    """
+    if criterion not in PIXEL_CRITERIA:
+        raise ValueError(f"unknown pixel threshold criterion {criterion!r}; use one of {', '.join(PIXEL_CRITERIA)}")
+    if acc.n_defect_pixels == 0:
+        which = "no images" if acc.n_images == 0 else "no defect pixels"
+        return ThresholdChoice(
+            fallback,
+            math.nan,
+            criterion,
+            fallback=True,
+            reason=f"{which} in the validation masks: cannot choose a pixel threshold, using {fallback}",
+        )
+    if criterion == "dice":
+        curve = acc.binned_mean("dice", "all")
+    elif criterion == "dice_defect":
+        curve = acc.binned_mean("dice", "defect")
+    else:
+        curve = acc.binned_pixel_f1()
+    a, b = first_max_run(curve)
+    centre = (a + b) // 2  # stay on a bin edge, so the metrics reported there are exact, not interpolated
+    return ThresholdChoice(float(acc.thresholds[centre]), float(curve[centre]), criterion)

@@ -1,25 +1,23 @@
 """Decision thresholds chosen on validation data; training stores both (image and pixel) in the model artifact.
 
-Both choosers maximise an objective over candidate thresholds and break ties the same deterministic way: among all
-thresholds reaching the maximum, take the lowest run of them (the recall-friendly side: a missed defect usually
-costs more than a false alarm) and return the centre of that run, so the decision sits as far as possible from
-the validation scores on either side (the pixel chooser snaps that centre to a bin edge). When the data cannot
-define a threshold (one class absent), they return a documented fallback and say so in `ThresholdChoice.fallback`
-and `reason` instead of raising.
+Both choosers (`choose_image_threshold` here, `pixel.choose_pixel_threshold` beside the accumulator it reads)
+maximise an objective over candidate thresholds and break ties the same deterministic way: among all thresholds
+reaching the maximum, take the lowest run of them (the recall-friendly side: a missed defect usually costs more
+than a false alarm) and return the centre of that run, so the decision sits as far as possible from the validation
+scores on either side (the pixel chooser snaps that centre to a bin edge). When the data cannot define a threshold
+(one class absent), they return a documented fallback and say so in `ThresholdChoice.fallback` and `reason`
+instead of raising.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from raydefect.metrics._common import to_numpy
-
-if TYPE_CHECKING:
-    from raydefect.metrics.pixel import PixelMetricAccumulator
+from raydefect.metrics.common import to_numpy
 
 #: Used when validation data cannot pick a threshold (only one class present): the natural cut of a probability.
 DEFAULT_FALLBACK_THRESHOLD = 0.5
@@ -108,39 +106,3 @@ def choose_image_threshold(scores: Any, labels: Any, fallback: float = DEFAULT_F
         lower = uniq[a - 1] if a > 0 else uniq[0]
         value = float((lower + uniq[b]) / 2)
     return ThresholdChoice(value, float(f1[a]), "f1")
-
-
-def choose_pixel_threshold(
-    acc: PixelMetricAccumulator, criterion: PixelCriterion = "dice", fallback: float = DEFAULT_FALLBACK_THRESHOLD
-) -> ThresholdChoice:
-    """The mask-probability threshold, among the accumulator's bin edges, that maximises `criterion`.
-
-    criterion:
-      "dice"        mean per-image Dice over all images (a normal image scores 1 with an empty predicted mask and 0
-                    with any false pixel), so false alarms on normal images count as much as coverage of defects;
-      "dice_defect" mean Dice over defect images only (ignores normal images: tends to lower thresholds);
-      "f1"          pixel-level F1 over all pixels pooled (anomalib's adaptive threshold; large defects dominate).
-    The winning run of edges is e_a..e_b; the threshold is the edge at its centre (index (a + b) // 2), so it is
-    exactly reproducible and the metrics there are exact. Resolution is the bin width (1 / num_bins).
-    Falls back to `fallback` (flagged) when no defect pixel was seen.
-    """
-    if criterion not in PIXEL_CRITERIA:
-        raise ValueError(f"unknown pixel threshold criterion {criterion!r}; use one of {', '.join(PIXEL_CRITERIA)}")
-    if acc.n_defect_pixels == 0:
-        which = "no images" if acc.n_images == 0 else "no defect pixels"
-        return ThresholdChoice(
-            fallback,
-            math.nan,
-            criterion,
-            fallback=True,
-            reason=f"{which} in the validation masks: cannot choose a pixel threshold, using {fallback}",
-        )
-    if criterion == "dice":
-        curve = acc.binned_mean("dice", "all")
-    elif criterion == "dice_defect":
-        curve = acc.binned_mean("dice", "defect")
-    else:
-        curve = acc.binned_pixel_f1()
-    a, b = first_max_run(curve)
-    centre = (a + b) // 2  # stay on a bin edge, so the metrics reported there are exact, not interpolated
-    return ThresholdChoice(float(acc.thresholds[centre]), float(curve[centre]), criterion)

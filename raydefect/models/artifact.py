@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from raydefect import __version__, console
-from raydefect.config import ModelConfig, _build_section
+from raydefect.config import ModelConfig
+from raydefect.config import build_section as _build_section
 from raydefect.errors import ArtifactError, OutputError, RaydefectError
 from raydefect.geometry import Geometry
 

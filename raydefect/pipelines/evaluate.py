@@ -1,7 +1,7 @@
 """`raydefect evaluate` end to end: local for small splits, Ray Data for large ones; the core writes the report.
 
 On Ray, the split's records (paths and labels, not pixels) become a Ray Data dataset; an actor pool of
-`_EvalActor`s (one `raydefect.evaluate.Evaluator`, i.e. one model, per actor) decodes, predicts and updates fresh
+`_EvalActor`s (one `raydefect.tasks.evaluate.Evaluator`, i.e. one model, per actor) decodes, predicts and updates fresh
 metric accumulators per batch and returns them pickled, one output row per batch. The driver merges the
 accumulators (`merge` is order-free) and the rows, then computes the metrics and writes the report exactly as the
 local path does. Workers read the images, masks and model folder by path, so on a multi-node cluster those must be
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from raydefect import console
-from raydefect.evaluate import RECORD_FIELDS, Evaluation, Evaluator, new_accumulators, run_evaluation
 from raydefect.pipelines.cluster import quiet_ray_data
+from raydefect.tasks.evaluate import RECORD_FIELDS, Evaluation, Evaluator, new_accumulators, run_evaluation
 
 #: Splits with more images than this run on Ray Data unless told otherwise (`use_ray`).
 RAY_ABOVE = 2000

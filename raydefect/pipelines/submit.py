@@ -17,7 +17,8 @@ from typing import Any
 from raydefect import console
 from raydefect.config import Config, ScoreConfig
 from raydefect.errors import ClusterError, ConfigError, first_line
-from raydefect.scoring.sources import absolute, is_remote
+from raydefect.paths import is_remote
+from raydefect.scoring.storage import absolute
 
 
 def _value(v: object) -> str:
@@ -32,7 +33,7 @@ def _value(v: object) -> str:
 
 def score_argv(
     model: str,
-    input: str,
+    input_: str,
     out: str,
     cfg: Config,
     *,
@@ -45,8 +46,8 @@ def score_argv(
 
     Local paths are sent absolute, resolved here (a relative one would be resolved in the job's working directory on
     the head node: the job failed, or wrote its scores somewhere else)."""
-    model, input, out = absolute(model), absolute(input), absolute(out)
-    argv = ["raydefect", "score", "--model", model, "--input", input, "--out", out]
+    model, input_, out = absolute(model), absolute(input_), absolute(out)
+    argv = ["raydefect", "score", "--model", model, "--input", input_, "--out", out]
     defaults = ScoreConfig()
     for name, value in cfg.to_dict()["score"].items():
         default = getattr(defaults, name)
@@ -61,7 +62,7 @@ def score_argv(
     if json_path:
         json_path = absolute(json_path)
         argv += ["--json", json_path]
-    named = [("--model", model), ("--input", input), ("--out", out)] + ([("--json", json_path)] if json_path else [])
+    named = [("--model", model), ("--input", input_), ("--out", out)] + ([("--json", json_path)] if json_path else [])
     for name, path in named:
         if not is_remote(path):
             console.warn(f"{name} {path} is a local path: it must exist on the cluster's head node (shared storage)")
@@ -82,7 +83,7 @@ def check_submission(address: str | None, env_names: Sequence[str] = ()) -> None
 def submit_score(
     address: str | None,
     model: str,
-    input: str,
+    input_: str,
     out: str,
     cfg: Config,
     *,
@@ -92,7 +93,7 @@ def submit_score(
     """`raydefect score ...` as a job on the cluster at `address` (`options`: those of `score_argv`); returns the
     job id."""
     check_submission(address, env_names)
-    return submit_job(address, score_argv(model, input, out, cfg, **options), env_names)
+    return submit_job(address, score_argv(model, input_, out, cfg, **options), env_names)
 
 
 def submit_job(address: str | None, argv: Sequence[str], env_names: Sequence[str] = ()) -> str:

@@ -1,4 +1,5 @@
-"""`raydefect train` on Ray Train: the driver (`train`, `run_training`) and `train_fn_per_worker`.
+"""`raydefect train` on Ray Train: the driver (`train`, `run_training`); each worker runs `train_fn_per_worker`
+(`raydefect.pipelines.train_worker`).
 
 Data path. The driver reads the manifest (small: one row per image) and hands the training and validation rows to
 Ray Data (``ray.data.from_pandas``). `TorchTrainer` splits the training dataset into equal shards (``streaming_split``;
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -38,11 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 from ray.train import (
-    Checkpoint,
     CheckpointConfig,
-    CheckpointUploadMode,
     DataConfig,
     FailureConfig,
     RunConfig,
@@ -60,7 +57,6 @@ from raydefect.engine.run import (
     append_metrics_row,
     best_epoch,
     check_resumable,
-    checkpoint_name,
     console_header,
     console_row,
     default_run_name,
@@ -74,17 +70,10 @@ from raydefect.engine.run import (
 )
 from raydefect.errors import ConfigError, DataError, RaydefectError, TrainingError
 from raydefect.pipelines.failures import disk_error, user_error
+from raydefect.pipelines.train_worker import FAIL_ONCE_ENV, PID_FILE_ENV, SCORE_KEY, train_fn_per_worker
 
-#: Test hook: "EPOCH:MARKER_FILE" makes rank 0 raise once, after training epoch EPOCH and before reporting it, and
-#: create MARKER_FILE so the retry passes (the driver reads it and hands it to the workers).
-FAIL_ONCE_ENV = "RAYDEFECT_TEST_FAIL_ONCE"
-#: Test hook: a file path; rank 0 writes its pid there when it starts (a test kills it with SIGKILL mid-epoch).
-PID_FILE_ENV = "RAYDEFECT_TEST_PID_FILE"
 #: Ray Train's checkpoint-manager snapshot in the run folder (it lists the checkpoints Ray restores from).
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-#: Reported with every epoch for `CheckpointConfig`: schedule.metric, made finite (Ray cannot rank NaN / None).
-SCORE_KEY = "checkpoint_score"
-_WORST = 1e30
 
 
 @dataclass
@@ -105,116 +94,6 @@ class TrainResult:
     @property
     def best_metrics(self) -> dict[str, Any]:
         return next((r for r in self.history if int(r["epoch"]) == self.best_epoch), {})
-
-
-# ------------------------------------------------------------------------------------------------ worker
-def _rows(shard: Any) -> list[dict[str, Any]]:
-    """All rows of a dataset shard (manifest rows are small) as plain dicts; null masks stay None."""
-    rows: list[dict[str, Any]] = []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="pandas"):
-        for rec in batch.to_dict("records"):
-            mask = rec.get("mask")
-            rec["mask"] = None if mask is None or (isinstance(mask, float) and math.isnan(mask)) else str(mask)
-            rows.append(rec)
-    return rows
-
-
-def _report_value(value: Any) -> Any:
-    """Ray persists metrics as JSON: NaN becomes None (the CSV writer shows it as an empty cell)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _rank_value(value: Any, mode: str) -> float:
-    """The checkpoint ranking value: schedule.metric, or the worst number when it is undefined (NaN) this epoch."""
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return -_WORST if mode == "max" else _WORST
-
-
-def _maybe_fail(fail_once: str | None, epoch: int, rank: int) -> None:
-    if not fail_once or rank != 0:
-        return
-    at, marker = fail_once.split(":", 1)
-    if int(at) == epoch and not os.path.exists(marker):
-        Path(marker).write_text(f"failed once at epoch {epoch}\n", encoding="utf-8")
-        raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure at epoch {epoch}")
-
-
-def _write_placement_group(path: str) -> None:
-    """Record the worker group's placement group id (a Tune trial's driver removes it if the trial is killed: Ray
-    Train's own clean-up of a killed controller needs the State API, which an embedded Ray without dashboard lacks)."""
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        Path(path).write_text(pg.id.hex() + "\n", encoding="utf-8")
-
-
-def _report(trainer: Any, metrics: dict[str, Any], epoch: int, rank: int, run_dir: str) -> None:
-    """Every rank reports the epoch (a barrier); rank 0 with the checkpoint.
-
-    Rank 0 writes the checkpoint straight into the run folder, which is Ray's experiment folder (``storage_path /
-    name``), as a hidden folder renamed into place once complete, and reports it with ``NO_UPLOAD``: Ray registers
-    it where it is instead of copying a checkpoint that holds the optimizer state (~260 MB for dinov3-s) every
-    epoch. On a multi-node cluster the run folder must be shared storage, as Ray's own copy would need."""
-    name = checkpoint_name(epoch)
-    saved = None
-    if rank == 0:
-        final = Path(run_dir) / name
-        partial = final.with_name(f".{name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            trainer.save(str(partial))
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)  # a full disk: leave no half checkpoint behind
-            raise
-        if final.exists():  # written before a failure, never reported: this epoch ran again
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        saved = Checkpoint.from_directory(str(final))
-    ray.train.report(
-        metrics, checkpoint=saved, checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
-    )
-
-
-def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: rebuild the config, restore the latest checkpoint, train the remaining epochs."""
-    import torch
-    from ray.train.torch import get_device, prepare_model
-
-    from raydefect.engine.loop import Trainer
-
-    cfg = Config.from_dict(config["config"], source="train_loop_config")
-    torch.set_num_threads(int(config["threads"]))
-    rank = ray.train.get_context().get_world_rank()
-    if rank == 0 and config.get("placement_group_file"):
-        _write_placement_group(config["placement_group_file"])
-    checkpoint = ray.train.get_checkpoint()
-    trainer = Trainer(
-        cfg,
-        config["class_names"],
-        config["class_counts"],
-        device=get_device(),
-        wrap_model=lambda m: prepare_model(m, move_to_device=False),
-        load_weights=checkpoint is None,  # resuming: the checkpoint has the weights, no need for the hub or file
-    )
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.restore(folder)
-    elif config.get("resume_from"):  # the driver set damaged checkpoints aside and chose the newest good one
-        trainer.restore(config["resume_from"])
-    if config.get("pid_file") and rank == 0:
-        Path(config["pid_file"]).write_text(f"{os.getpid()}\n", encoding="utf-8")
-    val_rows = _rows(ray.train.get_dataset_shard("val"))
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in trainer.pending_epochs():
-        metrics = trainer.run_epoch(epoch, _rows(shard), val_rows)
-        _maybe_fail(config.get("fail_once"), epoch, rank)
-        metrics = {k: _report_value(v) for k, v in metrics.items()}
-        metrics[SCORE_KEY] = _rank_value(metrics.get(cfg.schedule.metric), cfg.schedule.mode)
-        _report(trainer, metrics, epoch, rank, config["run_dir"])
-        if trainer.state.stopped:
-            break
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -259,7 +138,7 @@ class _ProgressPrinter(threading.Thread):
         self.poll()
 
 
-def _use_gpu(cfg: Config) -> bool:
+def uses_gpu(cfg: Config) -> bool:
     from raydefect.pipelines.cluster import cluster_gpus
 
     if cfg.resources.use_gpu == "yes":
@@ -363,7 +242,43 @@ def run_training(
     from raydefect.pipelines.cluster import connect, quiet_ray_data
 
     connect(address)
-    use_gpu = _use_gpu(cfg)
+    use_gpu, resources = _worker_resources(cfg)
+    quiet_ray_data()
+    trainer = _trainer(
+        cfg,
+        dataset.class_names,
+        counts,
+        train_rows,
+        val_rows,
+        run_dir,
+        name=name,
+        root=root,
+        use_gpu=use_gpu,
+        resources=resources,
+        callbacks=callbacks,
+        fail_once=fail_once or os.environ.get(FAIL_ONCE_ENV) or None,
+        resume_from=resume_from,
+        placement_group_file=placement_group_file,
+    )
+    if show_progress:
+        _announce(cfg, name, run_dir, done_before, len(train_rows), len(val_rows), use_gpu)
+    printer = _ProgressPrinter(run_dir / METRICS_FILE, done_before) if show_progress else None
+    if printer is not None:
+        printer.start()
+    try:
+        result = _fit(trainer, name, root, run_dir)
+    finally:
+        if printer is not None:
+            printer.stop()
+
+    if result.checkpoint is None:
+        raise TrainingError(f"training {name} reported no checkpoint; see the Ray logs (-v) and re-run")
+    return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, False)
+
+
+def _worker_resources(cfg: Config) -> tuple[bool, dict[str, float]]:
+    """(whether the workers use GPUs, what each reserves); with GPUs, a warning when too few CPUs feed them."""
+    use_gpu = uses_gpu(cfg)
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
@@ -372,15 +287,48 @@ def run_training(
         hint = gpu_loader_hint(cfg, cluster_cpus(), cluster_gpus())
         if hint:
             console.warn(hint)
+    return use_gpu, resources
+
+
+def _announce(cfg: Config, name: str, run_dir: Path, done_before: int, n_train: int, n_val: int, use_gpu: bool) -> None:
+    """What is about to train, where it goes, and the header of the per-epoch lines."""
+    total = cfg.schedule.total_epochs
+    where = f"{cfg.resources.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
+    action = f"resuming {name} after epoch {done_before}" if done_before else f"training {name}"
+    console.info(
+        f"{action}: {cfg.model.backbone} at {cfg.data.image_size} px, {total} epochs, "
+        f"{n_train} train / {n_val} val images, {where}"
+    )
+    console.info(f"run folder: {run_dir}")
+    console.info(console_header())
+
+
+def _trainer(
+    cfg: Config,
+    class_names: Sequence[str],
+    counts: Any,
+    train_rows: Any,
+    val_rows: Any,
+    run_dir: Path,
+    *,
+    name: str,
+    root: Path,
+    use_gpu: bool,
+    resources: dict[str, float],
+    callbacks: Sequence[Any] | None,
+    fail_once: str | None,
+    resume_from: str | None,
+    placement_group_file: str | None,
+) -> TorchTrainer:
+    """The `TorchTrainer` of a run: `train_fn_per_worker` on ``resources.num_workers`` workers, every epoch reported
+    with a checkpoint into ``run_dir`` (the best ``train.keep_checkpoints`` kept), ``train.max_failures`` retries."""
     verbose = console.verbosity() >= 1
-    quiet_ray_data()
     datasets = {"train": ray.data.from_pandas(_frame(train_rows)), "val": ray.data.from_pandas(_frame(val_rows))}
-    fail_once = fail_once or os.environ.get(FAIL_ONCE_ENV) or None
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "class_names": dataset.class_names,
+            "class_names": class_names,
             "class_counts": counts,
             "threads": max(1, int(cfg.resources.cpus_per_worker)),
             "fail_once": fail_once,
@@ -407,21 +355,13 @@ def run_training(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    if show_progress:
-        total = cfg.schedule.total_epochs
-        where = f"{cfg.resources.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
-        action = f"resuming {name} after epoch {done_before}" if done_before else f"training {name}"
-        console.info(
-            f"{action}: {cfg.model.backbone} at {cfg.data.image_size} px, {total} epochs, "
-            f"{len(train_rows)} train / {len(val_rows)} val images, {where}"
-        )
-        console.info(f"run folder: {run_dir}")
-        console.info(console_header())
-    printer = _ProgressPrinter(run_dir / METRICS_FILE, done_before) if show_progress else None
-    if printer is not None:
-        printer.start()
+
+
+def _fit(trainer: TorchTrainer, name: str, root: Path, run_dir: Path) -> Any:
+    """`trainer.fit()`, its failures as one user-facing error: a `RaydefectError` raised in a worker as itself, a
+    full disk as `disk_error`'s, anything else as `TrainingError` naming the checkpoint to resume from."""
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:
         root_error = _root_error(e)
         if isinstance(root_error, RaydefectError):
@@ -435,13 +375,6 @@ def run_training(
             f"training {name} failed ({type(root_error).__name__}: {detail}); the last checkpoint is epoch {last}: "
             f"re-run the same command (same --name) to resume from it"
         ) from e
-    finally:
-        if printer is not None:
-            printer.stop()
-
-    if result.checkpoint is None:
-        raise TrainingError(f"training {name} reported no checkpoint; see the Ray logs (-v) and re-run")
-    return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, False)
 
 
 def _finished(run_dir: Path, last: int, cfg: Config) -> bool:

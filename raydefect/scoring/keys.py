@@ -72,10 +72,6 @@ def key_digests(
     return out
 
 
-def digests_to_bytes(digests: np.ndarray) -> bytes:
-    return np.ascontiguousarray(digests, DIGEST).tobytes()
-
-
 def digests_from_bytes(data: bytes) -> np.ndarray:
     if len(data) % DIGEST.itemsize:
         raise ValueError(f"digest bytes must be a multiple of {DIGEST.itemsize}, got {len(data)}")

@@ -25,10 +25,12 @@ import pyarrow.compute as pc
 
 from raydefect.errors import DataError, ImageError, OutputError, first_line
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
-from raydefect.overlay import render_overlay, save_png
+from raydefect.paths import is_uri
+from raydefect.scoring.records import RunRecord
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage
-from raydefect.scoring.store import RunRecord, ScoreStore
+from raydefect.scoring.storage import Storage
+from raydefect.scoring.store import ScoreStore
+from raydefect.viz.overlay import render_overlay, save_png
 
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
                    "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
@@ -251,7 +253,7 @@ def _current_of(out: str, storage: Storage | None, model: str | None) -> pa.Tabl
 
 def _as_scored(path: str) -> str:
     """A path as the scores hold it: URIs as they are, local paths absolute and resolved."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _select(table: pa.Table, top: int | None, where: Sequence[str], paths: Sequence[str]) -> pa.Table:

@@ -1,4 +1,4 @@
-"""The scores table (DESIGN.md contract 3), as one pyarrow schema that every writer uses.
+"""The scores table (contract 3 of docs/architecture.md), as one pyarrow schema that every writer uses.
 
 One row per input image per run. Contract columns first, then the incremental key (``size``, ``mtime_ns``,
 ``sha1``) and ``node_id`` (the Ray node whose model actor scored the row: shows how work spread over a cluster).
@@ -50,7 +50,6 @@ SCORE_FIELDS = (
 )
 SCORE_SCHEMA = pa.schema(list(SCORE_FIELDS))
 COLUMNS = tuple(f.name for f in SCORE_FIELDS)
-KEY_COLUMNS = ("model_id", "path", "size", "mtime_ns", "sha1")
 META_PREFIX = "raydefect."
 
 

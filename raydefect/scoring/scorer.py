@@ -35,7 +35,7 @@ from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
 from raydefect.scoring.keys import contains, first_occurrence, key_digests, read_error
 from raydefect.scoring.schema import SCORE_SCHEMA
-from raydefect.scoring.sources import Storage
+from raydefect.scoring.storage import Storage
 
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta, LoadedModel

@@ -8,20 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from raydefect.plots import _new_figure, _save, _undefined
 from raydefect.tuning.space import SearchSpace
 from raydefect.tuning.study import TERMINATED, TrialRow
+from raydefect.viz.plots import draw_undefined, new_figure, save_figure
 
 _COLORS = ("#1f4e79", "#d9531e", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b")
 
 
 def plot_history(rows: Sequence[TrialRow], metric: str, mode: str, path: Path) -> Path:
     """Each finished trial's best metric in trial order, and the best so far."""
-    fig = _new_figure(7, 4.5)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     done = [(i, r) for i, r in enumerate(rows) if r.finished]
     if not done:
-        _undefined(ax, "no finished trial yet")
+        draw_undefined(ax, "no finished trial yet")
     else:
         xs = [i for i, _ in done]
         ys = [r.metric_best for _, r in done]
@@ -51,7 +51,7 @@ def plot_history(rows: Sequence[TrialRow], metric: str, mode: str, path: Path) -
     ax.set_xlabel("trial (start order)")
     ax.set_ylabel(f"{metric} (best epoch)")
     ax.set_title(f"Optimisation history: {len(done)} finished, {failed} failed")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _encode(values: list[Any]) -> list[float] | None:
@@ -115,26 +115,26 @@ def importances(rows: Sequence[TrialRow], space: SearchSpace, mode: str) -> tupl
 
 def plot_importance(rows: Sequence[TrialRow], space: SearchSpace, mode: str, path: Path) -> Path:
     values, method = importances(rows, space, mode)
-    fig = _new_figure(7, 0.6 + 0.45 * max(3, len(space.keys)))
+    fig = new_figure(7, 0.6 + 0.45 * max(3, len(space.keys)))
     ax = fig.add_subplot()
     if not values:
-        _undefined(ax, f"parameter importance {method}")
+        draw_undefined(ax, f"parameter importance {method}")
     else:
         keys = sorted(values, key=values.get)
         ax.barh(keys, [values[k] for k in keys], color=_COLORS[0])
         ax.set_xlabel("importance (sums to 1)")
     ax.set_title(f"Parameter importance ({method})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr_by_backbone(
     rows: Sequence[TrialRow], metric: str, path: Path, lr_key: str = "optim.lr", group_key: str = "model.backbone"
 ) -> Path:
-    fig = _new_figure(7, 4.5)
+    fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
     done = [r for r in rows if r.finished and lr_key in r.params]
     if not done:
-        _undefined(ax, f"no finished trial with {lr_key} searched")
+        draw_undefined(ax, f"no finished trial with {lr_key} searched")
     else:
         groups: dict[str, list[TrialRow]] = {}
         for r in done:
@@ -152,7 +152,7 @@ def plot_lr_by_backbone(
     ax.set_xlabel(lr_key)
     ax.set_ylabel(f"{metric} (best epoch)")
     ax.set_title(f"{metric} vs learning rate per backbone")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_study_plots(root: Path, rows: Sequence[TrialRow], space: SearchSpace, metric: str, mode: str) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raydefect.config import SECTIONS, Config, _suggest, read_yaml, resolve_config_path
+from raydefect.config import SECTIONS, Config, read_yaml, resolve_config_path, suggest
 from raydefect.errors import ConfigError
 
 TYPES = ("categorical", "uniform", "loguniform", "int")
@@ -110,10 +110,10 @@ def _check_key(key: str, where: str) -> None:
         raise ConfigError(f"{where}: '{key}' must be a dotted config key like optim.lr")
     section, name = parts
     if section not in SECTIONS:
-        raise ConfigError(f"{where}: unknown section '{section}' in '{key}'" + _suggest(section, SECTIONS))
+        raise ConfigError(f"{where}: unknown section '{section}' in '{key}'" + suggest(section, SECTIONS))
     fields = SECTIONS[section].__dataclass_fields__
     if name not in fields:
-        raise ConfigError(f"{where}: unknown config key '{key}'" + _suggest(name, fields, prefix=f"{section}."))
+        raise ConfigError(f"{where}: unknown config key '{key}'" + suggest(name, fields, prefix=f"{section}."))
     if key.startswith(NOT_SEARCHABLE) or key in NOT_SEARCHABLE:
         raise ConfigError(f"{where}: '{key}' cannot be searched (a study sets it for every trial); remove it")
 
@@ -135,10 +135,10 @@ def _parse_param(key: str, spec: Any, source: str) -> Param:
     unknown = set(spec) - _PARAM_KEYS
     if unknown:
         bad = sorted(map(str, unknown))[0]
-        raise ConfigError(f"{where}: unknown field '{bad}'" + _suggest(bad, _PARAM_KEYS))
+        raise ConfigError(f"{where}: unknown field '{bad}'" + suggest(bad, _PARAM_KEYS))
     kind = spec.get("type")
     if kind not in TYPES:
-        raise ConfigError(f"{where}: unknown type {kind!r}" + _suggest(str(kind), TYPES).replace("keys", "types"))
+        raise ConfigError(f"{where}: unknown type {kind!r}" + suggest(str(kind), TYPES).replace("keys", "types"))
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -195,7 +195,7 @@ def parse_space(data: Any, source: str = "space") -> SearchSpace:
         parent = params.get(p.by)
         if parent is None:
             raise ConfigError(
-                f"{source}: params.{p.key}.by: '{p.by}' is not a parameter of this space" + _suggest(p.by, params)
+                f"{source}: params.{p.key}.by: '{p.by}' is not a parameter of this space" + suggest(p.by, params)
             )
         if parent.type != "categorical":
             raise ConfigError(

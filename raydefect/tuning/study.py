@@ -1,4 +1,4 @@
-"""The study folder of `raydefect tune` (DESIGN.md contract 4) and what is derived from it, without Ray.
+"""The study folder of `raydefect tune` (contract 4 of docs/architecture.md) and what is derived from it, without Ray.
 
     runs/tune-<name>/
       study.yaml        what the study was started with: base config, search space, planned epochs (for --resume)

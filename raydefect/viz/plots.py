@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raydefect.console import format_number
 from raydefect.errors import DataError, OutputError
 
 _DPI = 120
@@ -29,13 +30,15 @@ _GREY = "#888888"
 DEFAULT_CURVE_METRICS = ("val_score", "val_f1", "val_auroc", "val_ap", "val_dice", "val_iou", "val_aupro")
 
 
-def _new_figure(width: float = 6.0, height: float = 5.0) -> Figure:
+def new_figure(width: float = 6.0, height: float = 5.0) -> Figure:
+    """A figure drawn off-screen (Agg) without pyplot's global state: safe in threads and worker processes."""
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """`fig` as a PNG at `path` (folders created); a failure is one `OutputError` naming the file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,10 +48,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
 def _finite_curve(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -56,7 +55,8 @@ def _finite_curve(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _undefined(ax: Any, why: str) -> None:
+def draw_undefined(ax: Any, why: str) -> None:
+    """Say inside the axes why a plot is empty (one class only, no images) rather than draw nothing."""
     ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color=_GREY, wrap=True)
 
 
@@ -82,20 +82,20 @@ def plot_pr_curve(
 ) -> Path:
     """PR curve as a step plot (the curve AP sums), with the no-skill line at the defect prevalence and the
     operating point (recall, precision) of the chosen threshold."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     r, p = _finite_curve(recall, precision)
     if r.size > 1:
-        ax.step(r, p, where="pre", color=_NAVY, lw=2, label=f"model (AP = {_fmt(ap)})")
+        ax.step(r, p, where="pre", color=_NAVY, lw=2, label=f"model (AP = {format_number(ap)})")
         if prevalence is not None and math.isfinite(prevalence):
             ax.axhline(prevalence, color=_GREY, ls="--", lw=1, label=f"no skill (prevalence {prevalence:.3f})")
         if operating_point is not None:
             ax.plot(*operating_point, "o", color=_ORANGE, ms=8, label=operating_label)
         ax.legend(loc="lower left")
     else:
-        _undefined(ax, "PR curve undefined:\nonly one class in the data")
+        draw_undefined(ax, "PR curve undefined:\nonly one class in the data")
     _unit_axes(ax, "Recall", "Precision", title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curve(
@@ -109,19 +109,19 @@ def plot_roc_curve(
     title: str = "ROC curve",
 ) -> Path:
     """ROC curve with the chance diagonal and the operating point (FPR, TPR) of the chosen threshold."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     x, y = _finite_curve(fpr, tpr)
     if x.size > 1:
-        ax.plot(x, y, color=_NAVY, lw=2, label=f"model (AUROC = {_fmt(auroc)})")
+        ax.plot(x, y, color=_NAVY, lw=2, label=f"model (AUROC = {format_number(auroc)})")
         ax.plot([0, 1], [0, 1], color=_GREY, ls="--", lw=1, label="chance (AUROC = 0.5)")
         if operating_point is not None:
             ax.plot(*operating_point, "o", color=_ORANGE, ms=8, label=operating_label)
         ax.legend(loc="lower right")
     else:
-        _undefined(ax, "ROC curve undefined:\nonly one class in the data")
+        draw_undefined(ax, "ROC curve undefined:\nonly one class in the data")
     _unit_axes(ax, "False positive rate", "True positive rate (recall)", title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pro_curve(
@@ -134,20 +134,20 @@ def plot_pro_curve(
     title: str = "Per-region overlap (PRO) curve",
 ) -> Path:
     """PRO curve up to the AUPRO integration limit, with the integrated area shaded."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     x, y = _finite_curve(fpr, pro)
     if x.size > 1:
         shown = x <= fpr_limit
         y_at = float(np.interp(fpr_limit, x, y))
         xs, ys = np.r_[x[shown], fpr_limit], np.r_[y[shown], y_at]
-        ax.plot(xs, ys, color=_NAVY, lw=2, label=f"model (AUPRO@{fpr_limit:g} = {_fmt(aupro)})")
+        ax.plot(xs, ys, color=_NAVY, lw=2, label=f"model (AUPRO@{fpr_limit:g} = {format_number(aupro)})")
         ax.fill_between(xs, ys, color=_NAVY, alpha=0.12)
         ax.legend(loc="lower right")
     else:
-        _undefined(ax, "PRO curve undefined:\nno defect regions or no normal pixels")
+        draw_undefined(ax, "PRO curve undefined:\nno defect regions or no normal pixels")
     _unit_axes(ax, "False positive rate (normal pixels)", "Mean per-region overlap", title, xmax=fpr_limit)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -161,7 +161,7 @@ def plot_confusion_matrix(
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros(m.shape, np.float64), where=rows > 0)
     side = min(max(4.5, 1.1 * n + 2.5), 16.0)
-    fig = _new_figure(side, side * 0.9)
+    fig = new_figure(side, side * 0.9)
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
@@ -176,7 +176,7 @@ def plot_confusion_matrix(
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(f"{title}, N = {int(m.sum())}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_iou_histogram(
@@ -193,7 +193,7 @@ def plot_iou_histogram(
     defect = np.ones(values.shape, bool) if has_defect is None else np.asarray(has_defect, bool)
     if defect.shape != values.shape:
         raise ValueError(f"has_defect ({defect.size}) and ious ({values.size}) differ in length")
-    fig = _new_figure(7.0, 4.5)
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     edges = np.linspace(0.0, 1.0, bins + 1)
     groups = [(values[defect], "defect images", _NAVY), (values[~defect], "normal images", "#9ecae1")]
@@ -211,7 +211,7 @@ def plot_iou_histogram(
             ax.axvline(float(data.mean()), color=colour, ls="--", lw=1.5)
         ax.legend(loc="upper center")
     else:
-        _undefined(ax, "no images")
+        draw_undefined(ax, "no images")
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("IoU of predicted and true mask (both empty = 1)")
     ax.set_ylabel("Images")
@@ -219,7 +219,7 @@ def plot_iou_histogram(
     where = f" at threshold {threshold:.3g}" if threshold is not None else ""
     ax.set_title(f"{title}{where}")
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _read_metrics_csv(path: Path) -> tuple[list[str], dict[str, np.ndarray], list[str]]:
@@ -276,7 +276,7 @@ def plot_training_curves(
     lr_cols = [c for c in columns if c.lower() == "lr" or c.lower().startswith("lr_")]
     lr_cols = [c for c in lr_cols if np.isfinite(data[c]).any() and (data[c] > 0).any()]
     panels = 2 + bool(lr_cols)
-    fig = _new_figure(7.5, 3.0 * panels + 0.5)
+    fig = new_figure(7.5, 3.0 * panels + 0.5)
     axes = fig.subplots(panels, 1, sharex=True)
     # (x of the marker, stage name): a stage's first epoch; the line sits half an epoch before it.
     starts = [
@@ -293,7 +293,7 @@ def plot_training_curves(
         if cols:
             ax.legend(loc="best", fontsize=8)
         else:
-            _undefined(ax, empty)
+            draw_undefined(ax, empty)
         for x in boundaries:
             ax.axvline(x, color=_GREY, ls="--", lw=1)
         ax.set_ylabel(ylabel)
@@ -319,7 +319,7 @@ def plot_training_curves(
         )
     axes[-1].set_xlabel("Epoch")
     axes[0].set_title(title or f"Training curves: {csv_path.parent.name or csv_path.name}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_metric_plots(out_dir: str | Path, image: Any = None, pixel: Any = None) -> dict[str, Path]:

@@ -34,7 +34,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__, console
-from raydefect.errors import ModelError, OutputError
+from raydefect.errors import ExportError, OutputError
+from raydefect.inference.graph import (
+    DEFAULT_TOLERANCE,
+    INPUT_NAME,
+    ONNX_INSTALL,
+    OUTPUT_NAMES,
+    export_onnx,
+    export_wrapper,
+    parity_inputs,
+    quiet_export,
+    reference_outputs,
+    short_error,
+)
+from raydefect.paths import write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -50,17 +63,6 @@ if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta, LoadedModel
 
 FORMATS = ("onnx", "torchscript")
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("defect_score", "class_probs", "mask_prob")
-#: Largest absolute difference allowed per output (all outputs are probabilities in [0, 1]).
-DEFAULT_TOLERANCE = 1e-4
-_ONNX_INSTALL = "pip install 'raydefect[onnx]' (onnx, onnxscript, onnxruntime)"
-#: ONNX protobufs cannot exceed 2 GiB; larger weights go to an external data file beside the model.
-_ONNX_INLINE_LIMIT = 1_800_000_000
-
-
-class ExportError(ModelError):
-    """The export failed, or the exported file does not reproduce the PyTorch model."""
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -72,67 +74,6 @@ def sidecar_path(path: str | Path) -> Path:
 def default_format(path: str | Path) -> str | None:
     suffix = Path(path).suffix.lower()
     return {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}.get(suffix)
-
-
-def _wrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """DefectModel -> a module returning (defect_score, class_probs, mask_prob), as `Predictor.predict` does."""
-    import torch
-
-    class ExportWrapper(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            out = self.net(image)
-            class_probs = torch.softmax(out.class_logits.float(), dim=1)
-            mask_prob = torch.sigmoid(out.mask_logits.float())[:, 0]
-            return 1.0 - class_probs[:, 0], class_probs, mask_prob
-
-    return ExportWrapper(model).eval()
-
-
-def parity_inputs(meta: ArtifactMeta, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` preprocessed images that look like inputs: smooth random shading plus noise and a few dark blobs."""
-    from raydefect.inference import Preprocessor
-
-    rng = np.random.default_rng(seed)
-    s = meta.image_size
-    yy, xx = np.mgrid[0:s, 0:s] / max(s - 1, 1)
-    images = []
-    for _ in range(n):
-        base = 60 + 120 * (rng.random() * xx + rng.random() * yy) / 2
-        img = base[:, :, None] + rng.normal(0, 12, (s, s, 3))
-        for _ in range(rng.integers(1, 4)):  # dark spots: something defect-like for the mask head
-            cy, cx = rng.integers(0, s, 2).tolist()
-            r = max(1, int(rng.integers(1, max(2, s // 6))))
-            img[(yy * (s - 1) - cy) ** 2 + (xx * (s - 1) - cx) ** 2 <= r * r] *= 0.3
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
-    pre = Preprocessor(meta)
-    return np.stack([pre(im) for im in images]).astype(np.float32)
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """torch.onnx / jit.trace print progress and tracer warnings meant for PyTorch developers: keep them for -v."""
-    import io
-    import logging
-    from contextlib import redirect_stdout
-
-    if console.verbosity() >= 1:
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def onnx_available() -> tuple[bool, bool]:
@@ -149,31 +90,6 @@ def onnx_available() -> tuple[bool, bool]:
     return has("onnx") and has("onnxscript"), has("onnxruntime")
 
 
-def _export_onnx(wrapper: Any, example: torch.Tensor, path: Path, opset: int | None, legacy: bool) -> None:
-    import torch
-
-    n_params = sum(p.numel() * p.element_size() for p in wrapper.parameters())
-    common: dict[str, Any] = {
-        "input_names": [INPUT_NAME],
-        "output_names": list(OUTPUT_NAMES),
-        "opset_version": opset,
-    }
-    if legacy:
-        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
-    else:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(path),
-            dynamo=True,
-            dynamic_shapes={"image": {0: batch}},
-            external_data=n_params > _ONNX_INLINE_LIMIT,
-            **common,
-        )
-
-
 def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None:
     import torch
 
@@ -183,20 +99,7 @@ def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None
     # (an uncatchable C++ exception) and leaves half a file
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
-    _write_file_atomic(path, buffer.getvalue())
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary file beside `path`, then rename: `path` is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 class _Runner:
@@ -213,8 +116,8 @@ class _Runner:
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
                 raise ExportError(
-                    f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {_short(e)}); the file is corrupt or "
-                    "not an ONNX model, export it again"
+                    f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {short_error(e)}); the file is corrupt "
+                    "or not an ONNX model, export it again"
                 ) from None
             names = [o.name for o in self.session.get_outputs()]
             if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
@@ -231,8 +134,8 @@ class _Runner:
                     self.module = torch.jit.load(str(path), map_location="cpu").eval()
             except Exception as e:  # RuntimeError / zip errors for a damaged archive
                 raise ExportError(
-                    f"{path}: torch.jit.load cannot load it ({type(e).__name__}: {_short(e)}); the file is corrupt "
-                    "or not TorchScript, export it again"
+                    f"{path}: torch.jit.load cannot load it ({type(e).__name__}: {short_error(e)}); the file is "
+                    "corrupt or not TorchScript, export it again"
                 ) from None
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -244,18 +147,6 @@ class _Runner:
             with torch.inference_mode():
                 outs = [t.numpy() for t in self.module(torch.from_numpy(x))]
         return dict(zip(OUTPUT_NAMES, outs, strict=True))
-
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
-
-
-def _reference(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
-    import torch
-
-    with torch.inference_mode():
-        outs = model(torch.from_numpy(x))
-    return {name: t.numpy() for name, t in zip(OUTPUT_NAMES, outs, strict=True)}
 
 
 def check_parity(
@@ -280,20 +171,20 @@ def check_parity(
     if not path.is_file():
         raise ExportError(f"{path}: no such file; export it first with `raydefect export --out {path}`")
     loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device="cpu")
-    reference = _wrapped(loaded.model.to("cpu").eval())
+    reference = export_wrapper(loaded.model.to("cpu").eval())
     runner = _Runner(path, fmt)
     inputs = parity_inputs(loaded.meta, max(batch_sizes))
     diffs: dict[str, dict[str, float]] = {}
     for n in batch_sizes:
         x = inputs[:n]
-        want = _reference(reference, x)
+        want = reference_outputs(reference, x)
         try:
             got = runner.run(x)
         except ExportError:
             raise
         except Exception as e:
             raise ExportError(
-                f"{path}: running it on a batch of {n} failed ({type(e).__name__}: {_short(e)}); export it again"
+                f"{path}: running it on a batch of {n} failed ({type(e).__name__}: {short_error(e)}); export it again"
             ) from None
         diffs[f"batch_{n}"] = {}
         for name in OUTPUT_NAMES:
@@ -442,7 +333,39 @@ def export_model(
 
     start = time.perf_counter()
     out = Path(out)
-    fmt = fmt or default_format(out)
+    fmt, can_check = _check_request(out, fmt or default_format(out), batch, opset, legacy, check)
+    folder = resolve_artifact_dir(model)
+    loaded = load_artifact(folder, device="cpu")
+    meta = loaded.meta
+    wrapper = export_wrapper(loaded.model.to("cpu").eval())
+    example = torch.from_numpy(parity_inputs(meta, batch, seed=1))
+    _write_model(wrapper, example, out, fmt, opset, legacy, meta)
+    report = ExportReport(path=out, sidecar=sidecar_path(out), format=fmt, checked=False)
+    data_file = out.with_name(out.name + ".data")
+    if data_file.exists():
+        report.extra_files.append(data_file)
+    if check is False:
+        report.reason_unchecked = "--no-check"
+    elif not can_check:
+        report.reason_unchecked = f"ONNX Runtime is not installed ({ONNX_INSTALL})"
+        console.warn(f"parity NOT checked: ONNX Runtime is not installed; {ONNX_INSTALL}")
+    else:
+        try:
+            report.parity = check_parity(loaded, out, fmt, batch_sizes=(1, batch + 1), tolerance=tolerance)
+        except ExportError:
+            _remove(out)
+            raise
+        report.checked = True
+    _write_sidecar(report, meta, folder, legacy, tolerance)
+    report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_request(
+    out: Path, fmt: str | None, batch: int, opset: int | None, legacy: bool, check: bool | None
+) -> tuple[str, bool]:
+    """(the format, whether parity can be checked); every refusal before any work, naming the option to fix."""
     if fmt not in FORMATS:
         raise ExportError(f"--out {out}: cannot tell the format from the name; pass --format {' or '.join(FORMATS)}")
     if batch < 1:
@@ -453,14 +376,16 @@ def export_model(
         console.warn("--opset and --legacy-exporter apply to ONNX only; ignored for TorchScript")
     can_export, can_check = (True, True) if fmt == "torchscript" else onnx_available()
     if not can_export:
-        raise ExportError(f"exporting to ONNX needs the onnx and onnxscript packages: {_ONNX_INSTALL}")
+        raise ExportError(f"exporting to ONNX needs the onnx and onnxscript packages: {ONNX_INSTALL}")
     if check is True and not can_check:
-        raise ExportError(f"--check needs ONNX Runtime to compare outputs: {_ONNX_INSTALL}, or leave out --check")
-    folder = resolve_artifact_dir(model)
-    loaded = load_artifact(folder, device="cpu")
-    meta = loaded.meta
-    wrapper = _wrapped(loaded.model.to("cpu").eval())
-    example = torch.from_numpy(parity_inputs(meta, batch, seed=1))
+        raise ExportError(f"--check needs ONNX Runtime to compare outputs: {ONNX_INSTALL}, or leave out --check")
+    return fmt, can_check
+
+
+def _write_model(
+    wrapper: Any, example: torch.Tensor, out: Path, fmt: str, opset: int | None, legacy: bool, meta: ArtifactMeta
+) -> None:
+    """The exported file itself, replacing an earlier export; nothing is left behind when it fails."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -469,9 +394,9 @@ def export_model(
         stale.unlink(missing_ok=True)
     console.info(f"exporting model {meta.model_id} ({meta.backbone}, {meta.image_size} px) to {fmt}: {out}")
     try:
-        with _quiet_export():
+        with quiet_export():
             if fmt == "onnx":
-                _export_onnx(wrapper, example, out, opset, legacy)
+                export_onnx(wrapper, example, out, opset, legacy)
             else:
                 _export_torchscript(wrapper, example, out)
     except OSError as e:
@@ -480,31 +405,22 @@ def export_model(
     except Exception as e:
         _remove(out)
         hint = "; try --legacy-exporter" if fmt == "onnx" and not legacy else ""
-        raise ExportError(f"exporting {meta.backbone} to {fmt} failed ({type(e).__name__}: {_short(e)}){hint}") from e
-    report = ExportReport(path=out, sidecar=sidecar_path(out), format=fmt, checked=False)
-    data_file = out.with_name(out.name + ".data")
-    if data_file.exists():
-        report.extra_files.append(data_file)
-    if check is False:
-        report.reason_unchecked = "--no-check"
-    elif not can_check:
-        report.reason_unchecked = f"ONNX Runtime is not installed ({_ONNX_INSTALL})"
-        console.warn(f"parity NOT checked: ONNX Runtime is not installed; {_ONNX_INSTALL}")
-    else:
-        try:
-            report.parity = check_parity(loaded, out, fmt, batch_sizes=(1, batch + 1), tolerance=tolerance)
-        except ExportError:
-            _remove(out)
-            raise
-        report.checked = True
-    contract = preprocessing_contract(meta)
-    opset_used = _onnx_opset(out) if fmt == "onnx" else None
+        raise ExportError(
+            f"exporting {meta.backbone} to {fmt} failed ({type(e).__name__}: {short_error(e)}){hint}"
+        ) from e
+
+
+def _write_sidecar(report: ExportReport, meta: ArtifactMeta, folder: Path, legacy: bool, tolerance: float) -> None:
+    """``<file>.json``: how to run the file (preprocessing, outputs, decisions) and how it was made and checked."""
+    import torch
+
+    out, fmt = report.path, report.format
     sidecar = {
         "format": fmt,
         "file": out.name,
         "sha256": _sha256(out),
         "external_data": [p.name for p in report.extra_files],
-        "opset": opset_used,
+        "opset": _onnx_opset(out) if fmt == "onnx" else None,
         "exporter": ("torch.onnx legacy" if legacy else "torch.onnx dynamo") if fmt == "onnx" else "torch.jit.trace",
         "torch_version": torch.__version__,
         "raydefect_version": __version__,
@@ -513,7 +429,7 @@ def export_model(
         "backbone": meta.backbone,
         "image_size": meta.image_size,
         "dynamic_batch": True,
-        **contract,
+        **preprocessing_contract(meta),
         "parity": {
             "checked": report.checked,
             "reason_unchecked": report.reason_unchecked or None,
@@ -522,13 +438,10 @@ def export_model(
         },
     }
     try:
-        _write_file_atomic(report.sidecar, (json.dumps(sidecar, indent=2) + "\n").encode())
+        write_bytes_atomic(report.sidecar, (json.dumps(sidecar, indent=2) + "\n").encode())
     except OSError as e:
         _remove(out)  # a model file without its contract is not a finished export
         raise OutputError(f"cannot write {report.sidecar}: {e.strerror or e}; {out} was removed") from None
-    report.size_bytes = out.stat().st_size + sum(p.stat().st_size for p in report.extra_files)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _onnx_opset(path: Path) -> int | None:
@@ -545,96 +458,3 @@ def _remove(path: Path) -> None:
     for p in (path, path.with_name(path.name + ".data"), sidecar_path(path)):
         with contextlib.suppress(OSError):
             os.remove(p)
-
-
-# ------------------------------------------------------------------------------------------ runtime engine
-#: Where `OnnxPredictor` keeps the graphs it exported, per node: ``<tmp>/raydefect-onnx/<model_id>-<torch>.onnx``.
-ENGINE_CACHE = "raydefect-onnx"
-
-
-def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Path:
-    """The model as an ONNX graph for `OnnxPredictor`, exported once per model and torch version into
-    ``cache_dir`` (default: a folder in the system temp dir) and reused by later actors and runs on that machine.
-
-    Uses the TorchScript-based exporter: ~3 s for a ViT-S where torch.export takes ~26 s, and ONNX Runtime runs
-    both graphs equally fast (measured). Concurrent exporters write their own temporary file and rename it.
-    """
-    import tempfile
-
-    import torch
-
-    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / ENGINE_CACHE
-    path = folder / f"{loaded.meta.model_id}-torch{torch.__version__.split('+')[0]}.onnx"
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    wrapper = _wrapped(loaded.model.to("cpu").eval())
-    example = torch.from_numpy(parity_inputs(loaded.meta, 2))
-    try:
-        with _quiet_export(), torch.no_grad():
-            _export_onnx(wrapper, example, tmp, None, legacy=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-class OnnxPredictor:
-    """`inference.Predictor` on ONNX Runtime (CPU): the same ``predict(float32 [N, 3, S, S]) -> dict`` on the graph
-    `engine_file` exports, outputs within 1e-6 of PyTorch's (see `inference.resolve_engine` for what it gains). On
-    construction the graph is checked against the PyTorch model on two inputs; a miss beyond ``tolerance`` raises
-    `ExportError`.
-    """
-
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        threads: int | None = None,
-        cache_dir: str | Path | None = None,
-        tolerance: float = DEFAULT_TOLERANCE,
-    ) -> None:
-        import onnxruntime as ort
-        import torch
-
-        self.meta = loaded.meta
-        self.device = torch.device("cpu")
-        self.precision, self.engine = "fp32", "onnx"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
-        # ORT's pool threads spin while they wait for work by default: in a pipeline whose decode tasks share the
-        # cores, that burns the CPU those tasks need (measured: 4.1 images per CPU-second with spinning vs 6.0 for
-        # PyTorch in `benchmarks/score_throughput.py`)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for attempt in range(2):
-            path = engine_file(loaded, cache_dir)
-            try:
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                break
-            except Exception as e:  # a damaged cache file (a full disk, a killed copy): export it once more
-                path.unlink(missing_ok=True)
-                if attempt:
-                    raise ExportError(
-                        f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {_short(e)})"
-                    ) from None
-        x = parity_inputs(self.meta, 2, seed=1)
-        ours, theirs = self.predict(x), _reference(_wrapped(loaded.model.to("cpu").eval()), x)
-        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in OUTPUT_NAMES)
-        if worst > tolerance:
-            raise ExportError(f"the ONNX graph of model {self.meta.model_id} differs from PyTorch by {worst:.2g}")
-
-    @property
-    def image_size(self) -> int:
-        return self.meta.image_size
-
-    def predict(self, batch: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-        from raydefect.inference import check_batch
-
-        empty = check_batch(self.meta, batch)
-        if empty is not None:
-            return empty
-        x = batch.numpy() if not isinstance(batch, np.ndarray) else batch
-        outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
-        return dict(zip(OUTPUT_NAMES, outs, strict=True))

@@ -7,10 +7,11 @@ The work is split so that Ray can run the heavy part and the rest stays plain Py
    returns one row per image (scores, decision, IoU/Dice at the stored pixel threshold, or the error). It runs
    locally (`evaluate_records`) or inside Ray Data actors (`raydefect.pipelines.evaluate`); accumulators pickle
    and `merge`, so the driver combines what the workers collected.
-2. `summarize` turns merged accumulators and rows into the metrics dict written as ``metrics.json``.
-3. `write_evaluation` writes metrics.json, per_image.csv, the plots (`raydefect.plots`), the galleries of the
+2. `summarize` (`raydefect.tasks.evaluation`) turns merged accumulators and rows into the metrics dict written as
+   ``metrics.json``.
+3. `write_evaluation` writes metrics.json, per_image.csv, the plots (`raydefect.viz.plots`), the galleries of the
    worst mistakes (overlays with the true mask outlined; the few images shown are predicted again, locally) and
-   one self-contained ``report.html`` (`raydefect.report`).
+   one self-contained ``report.html`` (`raydefect.viz.report`).
 
 Thresholds: the image decision is ``defect_score >= thresholds.image`` and pixels are ``prob >= thresholds.pixel``,
 both from the artifact (fixed-threshold mode: a test split must not choose its own thresholds). The F1-best image
@@ -22,31 +23,30 @@ images count as wrong-class predictions in the confusion matrix, and a note says
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raydefect import __version__, console
+from raydefect import console
+from raydefect.data.pool import cpu_workers
 from raydefect.errors import ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
 from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
-from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
-from raydefect.metrics._common import json_safe, nanmean, safe_div
-from raydefect.overlay import class_colour, render_overlay, save_png
+from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator
+from raydefect.metrics.common import json_safe
+from raydefect.tasks.evaluation import Evaluation, summarize, write_per_image_csv
+from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
     from raydefect.data.manifest import Dataset
-    from raydefect.metrics import ImageMetrics, PixelMetrics
     from raydefect.models.artifact import ArtifactMeta
 
 METRICS_JSON = "metrics.json"
@@ -55,13 +55,6 @@ REPORT_HTML = "report.html"
 GALLERY_DIR = "gallery"
 #: Record fields a worker needs from the manifest (the rest stays on the driver).
 RECORD_FIELDS = ("index", "image", "mask", "label", "defect_class")
-#: (key, title, what it shows) of every gallery, in report order.
-GALLERIES = (
-    ("false_negatives", "Worst false negatives", "defect images called normal, lowest defect score first"),
-    ("false_positives", "Worst false positives", "normal images called defects, highest defect score first"),
-    ("wrong_class", "Wrong defect class", "defects found but given another defect class, most confident first"),
-    ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
-)
 
 
 def evaluation_class_names(model_classes: Sequence[str], dataset_classes: Sequence[str]) -> tuple[str, ...]:
@@ -131,7 +124,7 @@ class Evaluator:
         self.num_bins = num_bins
         self.fpr_limit = fpr_limit
         self.max_pixels = max_pixels
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers = workers or min(4, cpu_workers())
         self._pool: ThreadPoolExecutor | None = None
 
     def new_accumulators(self) -> tuple[ImageMetricAccumulator, PixelMetricAccumulator]:
@@ -246,175 +239,7 @@ def evaluate_records(
     return rows, image_acc, pixel_acc
 
 
-# --- metrics ---------------------------------------------------------------------------------------------------
-
-
-def per_class_table(image: ImageMetrics, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per class from the confusion matrix (rows true, columns predicted) and the per-image rows."""
-    m = np.asarray(image.confusion, np.int64)
-    table = []
-    scored = [r for r in rows if r.get("error") is None]
-    for i, name in enumerate(image.class_names):
-        support, predicted, correct = int(m[i].sum()), int(m[:, i].sum()), int(m[i, i])
-        precision = safe_div(correct, predicted)
-        recall = safe_div(correct, support)
-        mine = [r for r in scored if r["defect_class"] == name]
-        table.append(
-            {
-                "class": name,
-                "images": support,
-                "predicted": predicted,
-                "correct": correct,
-                "precision": precision,
-                "recall": recall,
-                "f1": safe_div(2 * precision * recall, precision + recall) if support and predicted else math.nan,
-                "mean_defect_score": nanmean([r["defect_score"] for r in mine]),
-                "mean_iou": nanmean([r["iou"] for r in mine]),
-                "mean_dice": nanmean([r["dice"] for r in mine]),
-            }
-        )
-    return table
-
-
-@dataclass
-class Evaluation:
-    """Everything an evaluation found; `metrics` is what metrics.json holds."""
-
-    metrics: dict[str, Any]
-    image: ImageMetrics
-    pixel: PixelMetrics
-    rows: list[dict[str, Any]]
-    galleries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
-def summarize(
-    meta: ArtifactMeta,
-    rows: Sequence[dict[str, Any]],
-    image_acc: ImageMetricAccumulator,
-    pixel_acc: PixelMetricAccumulator,
-    *,
-    model_path: str = "",
-    data_path: str = "",
-    split: str = "",
-    engine: str = "local",
-    seconds: float = 0.0,
-    dataset_classes: Sequence[str] = (),
-) -> Evaluation:
-    """Compute every metric at the stored thresholds; `Evaluation.metrics` is JSON-ready (NaN -> null)."""
-    image = image_acc.compute(meta.image_threshold)
-    pixel = pixel_acc.compute("dice")
-    headline = validation_summary(
-        image, pixel, prefix="", image_threshold=meta.image_threshold, use_fixed_pixel_threshold=True
-    )
-    errors = [{"image": r["image"], "error": r["error"]} for r in rows if r.get("error")]
-    scored = [r for r in rows if not r.get("error")]
-    unknown = [c for c in dataset_classes if c not in meta.class_names]
-    no_mask = sum(1 for r in scored if r["label"] == 1 and r["mask"] is None)
-    notes = list(image.notes) + list(pixel.notes)
-    if unknown:
-        notes.append(
-            f"dataset classes unknown to the model: {', '.join(unknown)}; the model cannot predict them, so their "
-            "images count as wrong-class predictions"
-        )
-    if no_mask:
-        notes.append(f"{no_mask} defect images have no mask: left out of the pixel metrics")
-    if errors:
-        notes.append(f"{len(errors)} images could not be read and are left out of every metric (see 'errors')")
-    metrics = {
-        "raydefect_version": __version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "engine": engine,
-        "seconds": round(seconds, 3),
-        "model": {
-            "path": model_path,
-            "model_id": meta.model_id,
-            "backbone": meta.backbone,
-            "image_size": meta.image_size,
-            "class_names": list(meta.class_names),
-            "thresholds": {"image": meta.image_threshold, "pixel": meta.pixel_threshold},
-        },
-        "data": {
-            "path": data_path,
-            "split": split,
-            "images": len(rows),
-            "evaluated": len(scored),
-            "errors": len(errors),
-            "defect_images_without_mask": no_mask,
-            "class_names": list(dataset_classes),
-        },
-        "headline": headline,
-        "image": image.to_dict(),
-        "pixel": pixel.to_dict(),
-        "per_class": per_class_table(image, rows),
-        "notes": notes,
-        "errors": errors,
-    }
-    evaluation = Evaluation(json_safe(metrics), image, pixel, list(rows))
-    evaluation.galleries = select_galleries(rows)
-    return evaluation
-
-
-def select_galleries(rows: Sequence[dict[str, Any]], size: int = 8) -> dict[str, list[dict[str, Any]]]:
-    """The worst mistakes per gallery (see `GALLERIES`), at most `size` each; ties broken by manifest order."""
-    scored = [r for r in rows if not r.get("error")]
-    fn = sorted((r for r in scored if r["label"] == 1 and not r["is_defect"]), key=lambda r: r["defect_score"])
-    fp = sorted((r for r in scored if r["label"] == 0 and r["is_defect"]), key=lambda r: -r["defect_score"])
-    wrong = sorted(
-        (r for r in scored if r["label"] == 1 and r["is_defect"] and r["predicted_class"] != r["defect_class"]),
-        key=lambda r: -max(r["class_probs"][1:]),
-    )
-    masks = sorted(
-        (
-            r
-            for r in scored
-            if r["label"] == 1
-            and r["is_defect"]
-            and r["predicted_class"] == r["defect_class"]
-            and r["iou"] < 1.0  # a perfect mask is nobody's worst; NaN (no mask) fails this too
-        ),
-        key=lambda r: (r["iou"], -r["defect_score"]),
-    )
-    chosen = {"false_negatives": fn, "false_positives": fp, "wrong_class": wrong, "worst_iou": masks}
-    return {key: chosen[key][:size] for key, _, _ in GALLERIES}
-
-
 # --- writing ---------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 6) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def write_per_image_csv(path: Path, rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> None:
-    from raydefect.predict import class_columns
-
-    columns = [
-        "image",
-        "mask",
-        "label",
-        "defect_class",
-        "defect_score",
-        "is_defect",
-        "predicted_class",
-        "iou",
-        "dice",
-        "true_area_px",
-        "pred_area_px",
-        "error",
-    ]
-    prob_columns = class_columns(class_names)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([*columns, *prob_columns])
-        for r in rows:
-            probs = r.get("class_probs") or [None] * len(prob_columns)
-            values = [r.get(c) for c in columns]
-            values[columns.index("is_defect")] = "" if r.get("error") else int(r["is_defect"])
-            writer.writerow([_fmt(v) for v in values] + [_fmt(p) for p in probs])
 
 
 def _caption(row: dict[str, Any]) -> dict[str, Any]:
@@ -488,8 +313,8 @@ def write_evaluation(
     gallery_size: int = 8,
 ) -> dict[str, Path]:
     """metrics.json, per_image.csv, plots, galleries (needs `predictor`) and report.html into `out`."""
-    from raydefect.plots import write_metric_plots
-    from raydefect.report import write_report
+    from raydefect.viz.plots import write_metric_plots
+    from raydefect.viz.report import write_report
 
     out = Path(out)
     try:

@@ -1,12 +1,9 @@
-"""Typed, frozen configuration.
+"""The configuration schema: eight frozen dataclass sections in one `Config`, and their validation from plain dicts.
 
-One `Config` holds eight frozen dataclass sections. Values come, in increasing priority, from the dataclass
-defaults, a YAML file (a shipped name such as ``default`` or a path), explicit CLI options and repeatable
-``--set section.key=value``. Unknown keys are errors with a closest-match suggestion; cross-field checks live in
-``__post_init__`` and name the key the user typed. Configs cross process boundaries (Ray) as plain dicts and are
-rebuilt -- and re-validated -- with `Config.from_dict`.
-
-Each field carries its documentation in ``metadata["help"]`` (see `describe`), litgpt-style.
+Unknown keys are errors with a closest-match suggestion (`suggest`); cross-field checks live in ``__post_init__``
+and name the key the user typed. Configs cross process boundaries (Ray) as plain dicts and are rebuilt -- and
+re-validated -- with `Config.from_dict`. Each field carries its documentation in ``metadata["help"]`` (see
+`loader.describe`), litgpt-style.
 """
 
 from __future__ import annotations
@@ -17,11 +14,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from raydefect.errors import ConfigError, ModelError
 from raydefect.models.registry import check_image_size, resolve_backbone
@@ -30,11 +23,11 @@ SCHEMA_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, doc: str) -> Any:
     """A dataclass field with its documentation attached."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": doc})
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -410,7 +403,7 @@ class Config:
         """Copy with dotted-key overrides, e.g. ``cfg.replace(**{"optim.lr": 1e-3})``; re-validated."""
         merged = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(merged, key, value, source="override")
+            set_dotted(merged, key, value, source="override")
         return build_config(merged, source="override")
 
 
@@ -425,7 +418,7 @@ def _section_to_dict(section: Any) -> dict[str, Any]:
     return out
 
 
-def _suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
+def suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
     options = list(options)
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     if close:
@@ -486,7 +479,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
 
 
-def _build_section(name: str, cls: type, values: Mapping[str, Any], source: str) -> Any:
+def build_section(name: str, cls: type, values: Mapping[str, Any], source: str) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
@@ -496,7 +489,7 @@ def _build_section(name: str, cls: type, values: Mapping[str, Any], source: str)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'" + _suggest(str(key), names, prefix=f"{name}."))
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'" + suggest(str(key), names, prefix=f"{name}."))
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
     try:
         return cls(**kwargs)
@@ -511,122 +504,19 @@ def build_config(data: Mapping[str, Any] | None, source: str = "config") -> Conf
         raise ConfigError(f"{source}: expected a mapping of sections (data, model, ...), got {type(data).__name__}")
     for key in data:
         if key not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{key}'" + _suggest(str(key), SECTIONS))
-    sections = {name: _build_section(name, cls, data.get(name) or {}, source) for name, cls in SECTIONS.items()}
+            raise ConfigError(f"{source}: unknown section '{key}'" + suggest(str(key), SECTIONS))
+    sections = {name: build_section(name, cls, data.get(name) or {}, source) for name, cls in SECTIONS.items()}
     return Config(**sections)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"{source}: '{key}' must look like section.key, e.g. optim.lr")
     section, name = parts
     if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section '{section}' in '{key}'" + _suggest(section, SECTIONS))
+        raise ConfigError(f"{source}: unknown section '{section}' in '{key}'" + suggest(section, SECTIONS))
     tree.setdefault(section, {})
     if not isinstance(tree[section], dict):
         raise ConfigError(f"{source}: section '{section}' must be a mapping")
     tree[section][name] = value
-
-
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``--set section.key=value`` strings; values are YAML scalars/lists (``1e-4``, ``true``, ``[a, b]``)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set optim.lr=3e-4")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
-        out[key.strip()] = value
-    return out
-
-
-def shipped_configs() -> dict[str, Path]:
-    """Shipped YAML files by name (``default``, ``tune``, ...)."""
-    root = resources.files("raydefect.configs")
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A shipped config name or a path to a YAML file."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = shipped_configs()
-    if str(name_or_path) in shipped:  # a folder of the same name (e.g. `demo/` made by `make demo`) does not hide it
-        return shipped[str(name_or_path)]
-    if path.suffix in (".yaml", ".yml") or path.exists() or len(path.parts) > 1:
-        raise ConfigError(f"config file not found: {path} (pass a YAML path or one of {sorted(shipped)})")
-    raise ConfigError(f"unknown config '{name_or_path}'" + _suggest(str(name_or_path), shipped))
-
-
-def read_yaml(path: str | Path) -> Any:
-    """`yaml.safe_load` of a file, with errors that name it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-
-
-def load_config(
-    config: str | Path | None = "default",
-    options: Mapping[str, Any] | None = None,
-    sets: Iterable[str] = (),
-) -> Config:
-    """Defaults <- YAML file <- explicit CLI options (dotted keys; None means "not given") <- ``--set`` items."""
-    tree: dict[str, Any] = {}
-    source = "defaults"
-    if config is not None:
-        path = resolve_config_path(config)
-        data = read_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...)")
-        if "schema_version" in data:
-            version = data.pop("schema_version")
-            if version != SCHEMA_VERSION:
-                raise ConfigError(f"{path}: schema_version {version} is not supported (expected {SCHEMA_VERSION})")
-        build_config(data, source=str(path))  # validates the file on its own, so errors name it
-        tree = {k: dict(v or {}) for k, v in data.items()}
-        source = str(path)
-    for key, value in (options or {}).items():
-        if value is not None:
-            _set_dotted(tree, key, value, source="option")
-    set_values = parse_set(sets)
-    for key, value in set_values.items():
-        _set_dotted(tree, key, value, source="--set")
-    return build_config(tree, source="--set" if set_values else source)
-
-
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (with schema version) so a run can be reproduced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"schema_version": SCHEMA_VERSION, **cfg.to_dict()}
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def describe(cfg: Config | None = None) -> str:
-    """YAML of a config with each field's documentation as a comment (``raydefect config``)."""
-    cfg = cfg or Config()
-    lines = [f"schema_version: {SCHEMA_VERSION}"]
-    for section_field in dataclasses.fields(cfg):
-        section = getattr(cfg, section_field.name)
-        lines.append(f"{section_field.name}:")
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            value = list(value) if isinstance(value, tuple) else value
-            rendered = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
-            rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"  {f.name}: {rendered}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines) + "\n"

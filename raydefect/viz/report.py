@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from raydefect.overlay import class_colour, hex_colour
+from raydefect.console import format_number
+from raydefect.viz.overlay import class_colour, hex_colour
+
+#: (key, title, what it shows) of every gallery, in report order.
+GALLERIES = (
+    ("false_negatives", "Worst false negatives", "defect images called normal, lowest defect score first"),
+    ("false_positives", "Worst false positives", "normal images called defects, highest defect score first"),
+    ("wrong_class", "Wrong defect class", "defects found but given another defect class, most confident first"),
+    ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
+)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
@@ -59,16 +67,6 @@ def data_uri(path: str | Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{digits}f}"
-
-
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
@@ -95,24 +93,30 @@ def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
     at, best = image["at_threshold"], image["at_best"]
     best_thr = image["best_threshold"]
     rows: list[list[str]] = [["Image level: is the part defective?"]]
-    rows.append(["threshold (defect score &ge;)", _num(at["threshold"]), _num(best_thr["value"])])
+    rows.append(["threshold (defect score &ge;)", format_number(at["threshold"]), format_number(best_thr["value"])])
     for key in ("accuracy", "precision", "recall", "f1"):
-        rows.append([key if key != "f1" else "F1", _num(at[key]), _num(best[key])])
+        rows.append([key if key != "f1" else "F1", format_number(at[key]), format_number(best[key])])
     counts = [f"{op['fp']:,} / {op['fn']:,}" for op in (at, best)]
     rows.append(["false positives / false negatives", *counts])
-    rows.append(["AUROC (threshold-free)", _num(image["auroc"]), ""])
-    rows.append(["AP (threshold-free)", _num(image["ap"]), ""])
-    rows.append(["class accuracy (right class, normal included)", _num(image["class_accuracy"]), ""])
+    rows.append(["AUROC (threshold-free)", format_number(image["auroc"]), ""])
+    rows.append(["AP (threshold-free)", format_number(image["ap"]), ""])
+    rows.append(["class accuracy (right class, normal included)", format_number(image["class_accuracy"]), ""])
     pat, pbest = pixel["at_threshold"], pixel["at_best"]
     rows.append(["Pixel level: where is the defect?"])
-    rows.append(["threshold (mask probability &ge;)", _num(pat["threshold"]), _num(pixel["best_threshold"]["value"])])
-    rows.append(["mean IoU, defect images", _num(pat["iou"]), _num(pbest["iou"])])
-    rows.append(["mean Dice, defect images", _num(pat["dice"]), _num(pbest["dice"])])
-    rows.append(["mean IoU, all images", _num(pat["iou_all"]), _num(pbest["iou_all"])])
-    rows.append(["mean Dice, all images", _num(pat["dice_all"]), _num(pbest["dice_all"])])
-    rows.append(["pixel precision / recall", f"{_num(pat['precision'])} / {_num(pat['recall'])}", ""])
-    rows.append(["pixel AUROC (threshold-free)", _num(pixel["pixel_auroc"]), ""])
-    rows.append([f"AUPRO up to FPR {pixel['fpr_limit']:g} (threshold-free)", _num(pixel["aupro"]), ""])
+    rows.append(
+        [
+            "threshold (mask probability &ge;)",
+            format_number(pat["threshold"]),
+            format_number(pixel["best_threshold"]["value"]),
+        ]
+    )
+    rows.append(["mean IoU, defect images", format_number(pat["iou"]), format_number(pbest["iou"])])
+    rows.append(["mean Dice, defect images", format_number(pat["dice"]), format_number(pbest["dice"])])
+    rows.append(["mean IoU, all images", format_number(pat["iou_all"]), format_number(pbest["iou_all"])])
+    rows.append(["mean Dice, all images", format_number(pat["dice_all"]), format_number(pbest["dice_all"])])
+    rows.append(["pixel precision / recall", f"{format_number(pat['precision'])} / {format_number(pat['recall'])}", ""])
+    rows.append(["pixel AUROC (threshold-free)", format_number(pixel["pixel_auroc"]), ""])
+    rows.append([f"AUPRO up to FPR {pixel['fpr_limit']:g} (threshold-free)", format_number(pixel["aupro"]), ""])
     return rows  # labels are fixed HTML written above; values are numbers
 
 
@@ -125,14 +129,14 @@ def _per_class(metrics: dict[str, Any]) -> str:
         rows.append(
             [
                 swatch + _e(r["class"]),
-                _num(r["images"]),
-                _num(r["predicted"]),
-                _num(r["correct"]),
-                _num(r["precision"]),
-                _num(r["recall"]),
-                _num(r["f1"]),
-                _num(r["mean_defect_score"]),
-                _num(r["mean_iou"]),
+                format_number(r["images"]),
+                format_number(r["predicted"]),
+                format_number(r["correct"]),
+                format_number(r["precision"]),
+                format_number(r["recall"]),
+                format_number(r["f1"]),
+                format_number(r["mean_defect_score"]),
+                format_number(r["mean_iou"]),
             ]
         )
     note = (
@@ -147,10 +151,10 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
         return '<p class="empty">none: no image of this kind in the split</p>'
     figures = []
     for g in entries:
-        iou = "" if g.get("iou") is None else f" &middot; IoU {_num(g['iou'])}"
+        iou = "" if g.get("iou") is None else f" &middot; IoU {format_number(g['iou'])}"
         figures.append(
             f'<figure><img src="{data_uri(out_dir / g["png"])}" alt="{_e(g["file"])}" title="{_e(g["image"])}">'
-            f"<figcaption><b>{_e(g['file'])}</b><br>defect score {_num(g['defect_score'])} &middot; "
+            f"<figcaption><b>{_e(g['file'])}</b><br>defect score {format_number(g['defect_score'])} &middot; "
             f"true <b>{_e(g['true_class'])}</b> &rarr; predicted <b>{_e(g['predicted_class'])}</b>{iou}"
             "</figcaption></figure>"
         )
@@ -159,8 +163,6 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
 
 def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
     """The report page for `metrics` (metrics.json content, with "files" and "galleries"); images read from out_dir."""
-    from raydefect.evaluate import GALLERIES
-
     out_dir = Path(out_dir)
     model, data, image = metrics["model"], metrics["data"], metrics["image"]
     title = f"Evaluation of model {model['model_id']} on the {data['split']} split"
@@ -175,7 +177,8 @@ def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
         ],
         [
             "stored thresholds",
-            f"image {_num(model['thresholds']['image'])} &middot; pixel {_num(model['thresholds']['pixel'])}",
+            f"image {format_number(model['thresholds']['image'])} &middot; "
+            f"pixel {format_number(model['thresholds']['pixel'])}",
         ],
         [
             "evaluated",

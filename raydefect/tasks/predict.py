@@ -25,11 +25,12 @@ import numpy as np
 
 from raydefect import console
 from raydefect.config import IMAGE_EXTENSIONS
+from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
-from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess
-from raydefect.overlay import class_colour, render_overlay, save_png
-from raydefect.paths import glob_files, printable_path
+from raydefect.inference import MaskResult, Predictor, Preprocessor, decide, infer_images, postprocess
+from raydefect.paths import glob_files, has_glob, printable_path
+from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta, LoadedModel
@@ -39,7 +40,6 @@ OVERLAY_DIR = "overlays"
 #: scores.csv columns before the per-class probabilities (p_<class>) and after them.
 COLUMNS = ("path", "width", "height", "defect_score", "is_defect", "defect_class")
 TAIL_COLUMNS = ("mask_area_px", "mask_fraction", "bbox", "overlay", "error")
-_GLOB_CHARS = set("*?[")
 
 
 def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -53,7 +53,7 @@ def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[st
     found: list[str] = []
     for item in specs:
         text = os.path.expanduser(str(item))
-        if _GLOB_CHARS & set(text):
+        if has_glob(text):
             matches = [m for m in glob_files(text) if not os.path.isdir(m)]  # a bad link gets an error row
             found += [m for m in matches if m.lower().endswith(exts)]
         elif os.path.isdir(text):
@@ -160,7 +160,7 @@ def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
 
 def default_workers() -> int:
     """Decode/overlay threads: half the cores (1 on a 2-core laptop), at most 4."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+    return max(1, min(4, cpu_workers() // 2))
 
 
 @contextlib.contextmanager
@@ -176,7 +176,7 @@ def cpu_threads(on_cpu: bool, workers: int) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    torch.set_num_threads(max(1, min(before, cpu_workers() - workers)))
     try:
         yield
     finally:
@@ -204,6 +204,60 @@ def _open_csv(path: Path):
         return open(path, "w", newline="", encoding="utf-8")
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a writable --out") from None
+
+
+def _error_row(item: Decoded, n_probs: int) -> list[Any]:
+    """The scores.csv row of an image that could not be read: its path and the error, the rest blank."""
+    blanks = len(COLUMNS) - 1 + n_probs + len(TAIL_COLUMNS) - 1
+    return [printable_path(item.path), *[""] * blanks, printable_path(item.error or "")]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One image's model outputs turned into decisions: its score, class probabilities, mask and verdict."""
+
+    score: float
+    probs: Any
+    mask: MaskResult
+    is_defect: bool
+    defect_class: str
+
+    @classmethod
+    def of(cls, item: Decoded, result: dict[str, np.ndarray], k: int, meta: ArtifactMeta) -> _Scored:
+        score = float(result["defect_score"][k])
+        probs = result["class_probs"][k]
+        width, height = item.size
+        mode = meta.geometry.mode
+        mask = postprocess(result["mask_prob"][k], width, height, meta.pixel_threshold, encode=False, geometry=mode)
+        is_defect, defect_class = decide(score, probs, meta)
+        return cls(score, probs, mask, is_defect, defect_class)
+
+    def row(self, item: Decoded, overlay: str) -> list[Any]:
+        """Its scores.csv row (`COLUMNS`, the class probabilities, `TAIL_COLUMNS`)."""
+        width, height = item.size
+        return [
+            printable_path(item.path),
+            width,
+            height,
+            f"{self.score:.6f}",
+            int(self.is_defect),
+            self.defect_class,
+            *[f"{p:.6f}" for p in self.probs],
+            self.mask.area_px,
+            f"{self.mask.fraction:.6f}",
+            format_bbox(self.mask.bbox),
+            overlay,
+            "",
+        ]
+
+
+def _predict_batch(predictor: Any, ok: list[Decoded], batch_size: int) -> dict[str, Any] | None:
+    """The decoded images' predictions: their preprocessed inputs in one batch, or under ``tiles`` their tiles."""
+    if not ok:
+        return None
+    if predictor.meta.geometry.tiled:
+        return infer_images(predictor, [d.image for d in ok], batch_size)
+    return predictor.predict(np.stack([d.x for d in ok]))
 
 
 def predict_images(
@@ -264,56 +318,27 @@ def predict_images(
         writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
         for batch in prefetched(pool, list(batched(paths, batch_size)), decode):
             ok = [d for d in batch if d.error is None]
-            if meta.geometry.tiled:
-                result = infer_images(predictor, [d.image for d in ok], batch_size) if ok else None
-            else:
-                result = predictor.predict(np.stack([d.x for d in ok])) if ok else None
+            result = _predict_batch(predictor, ok, batch_size)
             k = 0
             for item in batch:
                 summary.images += 1
                 if item.error is not None:
                     summary.errors += 1
-                    blanks = len(COLUMNS) - 1 + len(prob_columns) + len(TAIL_COLUMNS) - 1
-                    writer.writerow([printable_path(item.path), *[""] * blanks, printable_path(item.error)])
+                    writer.writerow(_error_row(item, len(prob_columns)))
                     continue
                 assert result is not None
-                score = float(result["defect_score"][k])
-                probs = result["class_probs"][k]
-                width, height = item.size
-                mask = postprocess(
-                    result["mask_prob"][k],
-                    width,
-                    height,
-                    meta.pixel_threshold,
-                    encode=False,
-                    geometry=meta.geometry.mode,
-                )
-                is_defect, defect_class = decide(score, probs, meta)
-                summary.defects += int(is_defect)
-                summary.per_class[defect_class] = summary.per_class.get(defect_class, 0) + 1
+                scored = _Scored.of(item, result, k, meta)
+                k += 1
+                summary.defects += int(scored.is_defect)
+                summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
                 overlay = ""
                 if overlays:
                     # the decided class's colour: green (normal) marks a mask below the image threshold
-                    colour = class_colour(meta.class_names.index(defect_class))
-                    writes.append(pool.submit(write_overlay, item, mask.mask, score, defect_class, colour))
+                    colour = class_colour(meta.class_names.index(scored.defect_class))
+                    mask = scored.mask.mask
+                    writes.append(pool.submit(write_overlay, item, mask, scored.score, scored.defect_class, colour))
                     overlay = printable_path(f"{OVERLAY_DIR}/{names[item.path]}")
-                writer.writerow(
-                    [
-                        printable_path(item.path),
-                        width,
-                        height,
-                        f"{score:.6f}",
-                        int(is_defect),
-                        defect_class,
-                        *[f"{p:.6f}" for p in probs],
-                        mask.area_px,
-                        f"{mask.fraction:.6f}",
-                        format_bbox(mask.bbox),
-                        overlay,
-                        "",
-                    ]
-                )
-                k += 1
+                writer.writerow(scored.row(item, overlay))
             handle.flush()
             while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
                 _finish(writes.pop(0), out)
