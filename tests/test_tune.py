@@ -26,7 +26,16 @@ from raydefect.pipelines.tune import FAIL_TRIALS_ENV, tune_study
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 #: seed 0 samples backbones test-tiny, test-tiny, tiny from configs/tune-demo.yaml; trials with tiny are made to fail
-STUDY_SETS = ("tune.space=tune-demo", "tune.num_samples=3", "tune.epochs=2", "tune.subset=0.5", "tune.seed=0")
+# the demo space searches random-init backbones (tiny, test-tiny): no weights file
+STUDY_SETS = (
+    "tune.space=tune-demo",
+    "tune.num_samples=3",
+    "tune.epochs=2",
+    "tune.subset=0.5",
+    "tune.seed=0",
+    "model.pretrained=false",
+    "model.weights=null",
+)
 
 
 def _rows(path: Path) -> list[dict]:
