@@ -1,4 +1,4 @@
-"""The model artifact (DESIGN.md contract 2): a folder that needs nothing else to run.
+"""The model artifact (contract 2 of docs/architecture.md): a folder that needs nothing else to run.
 
     model/
       model.safetensors   the whole DefectModel's weights (safetensors: tensors only, never pickled code)
