@@ -65,7 +65,24 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class SegDecoder(nn.Module):
+class _DetailRefiner(nn.Module):
+    """The shared last step of both decoders: decoder features + a shallow stem on the image -> a correction of the
+    upsampled coarse logits (``stem``, ``refine``, ``out`` are set by the subclass), at the input size."""
+
+    stem: nn.Module
+    refine: nn.Module
+    out: nn.Module
+
+    def refined(self, x: Tensor, coarse: Tensor, image: Tensor) -> Tensor:
+        detail = self.stem(image)
+        size = detail.shape[-2:]
+        up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        fine = self.out(self.refine(torch.cat([up, detail], dim=1)))
+        fine = fine + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SegDecoder(_DetailRefiner):
     """Fuses several ViT levels on the patch grid, adds image detail at S/4, returns (mask, coarse) logits."""
 
     def __init__(self, embed_dim: int, num_levels: int, dim: int) -> None:
@@ -87,16 +104,10 @@ class SegDecoder(nn.Module):
             x = x + proj(feat)
         x = self.fuse(x)
         coarse = self.coarse(x)
-        detail = self.stem(image)
-        size = detail.shape[-2:]
-        up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        fine = self.out(self.refine(torch.cat([up, detail], dim=1)))
-        fine = fine + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-        mask = F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return mask, coarse
+        return self.refined(x, coarse, image), coarse
 
 
-class FPNDecoder(nn.Module):
+class FPNDecoder(_DetailRefiner):
     """Top-down FPN over a CNN's stride 4-32 maps, logits at stride 4 refined at stride 2 with image detail."""
 
     def __init__(self, channels: Sequence[int], dim: int) -> None:
@@ -119,13 +130,7 @@ class FPNDecoder(nn.Module):
             x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             x = self.smooth[i](x)
         coarse = self.coarse(x)  # stride 4
-        detail = self.stem(image)
-        size = detail.shape[-2:]
-        up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        fine = self.out(self.refine(torch.cat([up, detail], dim=1)))
-        fine = fine + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-        mask = F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return mask, coarse
+        return self.refined(x, coarse, image), coarse
 
 
 class MaskGuidedClassifier(nn.Module):
