@@ -108,7 +108,9 @@ def fit_image(image: np.ndarray, size: int, geometry: str) -> tuple[np.ndarray, 
         return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)), content
     box = letterbox_box(w, h, size)
     out = np.zeros((size, size, 3), dtype=np.uint8)
-    resized = image if (h, w) == (box.h, box.w) else Image.fromarray(image).resize((box.w, box.h), Image.BILINEAR)
+    resized = (
+        image if (h, w) == (box.h, box.w) else Image.fromarray(image).resize((box.w, box.h), Image.Resampling.BILINEAR)
+    )
     out[box.y : box.y + box.h, box.x : box.x + box.w] = np.asarray(resized)
     content[:] = False
     content[box.y : box.y + box.h, box.x : box.x + box.w] = True

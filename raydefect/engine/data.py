@@ -2,9 +2,11 @@
 
 Rows are plain dicts (`ROW_COLUMNS`), cheap to ship through Ray Data. Each sample is decoded with
 `raydefect.imaging` and, for training, augmented with the mask alongside (random scale-crop, flips, 90-degree
-rotations: bilinear for the image, nearest for the mask; then brightness/contrast on the image only). Validation
-and test images go through `raydefect.inference.Preprocessor`, exactly what inference does (whole image resized to
-``data.image_size``), so validation thresholds hold at inference.
+rotations: bilinear for the image, nearest for the mask; then brightness/contrast on the image only), placed per
+``data.geometry`` (`raydefect.geometry`): squashed or letterboxed to ``data.image_size``, or under ``tiles`` one tile
+drawn per image and epoch. Validation and test images go through `raydefect.inference.Preprocessor` exactly as
+inference does (under ``tiles`` whole images, tiled and stitched by `engine.loop.evaluate`), so validation
+thresholds hold at inference.
 
 Augmentation is deterministic: each draw uses its own RNG seeded by (seed, epoch, rank, position in the epoch), so a
 resumed run or a different number of loader threads sees the very same pixels. Decoding runs on a small thread pool
@@ -169,7 +171,9 @@ def _resample(
     img = np.zeros((size, size, 3), dtype=np.uint8)
     msk = np.zeros((size, size), dtype=bool)
     part = Image.fromarray(image).resize((target.w, target.h), Image.Resampling.BILINEAR, box=box)
-    part_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((target.w, target.h), Image.NEAREST, box=box)
+    part_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (target.w, target.h), Image.Resampling.NEAREST, box=box
+    )
     img[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part)
     msk[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part_mask) >= 128
     return img, msk
