@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SIZES = {2: (1632, 1224), 12: (4000, 3000)}
+SIZES = {2: (1632, 1224), 12: (4000, 3000), 20: (5472, 3648)}
 
 
 def run_one(args: argparse.Namespace) -> dict:

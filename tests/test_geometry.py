@@ -291,13 +291,16 @@ def test_tiled_model_scores_through_ray_data(ray_session, tmp_path, make_tiny_mo
     assert sizes == {(130, 70), (40, 300), (64, 64), (200, 90)}
 
 
-def test_a_tiled_model_exports_with_its_geometry_and_stitched_parity(tmp_path, make_tiny_model):
+@pytest.mark.parametrize("name", ["tiled.onnx", "tiled.pt"])
+def test_a_tiled_model_exports_with_its_geometry_and_stitched_parity(tmp_path, make_tiny_model, name):
+    """ONNX and TorchScript alike: the file runs a tile batch and reproduces raydefect's stitched image."""
     import json
 
     from raydefect.tasks.export import export_model, sidecar_path
 
     artifact = _tiled_artifact(tmp_path, make_tiny_model)
-    report = export_model(artifact, tmp_path / "tiled.onnx", batch=2)
+    report = export_model(artifact, tmp_path / name, batch=2)
+    assert report.format == ("onnx" if name.endswith(".onnx") else "torchscript")
     assert report.checked and set(report.parity) == {"batch_1", "batch_3", "stitched"}
     assert max(report.parity["stitched"].values()) <= 1e-4
     contract = json.loads(sidecar_path(report.path).read_text())
