@@ -152,6 +152,10 @@ class MaskGuidedClassifier(nn.Module):
         return torch.einsum("nl,nld->nd", weights, tokens)
 
     def forward(self, cls_token: Tensor, tokens: Tensor, coarse: Tensor) -> Tensor:
+        # The classifier reads the segmentation branch's belief but does not train it (Bozic et al. 2021, "gradient
+        # flow adjustment"): the classification loss pushing the mask's max / mean up on every defect image teaches
+        # the decoder to light up whole images instead of the defect.
+        coarse = coarse.detach()
         pooled = self.pool(tokens, coarse)
         flat = coarse.flatten(1)
         stats = torch.stack([flat.amax(dim=1), flat.mean(dim=1)], dim=1).to(cls_token.dtype)
