@@ -33,7 +33,7 @@ from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.data.manifest import Dataset
 from raydefect.data.manifest import load_dataset as open_dataset
 from raydefect.errors import DataError
-from raydefect.imaging import DEFAULT_MAX_PIXELS
+from raydefect.imaging import DEFAULT_MAX_PIXELS, rgb_array
 from raydefect.inference import Predictor, Preprocessor
 from raydefect.tasks.predict import (
     Decoded,
@@ -90,20 +90,20 @@ class InMemory:
 
 
 def as_rgb(value: Any, label: str) -> np.ndarray:
-    """A PIL image or a numpy array (H x W grey, H x W x 1/3/4, uint8) as uint8 (H, W, 3) RGB."""
-    if not isinstance(value, np.ndarray):  # a PIL image: its own conversion handles every mode
-        return np.asarray(value.convert("RGB"))
+    """A PIL image or a numpy array (H x W grey, H x W x 1/3/4, uint8) as uint8 (H, W, 3) RGB, converted as a file's
+    pixels are (`raydefect.imaging.rgb_array`: alpha composited onto black, 16-bit scaled by its full range)."""
+    if not isinstance(value, np.ndarray):
+        return rgb_array(value)
     if value.dtype != np.uint8:
         raise DataError(
             f"{label}: an array of dtype {value.dtype}; pass uint8 pixels 0-255 (e.g. (x * 255).astype(np.uint8))"
         )
-    if value.ndim == 2:
-        value = value[:, :, None]
-    if value.ndim != 3 or value.shape[2] not in (1, 3, 4) or min(value.shape[:2]) < 1:
+    if value.ndim == 3 and value.shape[2] == 1:
+        value = value[:, :, 0]
+    if not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))) or min(value.shape[:2]) < 1:
         raise DataError(f"{label}: an array of shape {value.shape}; pass (H, W), (H, W, 3) or (N, H, W, 3) uint8")
-    if value.shape[2] == 1:
-        value = np.repeat(value, 3, axis=2)
-    return np.ascontiguousarray(value[:, :, :3])
+    mode = {2: "L", 3: "RGB", 4: "RGBA"}[value.ndim if value.ndim == 2 else value.shape[2]]
+    return rgb_array(Image.fromarray(np.ascontiguousarray(value), mode=mode))
 
 
 def is_pil(value: Any) -> bool:

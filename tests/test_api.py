@@ -103,8 +103,11 @@ def test_paths_arrays_pil_and_a_batch_array_agree(model, pngs):
     assert model.predict(arrays[0])[0].path is None
     grey = model.predict(arrays[0][:, :, 0])[0]  # H x W grey becomes RGB
     assert grey.ok and grey.mask.shape == arrays[0].shape[:2]
-    rgba = np.dstack([arrays[0], np.full(arrays[0].shape[:2], 255, np.uint8)])
-    _assert_same(model.predict(rgba)[0], by_path[0])  # alpha is dropped
+    opaque = np.dstack([arrays[0], np.full(arrays[0].shape[:2], 255, np.uint8)])
+    _assert_same(model.predict(opaque)[0], by_path[0])
+    clear = np.dstack([arrays[0], np.zeros(arrays[0].shape[:2], np.uint8)])  # composited onto black, as files are
+    _assert_same(model.predict(clear)[0], model.predict(np.zeros_like(arrays[0]))[0])
+    _assert_same(model.predict(Image.fromarray(clear))[0], model.predict(np.zeros_like(arrays[0]))[0])
 
 
 def test_a_corrupt_file_among_good_ones_is_a_result_with_its_error(model, pngs, tmp_path):
