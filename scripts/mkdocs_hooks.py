@@ -45,11 +45,19 @@ def config_reference() -> str:
     out = [
         "# Configuration reference",
         "",
-        "Generated from the field docs of `raydefect/config/sections.py`; `raydefect config` prints the same keys as "
-        "YAML. Set a key with `--set section.key=value` on any command that trains or scores, or in a YAML file given "
-        "with `--config FILE`. Shipped configs (`--config NAME`): "
+        "Every command that trains or scores takes `--config NAME|FILE` (a shipped config, or your own YAML) and "
+        "repeatable `--set section.key=value`. Shipped configs (`raydefect config --list`): "
         + ", ".join(f"`{name}`" for name in sorted(shipped_configs()))
-        + ". Unknown keys are errors with a suggestion.",
+        + ". `raydefect config` prints the resolved config with every key documented (`raydefect config --config "
+        "scratch --set optim.lr=3e-4` shows what a run would use); unknown keys are errors with a suggestion:",
+        "",
+        "```console",
+        "$ raydefect config --set optim.lrr=3e-4",
+        "error: --set: unknown key 'optim.lrr'; did you mean 'optim.lr'?",
+        "```",
+        "",
+        "This page is generated from the field docs of `raydefect/config/sections.py`, the same ones `raydefect "
+        "config` prints.",
         "",
     ]
     for section_field in dataclasses.fields(cfg):
@@ -61,7 +69,7 @@ def config_reference() -> str:
             default = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
             key = f"{section_field.name}.{f.name}"
             out.append(
-                f"| `{key}` | `{_type_name(f.type)}` | `{_cell(default)}` | {_cell(f.metadata.get('help', ''))} |"
+                f"| `{key}` | {_type_name(f.type)} | `{_cell(default)}` | {_cell(f.metadata.get('help', ''))} |"
             )
         out.append("")
     return "\n".join(out)
