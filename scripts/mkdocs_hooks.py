@@ -68,9 +68,7 @@ def config_reference() -> str:
             value = list(value) if isinstance(value, tuple) else value
             default = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
             key = f"{section_field.name}.{f.name}"
-            out.append(
-                f"| `{key}` | {_type_name(f.type)} | `{_cell(default)}` | {_cell(f.metadata.get('help', ''))} |"
-            )
+            out.append(f"| `{key}` | {_type_name(f.type)} | `{_cell(default)}` | {_cell(f.metadata.get('help', ''))} |")
         out.append("")
     return "\n".join(out)
 
