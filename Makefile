@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job end to end) and `make test` (the whole suite).
+# Two entry points: `make demo` (the main job end to end) and `make test` (lint, the whole suite, the docs build).
 # Both create/update .venv and install what they need (pinned by constraints.txt).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 DEMO_DIR ?= demo
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint docs docs-check format bench clean
 
 install: $(STAMP)
 
@@ -37,12 +37,21 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint docs-check
 	$(BIN)/python -m pytest
+
+# The documentation site (mkdocs.yml, docs/): docs-check builds it as CI does, failing on a broken link, a page
+# missing from the nav or a CLI / config / API reference that fails to generate (into site/); docs serves it with
+# live reload at http://127.0.0.1:8000.
+docs-check: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(DEMO_DIR) runs .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) runs .pytest_cache .ruff_cache site

@@ -2,7 +2,7 @@
 
     python benchmarks/magnetic_tile.py ../shared/datasets/magnetic_tile --out runs-mt
 
-Steps (what a user types, see README "Training"):
+Steps (what a user types, see docs/guides/train.md):
 
 1. ``raydefect prepare`` with the generic importer (``MT_<Class>/Imgs/<name>.jpg``, mask ``<name>.png`` beside it,
    ``MT_Free`` = normal) into ``OUT/dataset`` (skipped when it is there already);

@@ -184,6 +184,12 @@ def _convert(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)  # CMYK, YCbCr, LAB, HSV, L <-> RGB
 
 
+def rgb_array(img: Image.Image) -> np.ndarray:
+    """An image already in memory as uint8 HxWx3 RGB, converted as `decode_image` converts a file's pixels (16-bit
+    scaled by its full range, palette expanded, alpha composited onto black, CMYK and the rest through Pillow)."""
+    return np.asarray(_convert(img, "RGB"))
+
+
 def decode_image(
     source: Source,
     mode: str = "RGB",

@@ -1,4 +1,4 @@
-"""The real magnetic tile data set imports with the one command the README documents (issue 2 §4)."""
+"""The real magnetic tile data set imports with the one command docs/guides/prepare.md documents (issue 2 §4)."""
 
 from __future__ import annotations
 

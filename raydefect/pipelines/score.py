@@ -81,7 +81,7 @@ class _Setup:
 
 
 SLOW_STORE_S = 5.0  # a store that has not answered a run's first calls after this long is reported while it waits
-NO_ANSWER_FAILS = {"s3": "about 10 s", "gs": "about 2 min"}  # measured: the README's score inputs
+NO_ANSWER_FAILS = {"s3": "about 10 s", "gs": "about 2 min"}  # measured: docs/guides/score.md's inputs
 
 
 def _waiting_for(option: str, location: str) -> contextlib.AbstractContextManager:

@@ -42,11 +42,14 @@ COLUMNS = ("path", "width", "height", "defect_score", "is_defect", "defect_class
 TAIL_COLUMNS = ("mask_area_px", "mask_fraction", "bbox", "overlay", "error")
 
 
-def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+def list_images(
+    spec: str | Path | Sequence[str | Path], extensions: Sequence[str] = IMAGE_EXTENSIONS, *, name: str = "--images"
+) -> list[str]:
     """Image files from a folder (recursive), a glob (``**`` recurses) or a file, or a list of those; sorted, unique.
 
     Files with other extensions are left out of folders and globs (a folder holds notes, masks in other formats...);
     a file named explicitly is always taken, so that a bad one becomes an error row rather than silently nothing.
+    `name` is what the error messages call the input (the CLI option, or the API's argument).
     """
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     exts = tuple(e.lower() for e in extensions)
@@ -63,11 +66,11 @@ def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[st
         elif os.path.isfile(text):
             found.append(text)
         else:
-            raise DataError(f"--images {item}: no such file or folder; pass a folder, a quoted glob or an image file")
+            raise DataError(f"{name} {item}: no such file or folder; pass a folder, a quoted glob or an image file")
     unique = sorted(dict.fromkeys(os.path.normpath(p) for p in found))
     if not unique:
         raise DataError(
-            f"--images {', '.join(str(s) for s in specs)}: no image files found (extensions {', '.join(exts)}); "
+            f"{name} {', '.join(str(s) for s in specs)}: no image files found (extensions {', '.join(exts)}); "
             "check the path, or quote a glob like 'photos/**/*.png'"
         )
     return unique
@@ -123,7 +126,7 @@ def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def prefetched(
-    pool: ThreadPoolExecutor, batches: Sequence[Sequence[str]], decode: Callable[[str], Decoded]
+    pool: ThreadPoolExecutor, batches: Sequence[Sequence[Any]], decode: Callable[[Any], Decoded]
 ) -> Iterator[list[Decoded]]:
     """Decoded batches in order, the next one decoding in `pool` while the caller works on the current one."""
     pending: list[Future] | None = None
@@ -213,7 +216,7 @@ def _error_row(item: Decoded, n_probs: int) -> list[Any]:
 
 
 @dataclass(frozen=True)
-class _Scored:
+class Scored:
     """One image's model outputs turned into decisions: its score, class probabilities, mask and verdict."""
 
     score: float
@@ -223,7 +226,7 @@ class _Scored:
     defect_class: str
 
     @classmethod
-    def of(cls, item: Decoded, result: dict[str, np.ndarray], k: int, meta: ArtifactMeta) -> _Scored:
+    def of(cls, item: Decoded, result: dict[str, np.ndarray], k: int, meta: ArtifactMeta) -> Scored:
         score = float(result["defect_score"][k])
         probs = result["class_probs"][k]
         width, height = item.size
@@ -258,6 +261,34 @@ def _predict_batch(predictor: Any, ok: list[Decoded], batch_size: int) -> dict[s
     if predictor.meta.geometry.tiled:
         return infer_images(predictor, [d.image for d in ok], batch_size)
     return predictor.predict(np.stack([d.x for d in ok]))
+
+
+def scored_batches(
+    predictor: Any,
+    meta: ArtifactMeta,
+    pool: ThreadPoolExecutor,
+    items: Sequence[Any],
+    decode: Callable[[Any], Decoded],
+    batch_size: int,
+) -> Iterator[list[tuple[Decoded, Scored | None]]]:
+    """`items` decoded in `pool` one batch ahead, run through the model in its geometry and decided with `meta`'s
+    thresholds: per batch, each item with its `Scored` (None when it could not be read: `Decoded.error` says why).
+
+    The one loop behind `predict_images` and the Python API (`raydefect.api`), so both give the same numbers.
+    """
+    for batch in prefetched(pool, list(batched(items, batch_size)), decode):
+        ok = [d for d in batch if d.error is None]
+        result = _predict_batch(predictor, ok, batch_size)
+        scored: list[tuple[Decoded, Scored | None]] = []
+        k = 0  # the item's row in `result`, which holds the readable items only
+        for item in batch:
+            if item.error is None:
+                assert result is not None
+                scored.append((item, Scored.of(item, result, k, meta)))
+                k += 1
+            else:
+                scored.append((item, None))
+        yield scored
 
 
 def predict_images(
@@ -316,19 +347,13 @@ def predict_images(
     with handle, threads, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
-        for batch in prefetched(pool, list(batched(paths, batch_size)), decode):
-            ok = [d for d in batch if d.error is None]
-            result = _predict_batch(predictor, ok, batch_size)
-            k = 0
-            for item in batch:
+        for batch in scored_batches(predictor, meta, pool, paths, decode, batch_size):
+            for item, scored in batch:
                 summary.images += 1
-                if item.error is not None:
+                if scored is None:
                     summary.errors += 1
                     writer.writerow(_error_row(item, len(prob_columns)))
                     continue
-                assert result is not None
-                scored = _Scored.of(item, result, k, meta)
-                k += 1
                 summary.defects += int(scored.is_defect)
                 summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
                 overlay = ""
