@@ -159,3 +159,76 @@ def test_scorer_records_brightness_and_contrast(tiny_artifact, tmp_path):
     assert b[0] == pytest.approx(30 / 255, abs=1e-3) and c[0] == pytest.approx(0.0, abs=1e-4)
     assert b[1] == pytest.approx(190 / 255, abs=0.01) and c[1] == pytest.approx(30 / 255, abs=0.01)
     assert b[2] is None and c[2] is None  # an error row has no statistics
+
+
+def _write_images(out: str) -> None:
+    """A tiny PNG at every path the synthetic scores name (the review copies the originals)."""
+    from pathlib import Path
+
+    from raydefect.imaging import encode_png
+
+    png = encode_png(np.full((8, 8, 3), 128, np.uint8))
+    for path in read_scores(out, columns=["path"]).column("path").to_pylist():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(png)
+
+
+def _decode_rle(counts: list[int], size: list[int]) -> np.ndarray:
+    flat = np.zeros(size[0] * size[1], bool)
+    pos, value = 0, False
+    for c in counts:
+        flat[pos : pos + c] = value
+        pos, value = pos + c, not value
+    return flat.reshape(size, order="F")
+
+
+def test_review_picks_the_shifted_uncertain_and_disagreeing_images(folder, tmp_path):
+    import csv
+
+    from raydefect.imaging import decode_mask
+
+    calm = Night("20260101T020000Z-000001", 400, seed=1)
+    shifted = Night("20260102T020000Z-000002", 20, brightness=0.75, seed=2)
+    out = folder([calm, shifted])
+    _write_images(out)
+    dest = tmp_path / "review"
+    result = CliRunner().invoke(cli, ["review", out, "--out", str(dest), "--n", "30", "--runs", "0"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((dest / "labels.csv").open()))
+    reasons = [r["reason"] for r in rows]
+    assert len(rows) == 30 and len({r["path"] for r in rows}) == 30
+    assert reasons.count("uncertain") == 12 and reasons.count("disagree") == 9 and reasons.count("novel") == 9
+    table = read_scores(out)
+    by_path = {r["path"]: r for r in table.to_pylist()}
+    novel = [by_path[r["path"]] for r in rows if r["reason"] == "novel"]
+    assert all(r["run_id"] == shifted.run_id and r["brightness"] > 0.6 for r in novel)  # all from the shifted night
+    ok = [r for r in table.to_pylist() if r["error"] is None]
+    median = float(np.median([abs(r["defect_score"] - 0.5) for r in ok]))
+    uncertain = [by_path[r["path"]] for r in rows if r["reason"] == "uncertain"]
+    assert all(abs(r["defect_score"] - 0.5) < median / 4 for r in uncertain)
+    assert len({r["path"].rsplit("/", 1)[0] for r in uncertain}) == 12  # spread: one per folder
+    for r in rows:
+        if r["reason"] == "disagree":
+            s = by_path[r["path"]]
+            assert s["is_defect"] != (s["mask_area_px"] > 0)
+        assert (dest / r["file"]).is_file() and (dest / r["mask"]).is_file()
+    coco = json.loads((dest / "annotations" / "instances_default.json").read_text())
+    assert len(coco["images"]) == 30 and {c["name"] for c in coco["categories"]} == {"scratch", "spot"}
+    ann = coco["annotations"][0]
+    image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
+    mask = decode_mask(dest / "masks" / (image["file_name"].rsplit(".", 1)[0] + ".png")).array
+    assert np.array_equal(_decode_rle(ann["segmentation"]["counts"], ann["segmentation"]["size"]), mask)
+    assert ann["area"] == int(mask.sum()) > 0
+
+
+def test_review_without_a_reference_measures_novelty_against_the_scores_themselves(folder, tmp_path):
+    from raydefect.scoring.review import budgets, parse_mix, pick_review
+
+    out = folder([Night("20260101T020000Z-000001", 300, seed=1), Night("20260102T020000Z-000002", 10, brightness=0.8)],
+                 reference=False)  # fmt: skip
+    picked = pick_review(out, n=10, shares=parse_mix("novel=1"), runs=0)
+    assert "scanned runs' own" in picked.note
+    assert [r["run_id"] for r in picked.rows] == ["20260102T020000Z-000002"] * 10
+    assert budgets(7, parse_mix("uncertain=1,disagree=1,novel=1")) == {"uncertain": 3, "disagree": 2, "novel": 2}
+    with pytest.raises(DataError, match="--mix"):
+        parse_mix("curious=1")

@@ -1,9 +1,11 @@
-"""The nightly loop's commands: `raydefect scores report` (trends, drift, alarms)."""
+"""The nightly loop's commands: `raydefect scores report` (trends, drift, alarms) and `raydefect review` (what a person
+should label next)."""
 
 from __future__ import annotations
 
 import click
 
+from raydefect.cli.app import cli
 from raydefect.cli.score import scores_group
 
 _MODEL_ID_HELP = "The model whose scores to read: its id (or a unique prefix). Default: the model of the newest run."
@@ -103,3 +105,63 @@ def scores_report_cmd(
     console.result(f"report: {paths['html']} (summary: {paths['json']})")
     if night["alarm"]:
         raise SystemExit(EXIT_ALARM)
+
+
+@cli.command("review")
+@click.argument("scores_dir", metavar="OUT")
+@click.option("--out", "dest", required=True, type=click.Path(file_okay=False), help="Folder for the review set.")
+@click.option("--n", "n", default=200, show_default=True, type=click.IntRange(1), help="Images to pick in all.")
+@click.option(
+    "--mix",
+    default="uncertain=0.4,disagree=0.3,novel=0.3",
+    show_default=True,
+    help="Share of --n per reason (unused shares pass to the others).",
+)
+@click.option(
+    "--runs",
+    "runs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Pick from the newest N runs (0: every run).",
+)
+@click.option(
+    "--reference",
+    "reference_model",
+    default=None,
+    metavar="MODEL_DIR",
+    help="Model artifact whose validation distribution defines 'novel' [default: the one the scores carry].",
+)
+@click.option("--model", "model", metavar="ID", default=None, help=_MODEL_ID_HELP)
+def review_cmd(
+    scores_dir: str, dest: str, n: int, mix: str, runs: int, reference_model: str | None, model: str | None
+) -> None:
+    """Pick the images a person should label next, with the predicted masks as pre-labels.
+
+    \b
+    Reasons: uncertain (defect score near the image threshold), disagree (the class head says defect and the mask
+    is empty, or the reverse), novel (brightness and contrast far from the validation images). Within each reason
+    the picks are spread over folders. Writes OUT/images/, OUT/masks/ (0/255 PNG), OUT/labels.csv (edit the class
+    column, then `raydefect prepare --reviewed OUT`), and OUT/annotations/instances_default.json (COCO 1.0 with RLE
+    masks: CVAT imports it as pre-labels).
+    """
+    from raydefect import console
+    from raydefect.scoring.review import parse_mix, pick_review, write_review
+
+    shares = parse_mix(mix)
+    reference = None
+    if reference_model:
+        from raydefect.models.artifact import read_artifact_meta
+
+        reference = dict(read_artifact_meta(reference_model).reference) or None
+    picked = pick_review(scores_dir, n=n, shares=shares, runs=runs, reference=reference, model=model)
+    result = write_review(scores_dir, picked, dest)
+    if picked.note:
+        console.info(picked.note)
+    counts = ", ".join(f"{k} {v}" for k, v in result["reasons"].items()) or "none"
+    console.result(f"picked {result['images']} image(s) for review ({counts}) into {dest}")
+    for problem in result["problems"][:5]:
+        console.warn(problem)
+    if len(result["problems"]) > 5:
+        console.warn(f"... and {len(result['problems']) - 5} more image(s) left out (unreadable now)")
+    console.result(f"labels: {result['labels']}; CVAT (COCO 1.0): {result['coco']}")
