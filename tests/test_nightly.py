@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from raydefect.cli import cli
 from raydefect.errors import DataError
-from raydefect.metrics.drift import PSI_ALARM, build_reference, histogram, level, psi
+from raydefect.metrics.drift import PSI_ALARM, PSI_WARN, build_reference, excess_psi, histogram, level, psi
 from raydefect.scoring.results import read_scores, summarize
 from raydefect.scoring.synthetic import Night, write_scores_folder
 from raydefect.scoring.trends import EXIT_ALARM, build_report
@@ -50,6 +50,16 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
     assert shifted > PSI_ALARM and level(shifted) == "alarm"
     assert level(0.15) == "warn" and level(None) == "n/a"
     assert psi(a, np.zeros_like(a)) is None
+    # small samples: the raw index is mostly sampling noise, the excess is not
+    small_ref, small = (
+        histogram(rng.normal(0.45, 0.04, 50), "brightness"),
+        histogram(rng.normal(0.45, 0.04, 40), "brightness"),
+    )
+    excess, noise = excess_psi(small_ref, small)
+    assert noise > 0.1 and psi(small_ref, small) > excess and excess < PSI_WARN
+    moved, _ = excess_psi(small_ref, histogram(rng.normal(0.65, 0.04, 40), "brightness"))
+    assert moved > PSI_ALARM
+    assert excess_psi(small_ref, histogram(rng.normal(0.45, 0.04, 10), "brightness"))[0] is None  # under MIN_IMAGES
 
 
 def test_report_flags_a_shifted_night_and_exits_3(folder, tmp_path):
@@ -232,3 +242,93 @@ def test_review_without_a_reference_measures_novelty_against_the_scores_themselv
     assert budgets(7, parse_mix("uncertain=1,disagree=1,novel=1")) == {"uncertain": 3, "disagree": 2, "novel": 2}
     with pytest.raises(DataError, match="--mix"):
         parse_mix("curious=1")
+
+
+def _review_folder(dest, images: dict[str, tuple[np.ndarray, np.ndarray | None, str]]):
+    """A checked review set as `raydefect review` writes it: images/, masks/, labels.csv (class as reviewed)."""
+    import csv
+
+    from raydefect.imaging import encode_png
+
+    (dest / "images").mkdir(parents=True)
+    (dest / "masks").mkdir()
+    with (dest / "labels.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "mask", "class", "reason", "predicted"])
+        writer.writeheader()
+        for name, (image, mask, cls) in images.items():
+            (dest / "images" / f"{name}.png").write_bytes(encode_png(image))
+            m = mask if mask is not None else np.zeros(image.shape[:2], bool)
+            (dest / "masks" / f"{name}.png").write_bytes(encode_png(m.astype(np.uint8) * 255))
+            writer.writerow({"file": f"images/{name}.png", "mask": f"masks/{name}.png", "class": cls,
+                             "reason": "uncertain", "predicted": "normal"})  # fmt: skip
+    return dest
+
+
+def test_prepare_adds_reviewed_labels_and_old_images_keep_their_split(synth_raw, tmp_path):
+    import yaml
+
+    from raydefect.data.importers import import_classic
+    from raydefect.data.prepare import prepare_dataset
+
+    ds = tmp_path / "ds"
+    prepare_dataset(import_classic(synth_raw["defect_images"], synth_raw["defect_masks"], synth_raw["normal_images"]),
+                    ds, workers=1)  # fmt: skip
+    before = pq.read_table(ds / "manifest.parquet").to_pylist()
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 5:50] = True
+    noise = [rng.integers(0, 255, (64, 64, 3), np.uint8) for _ in range(13)]
+    checked = {f"new_{i}": (noise[i], mask, "scratch") if i % 2 else (noise[i], None, "normal") for i in range(12)}
+    review = _review_folder(tmp_path / "review", {**checked, "unsure": (noise[12], None, "")})
+    result = CliRunner().invoke(cli, ["prepare", "--out", str(ds), "--reviewed", str(review), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    after = {r["sha1"]: r for r in pq.read_table(ds / "manifest.parquet").to_pylist()}
+    assert all(after[r["sha1"]]["split"] == r["split"] for r in before)  # old images keep their split
+    new = [r for r in after.values() if "/review/" in r["original_image"]]
+    assert len(new) == 12 and len(after) == len(before) + 12
+    assert {r["defect_class"] for r in new} == {"scratch", "normal"}
+    assert all(r["mask_fraction"] > 0 for r in new if r["defect_class"] == "scratch")
+    assert {r["split"] for r in new} <= {"train", "val", "test"}
+    info = yaml.safe_load((ds / "dataset.yaml").read_text())
+    assert info["importer"]["name"] == "dataset+reviewed" and info["split"]["kept_previous"] == len(before)
+    assert "not reviewed" in (ds / "problems.csv").read_text()
+    missing = CliRunner().invoke(cli, ["prepare", "--out", str(tmp_path / "none"), "--reviewed", str(review)])
+    assert missing.exit_code == 1 and "manifest.parquet is missing" in missing.output
+
+
+def test_synth_makes_a_brighter_night(tmp_path):
+    from raydefect.data.synth import generate_archive
+    from raydefect.imaging import decode_image, image_stats
+
+    base = generate_archive(tmp_path / "a", 6, 32, seed=0, n_corrupt=0)
+    shifted = generate_archive(tmp_path / "b", 6, 32, seed=0, n_corrupt=0, brightness=0.3)
+    for path in (tmp_path / "a").rglob("*.png"):
+        twin = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        b0, b1 = image_stats(decode_image(path))[0], image_stats(decode_image(twin))[0]
+        assert b1 > b0 + 0.15
+    assert base["files"] == shifted["files"] == 6
+
+
+def test_report_and_review_read_scores_and_images_on_s3(s3_server, tmp_path):
+    from pathlib import Path
+
+    from raydefect.imaging import encode_png
+    from raydefect.scoring.review import pick_review, write_review
+
+    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="s3://factory/archive",
+                                reference=_reference())  # fmt: skip
+    for f in Path(local).rglob("*"):
+        if f.is_file():
+            s3_server.put_object(Bucket="factory", Key=f"scores/{f.relative_to(local)}", Body=f.read_bytes())
+    png = encode_png(np.full((8, 8, 3), 200, np.uint8))
+    for path in read_scores(local, columns=["path"]).column("path").to_pylist():
+        s3_server.put_object(Bucket="factory", Key=path.removeprefix("s3://factory/"), Body=png)
+    report = build_report("s3://factory/scores")
+    assert report["night"]["alarm"] and report["root"] == "s3://factory/archive" and report["images"] == 1200
+    assert {r["folder"] for r in report["folders"]["1"]} == {"line_0", "line_1", "line_2"}
+    picked = pick_review("s3://factory/scores", n=10, runs=0)
+    written = write_review("s3://factory/scores", picked, tmp_path / "review")
+    assert written["images"] == 10 and not written["problems"]
+    assert (tmp_path / "review" / "images").is_dir() and len(list((tmp_path / "review" / "images").iterdir())) == 10
+    with pytest.raises(DataError, match="no raydefect scores here"):
+        build_report("s3://factory/nothing")

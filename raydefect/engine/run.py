@@ -385,7 +385,8 @@ def export_run(
 
     test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
     test_path = None
-    reference = validation_reference(val.image.arrays()["scores"], thresholds["image"], val_rows, cfg, geometry)
+    stats_rows = manifest_rows(dataset, "train", required=False) + val_rows
+    reference = validation_reference(val.image.arrays()["scores"], thresholds["image"], stats_rows, cfg, geometry)
     meta = save_artifact(
         model,
         run_dir / MODEL_DIR,
@@ -414,20 +415,26 @@ def export_run(
     )
 
 
+#: most images whose brightness and contrast go into the artifact's reference (decoding them costs seconds per 1,000)
+REFERENCE_IMAGES = 2000
+
+
 def validation_reference(
     scores: Any, image_threshold: float, rows: list[dict[str, Any]], cfg: Config, geometry: Geometry
 ) -> Any:
-    """The validation distribution stored in the artifact (`metrics.drift.Reference`): the defect scores just
-    computed, and each validation image's brightness and contrast, decoded as `raydefect score` decodes it (so the
-    nightly statistics compare like with like). An image that no longer decodes is left out of the statistics."""
+    """The distribution stored in the artifact (`metrics.drift.Reference`): the validation split's defect scores
+    just computed, and the brightness and contrast of the images the model learnt from and was validated on (`rows`:
+    train and val, at most `REFERENCE_IMAGES` of them, evenly spaced), each decoded as `raydefect score` decodes it
+    so the nightly statistics compare like with like. An image that no longer decodes is left out."""
     import numpy as np
 
     from raydefect.imaging import decode_image_sized, image_stats, read_bytes
     from raydefect.metrics.drift import build_reference
 
     reduce_to = geometry.image_size if cfg.score.reduced_jpeg and geometry.mode != "tiles" else None
+    step = max(1, -(-len(rows) // REFERENCE_IMAGES))
     stats = []
-    for row in rows:
+    for row in rows[::step]:
         try:
             image, _ = decode_image_sized(
                 read_bytes(row["image"]), "RGB", row["image"], cfg.score.max_image_pixels, reduce_to

@@ -5,8 +5,8 @@
       model.yaml          format version, raydefect version, model_id, backbone (name + timm name), image size,
                           normalisation (mean/std), model config (head config), class names, image and pixel
                           thresholds, validation metrics, weights sha256, created_at, extra, and (optional)
-                          reference: fixed-bin histograms of the validation split's defect scores and image
-                          statistics (`metrics.drift.Reference`): what `scores report` measures drift against
+                          reference: fixed-bin histograms of the validation split's defect scores and of the
+                          train/val images' statistics (`metrics.drift.Reference`): what `scores report` compares with
 
 ``model_id`` is a content hash: sha256 over the tensors' sha256 (`tensors_sha256`) and the yaml fields that change
 predictions (architecture, image size, normalisation, class names, thresholds), first 16 hex digits. Metrics, dates,

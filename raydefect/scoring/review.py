@@ -184,7 +184,6 @@ def _scan(
                     (defect & (area == 0)) | (~defect & (area > 0)), np.abs(score - threshold), -np.inf
                 ),
             }
-            details = {"uncertain": "", "disagree": ""}
             if centre:
                 z2 = np.zeros(t.num_rows)
                 for q, (mean, std) in centre.items():
@@ -206,9 +205,7 @@ def _scan(
                     elif reason == "disagree":
                         row["detail"] = "defect class, empty mask" if row["is_defect"] else "normal class, mask found"
                     else:
-                        row["detail"] = (
-                            details[reason] or f"score {row['defect_score']:.3f} vs threshold {threshold:.3f}"
-                        )
+                        row["detail"] = f"score {row['defect_score']:.3f} vs threshold {threshold:.3f}"
                     row["run_id"] = record.run_id
                     pool.push(float(p[i]), row)
 

@@ -12,8 +12,9 @@ prefix every scored path shares, or ``root`` when given), e.g. ``line_1`` for k=
 
 Alarms concern the newest run (the night a cron job just scored):
 
-- drift: the PSI of its defect scores, brightness or contrast against the model's validation distribution reaches
-  ``psi_alarm`` (`metrics.drift.PSI_ALARM`, 0.25; ``psi_warn`` 0.1 only warns). The validation distribution comes from
+- drift: the PSI of its defect scores, brightness or contrast against the model's validation distribution, less
+  its sampling noise (`metrics.drift.excess_psi`), reaches ``psi_alarm`` (`metrics.drift.PSI_ALARM`, 0.25;
+  ``psi_warn`` 0.1 only warns). The validation distribution comes from
   the model artifact (``reference`` in model.yaml) or, where none is given, from the scores' file footers, which
   `raydefect score` fills from the artifact.
 - defect rate: its rate exceeds ``max_defect_rate`` (absolute, off by default), or exceeds ``rate_factor`` times the
@@ -34,7 +35,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydefect.errors import DataError
-from raydefect.metrics.drift import BINS, IMAGE_STATS, PSI_ALARM, PSI_WARN, QUANTITIES, Reference, histogram, level, psi
+from raydefect.metrics.drift import (
+    BINS,
+    IMAGE_STATS,
+    PSI_ALARM,
+    PSI_WARN,
+    QUANTITIES,
+    Reference,
+    excess_psi,
+    histogram,
+    level,
+    psi,
+)
 from raydefect.scoring.records import RunRecord
 from raydefect.scoring.schema import read_file_metadata
 from raydefect.scoring.storage import Storage
@@ -165,8 +177,11 @@ def drift_of(run: RunStats, reference: Reference | None, rules: AlarmRules) -> d
         elif reference is None or q not in reference.counts:
             out[q] = {"psi": None, "level": "n/a", "note": "no validation reference in the model"}
         else:
-            value = psi(reference.counts[q], counts)
-            out[q] = {"psi": value, "level": level(value, rules.psi_warn, rules.psi_alarm), "note": ""}
+            value, noise = excess_psi(reference.counts[q], counts)
+            n_ref, n_night = sum(reference.counts[q]), int(counts.sum())
+            note = "" if value is not None else f"too few images for a drift figure ({n_ref} reference, {n_night} here)"
+            out[q] = {"psi": value, "raw_psi": psi(reference.counts[q], counts), "noise": noise,
+                      "level": level(value, rules.psi_warn, rules.psi_alarm), "note": note}  # fmt: skip
     return out
 
 

@@ -109,7 +109,10 @@ def render_trends(report: dict[str, Any]) -> str:
             "validation reference",
             f"{_e(ref['source'])}, {ref['images']:,} images, defect rate {_pct(ref['defect_rate'])}",
         ],
-        ["drift thresholds", f"PSI warn {report['rules']['psi_warn']}, alarm {report['rules']['psi_alarm']}"],
+        [
+            "drift thresholds",
+            f"PSI less its sampling noise: warn {report['rules']['psi_warn']}, alarm {report['rules']['psi_alarm']}",
+        ],
     ]
     run_rows = []
     for r in report["runs"]:
