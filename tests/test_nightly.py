@@ -309,6 +309,67 @@ def test_synth_makes_a_brighter_night(tmp_path):
     assert base["files"] == shifted["files"] == 6
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nightly_loop_end_to_end(ray_session, synth_raw, make_train_config, tmp_path):
+    """Train (the artifact stores the validation distribution), score a calm and a brighter night through Ray, the
+    report alarms on the brighter one, review picks from it, the checked labels grow the dataset, and it trains."""
+    import csv
+
+    from raydefect.config import load_config
+    from raydefect.data.importers import import_classic
+    from raydefect.data.prepare import prepare_dataset
+    from raydefect.data.synth import generate_archive
+    from raydefect.engine.fit import fit
+    from raydefect.models.artifact import read_artifact_meta
+    from raydefect.pipelines.score import run_score
+
+    ds = tmp_path / "ds"
+    prepare_dataset(import_classic(synth_raw["defect_images"], synth_raw["defect_masks"], synth_raw["normal_images"]),
+                    ds, workers=1)  # fmt: skip
+    fit(make_train_config(ds, tmp_path / "runs"), str(ds), tmp_path / "run", device="cpu")
+    model = tmp_path / "run" / "model"
+    reference = read_artifact_meta(model).reference
+    splits = pq.read_table(ds / "manifest.parquet").column("split").to_pylist()
+    assert reference["images"] == splits.count("val")  # defect scores: the validation split
+    assert sum(reference["counts"]["brightness"]) == splits.count("val") + splits.count("train")  # what it saw
+
+    cfg = load_config("default", sets=["score.batch_size=8", "score.commit_interval_s=0"])
+    scores = str(tmp_path / "scores")
+    generate_archive(tmp_path / "calm", 40, 64, seed=1, n_corrupt=1)
+    generate_archive(tmp_path / "bright", 40, 64, seed=2, n_corrupt=0, brightness=0.45)
+    run_score(str(model), str(tmp_path / "calm"), scores, cfg)
+    calm = CliRunner().invoke(cli, ["scores", "report", scores, "--out", str(tmp_path / "r1")])
+    assert calm.exit_code == 0, calm.output
+    run_score(str(model), str(tmp_path / "bright"), scores, cfg)
+    bright = CliRunner().invoke(
+        cli, ["scores", "report", scores, "--out", str(tmp_path / "r2"), "--root", str(tmp_path)]
+    )
+    assert bright.exit_code == EXIT_ALARM and "ALARM: brightness PSI" in bright.output, bright.output
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert [r["images"] for r in report["runs"]] == [40, 40] and report["runs"][0]["errors"] == 1
+    assert report["runs"][0]["drift"]["defect_score"]["note"].startswith("too few images")  # a 6-image val split
+    assert {r["folder"] for r in report["folders"]["1"]} == {"calm", "bright"}
+
+    review = tmp_path / "review"
+    result = CliRunner().invoke(cli, ["review", scores, "--out", str(review), "--n", "8", "--runs", "0"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((review / "labels.csv").open()))
+    novel = [r for r in rows if r["reason"] == "novel"]
+    assert novel and all("/bright/" in r["path"] for r in novel)
+    assert any(r["reason"] == "uncertain" for r in rows)
+    with (review / "labels.csv").open("w", newline="") as f:  # the reviewer: everything checked as normal
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "class": "normal"} for r in rows)
+    before = pq.read_table(ds / "manifest.parquet").num_rows
+    grown = CliRunner().invoke(cli, ["prepare", "--out", str(ds), "--reviewed", str(review), "--workers", "1"])
+    assert grown.exit_code == 0, grown.output
+    assert pq.read_table(ds / "manifest.parquet").num_rows == before + len(rows)
+    again = fit(make_train_config(ds, tmp_path / "runs"), str(ds), tmp_path / "run2", device="cpu")
+    assert (tmp_path / "run2" / "model" / "model.yaml").is_file() and again.history
+
+
 def test_report_and_review_read_scores_and_images_on_s3(s3_server, tmp_path):
     from pathlib import Path
 
