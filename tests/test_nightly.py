@@ -130,10 +130,11 @@ def test_old_folders_without_image_statistics_still_report(folder, tmp_path):
 
 def test_report_of_an_empty_or_missing_folder_is_one_line(folder, tmp_path):
     for target in (tmp_path / "nothing", folder([])):
-        result = CliRunner().invoke(cli, ["scores", "report", str(target), "--out", str(tmp_path / "r")])
-        assert result.exit_code == 1
-        line = result.output.strip()
-        assert "\n" not in line and "raydefect score" in line and "Traceback" not in line
+        for command in (["scores", "report"], ["review"]):
+            result = CliRunner().invoke(cli, [*command, str(target), "--out", str(tmp_path / "r")])
+            assert result.exit_code == 1
+            line = result.output.strip()
+            assert "\n" not in line and "raydefect score" in line and "Traceback" not in line
     with pytest.raises(DataError, match="no committed rows"):
         build_report(folder([]))
 

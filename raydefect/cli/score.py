@@ -181,7 +181,8 @@ def _score(
 
 @cli.group("scores", cls=RaydefectGroup)
 def scores_group() -> None:
-    """Read a scores folder: summarize it, or write chosen masks and overlays as PNGs."""
+    """Read a scores folder: summarize it, report trends and drift (`scores report`), or write chosen masks and
+    overlays as PNGs."""
 
 
 _MODEL_HELP = (
