@@ -394,3 +394,21 @@ def test_report_and_review_read_scores_and_images_on_s3(s3_server, tmp_path):
     assert (tmp_path / "review" / "images").is_dir() and len(list((tmp_path / "review" / "images").iterdir())) == 10
     with pytest.raises(DataError, match="no raydefect scores here"):
         build_report("s3://factory/nothing")
+
+
+def test_report_reads_scores_on_gcs(gcs_server, tmp_path):
+    from pathlib import Path
+
+    from raydefect.scoring.review import pick_review
+    from raydefect.scoring.storage import Storage
+
+    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="gs://factory/archive",
+                                reference=_reference())  # fmt: skip
+    fs, _ = Storage().resolve("gs://factory/scores")
+    for f in Path(local).rglob("*"):
+        if f.is_file():
+            with fs.open_output_stream(f"factory/scores/{f.relative_to(local)}") as out:
+                out.write(f.read_bytes())
+    report = build_report("gs://factory/scores")
+    assert report["night"]["alarm"] and report["images"] == 1200 and report["root"] == "gs://factory/archive"
+    assert len(pick_review("gs://factory/scores", n=10, runs=0).rows) == 10
