@@ -230,6 +230,8 @@ def test_review_picks_the_shifted_uncertain_and_disagreeing_images(folder, tmp_p
     mask = decode_mask(dest / "masks" / (image["file_name"].rsplit(".", 1)[0] + ".png")).array
     assert np.array_equal(_decode_rle(ann["segmentation"]["counts"], ann["segmentation"]["size"]), mask)
     assert ann["area"] == int(mask.sum()) > 0
+    again = CliRunner().invoke(cli, ["review", out, "--out", str(dest), "--n", "5", "--runs", "0"])
+    assert again.exit_code == 0 and len(list((dest / "images").iterdir())) == 5  # the first review's files are gone
 
 
 def test_review_without_a_reference_measures_novelty_against_the_scores_themselves(folder, tmp_path):

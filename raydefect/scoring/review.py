@@ -296,6 +296,19 @@ def _masks_of(store: ScoreStore, picked: Picked) -> dict[str, tuple[bytes | None
     return found
 
 
+def _remove_previous(folder: Path) -> None:
+    """Delete the images and masks an earlier review into `folder` wrote (named in its labels.csv), so the folder
+    holds what the new labels.csv lists; nothing else is touched."""
+    labels = folder / LABELS_CSV
+    if not labels.is_file():
+        return
+    with labels.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            for name in (row.get("file"), row.get("mask")):
+                if name and name.count("/") == 1 and name.split("/")[0] in ("images", "masks"):
+                    (folder / name).unlink(missing_ok=True)
+
+
 def write_review(out: str, picked: Picked, dest: str | Path, storage: Storage | None = None) -> dict[str, Any]:
     """Write the review set (images, masks, labels.csv, COCO json) for `picked` into `dest`."""
     storage = storage or Storage()
@@ -303,6 +316,7 @@ def write_review(out: str, picked: Picked, dest: str | Path, storage: Storage | 
     try:
         for sub in ("images", "masks", "annotations"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        _remove_previous(folder)
     except OSError as e:
         raise OutputError(f"cannot create --out {folder}: {e.strerror}; choose a writable folder") from None
     from raydefect.scoring.results import reading
