@@ -292,3 +292,23 @@ def decode_png_mask(data: bytes) -> np.ndarray:
     """Inverse of `encode_png` for masks: bytes -> bool HxW."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("L")) >= MASK_THRESHOLD
+
+
+STATS_SIDE = 256
+
+
+def image_stats(rgb: np.ndarray) -> tuple[float, float]:
+    """(brightness, contrast) of a uint8 image: the mean and the standard deviation of its luma (ITU-R BT.601
+    weights), both in [0, 1], on every k-th pixel so that at most about `STATS_SIDE` remain per side (cheap on camera
+    images). The scorer records them per image as decoded, training per validation image decoded the same way, so a
+    change of camera, light or product shows as drift (`metrics.drift`)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim >= 2:
+        k = max(1, max(rgb.shape[:2]) // STATS_SIDE)
+        rgb = rgb[::k, ::k]
+    a = rgb.astype(np.float32)
+    if a.size == 0:
+        return 0.0, 0.0
+    luma = a @ np.asarray([0.299, 0.587, 0.114], np.float32) if a.ndim == 3 and a.shape[-1] == 3 else a
+    luma = luma / 255.0
+    return float(luma.mean()), float(luma.std())

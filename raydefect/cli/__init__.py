@@ -7,7 +7,7 @@ exit 2. `app` holds the group and the shared options; one module per command gro
 
 from __future__ import annotations
 
-from raydefect.cli import data, info, score, tasks, train  # noqa: F401  (registers the commands)
+from raydefect.cli import data, info, nightly, score, tasks, train  # noqa: F401  (registers the commands)
 from raydefect.cli.app import cli
 
 __all__ = ["cli", "main"]

@@ -67,6 +67,14 @@ def _csv_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     type=click.IntRange(0),
     help="Also write OUT/archive/ with this many unlabelled files for scoring (3 of them corrupt).",
 )
+@click.option(
+    "--archive-brightness",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(-1, 1),
+    help="Shift the archive's brightness by this fraction of full scale (a night under other light, for drift); "
+    "--textures makes a texture shift.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace what an earlier synth wrote in OUT.")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes for big jobs [default: all cores].")
 def synth_cmd(
@@ -81,6 +89,7 @@ def synth_cmd(
     mask_suffix: str,
     defect_size: int | None,
     archive_n: int,
+    archive_brightness: float,
     overwrite: bool,
     workers: int | None,
 ) -> None:
@@ -132,6 +141,7 @@ def synth_cmd(
             overwrite=overwrite,
             workers=workers,
             defect_size=defect_size,
+            brightness=archive_brightness,
         )
         console.result(
             f"wrote an archive of {arc['files']:,} files ({arc['corrupt']} corrupt) to {arc['out']}; "
@@ -180,6 +190,14 @@ def synth_cmd(
     default=None,
     help="Scan workers: forked processes from 1,000 images, else threads [default: one per core].",
 )
+@click.option(
+    "--reviewed",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Add a checked review set (`raydefect review --out DIR`, labels.csv) to the dataset; without a layout "
+    "option the images of the dataset already in --out are kept (repeatable).",
+)
 def prepare_cmd(
     config_name: str,
     sets: tuple[str, ...],
@@ -199,6 +217,7 @@ def prepare_cmd(
     max_pixels: int | None,
     header_only: bool,
     workers: int | None,
+    reviewed: tuple[str, ...],
 ) -> None:
     """Check raw folders and write a dataset: manifest.parquet, dataset.yaml and problems.csv in --out.
 
@@ -214,7 +233,8 @@ def prepare_cmd(
 
     Bad items (unreadable, missing or mis-sized mask, too large, duplicate) are skipped and listed in
     problems.csv; soft masks are binarised at 128 and empty masks in a defect class are kept and flagged.
-    Re-running into the same --out keeps every old image in its split.
+    Re-running into the same --out keeps every old image in its split. --reviewed DIR adds the labels a person
+    checked in a review set (`raydefect review`): new images join the splits by the same rules.
     """
     from raydefect import console
     from raydefect.data.importers import listing_from_options
@@ -223,9 +243,14 @@ def prepare_cmd(
 
     cfg = build_config(config_name, sets, **{"data.max_image_pixels": max_pixels})
     fractions = parse_split(split_text)
-    listing = listing_from_options(
-        defect_images, defect_masks, normal_images, mvtec, images, mask_template, class_regex, normal_class
-    )
+    layout = (defect_images, defect_masks, normal_images, mvtec, images, mask_template, class_regex, normal_class)
+    if reviewed:
+        from raydefect.data.importers import import_reviewed, listing_from_dataset, merge_listings
+
+        base = listing_from_options(*layout) if any(layout) else listing_from_dataset(out)
+        listing = merge_listings(base, import_reviewed(reviewed))
+    else:
+        listing = listing_from_options(*layout)
     report = prepare_dataset(
         listing,
         out,

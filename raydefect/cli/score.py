@@ -181,7 +181,8 @@ def _score(
 
 @cli.group("scores", cls=RaydefectGroup)
 def scores_group() -> None:
-    """Read a scores folder: summarize it, or write chosen masks and overlays as PNGs."""
+    """Read a scores folder: summarize it, report trends and drift (`scores report`), or write chosen masks and
+    overlays as PNGs."""
 
 
 _MODEL_HELP = (
@@ -235,7 +236,7 @@ def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool, model:
     metavar="EXPR",
     help="Filter COLUMN OP VALUE, e.g. 'defect_class=crack' or 'defect_score>=0.9' (repeatable, all must hold). "
     "OP: = == != > >= < <=. COLUMN: path, defect_score, is_defect, defect_class, mask_fraction, mask_area_px, "
-    "width, height, size, mtime_ns, sha1, model_id, run_id, node_id, scored_at.",
+    "width, height, size, mtime_ns, sha1, model_id, run_id, node_id, scored_at, brightness, contrast.",
 )
 @click.option("--paths", multiple=True, metavar="PATH", help="These images (repeatable).")
 @click.option("--model", "model", metavar="ID", default=None, help=_MODEL_HELP)

@@ -14,6 +14,7 @@ candidate (readable, sizes, soft/empty masks, duplicates) in parallel. Three lay
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import string
@@ -363,3 +364,71 @@ def listing_from_options(
     if not images:
         raise DataError("--mask-template/--class-regex/--normal-class need --images GLOB")
     return import_generic(images, mask_template, class_regex, normal_class)
+
+
+# --- growing a dataset: its own images again, plus review sets ------------------------------------------------------
+
+REVIEW_LABELS = "labels.csv"
+NOT_REVIEWED = ("", "skip", "?")
+
+
+def import_reviewed(folders: Sequence[str | Path]) -> Listing:
+    """Review sets (`raydefect review --out DIR`) after a person checked them. Their ``labels.csv`` names each image
+    (``file``), its mask (``mask``, the pre-label the reviewer corrected) and the class the reviewer settled on
+    (``class``): ``normal`` (the mask is ignored), a defect class, or empty / ``skip`` to leave the image out."""
+    listing = Listing("reviewed", {"reviewed": [_abs(f) for f in folders]})
+    for folder in folders:
+        root = _folder(folder, "--reviewed") or Path(_abs(folder))
+        labels = root / REVIEW_LABELS
+        if not labels.is_file():
+            raise DataError(f"--reviewed {root}: no {REVIEW_LABELS}; pass a folder that `raydefect review --out` wrote")
+        with labels.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"file", "mask", "class"} <= set(reader.fieldnames or []):
+                raise DataError(f"{labels}: needs the columns file, mask and class (as `raydefect review` writes them)")
+            for row in reader:
+                cls = (row["class"] or "").strip()
+                image = _abs(root / row["file"])
+                if cls.lower() in NOT_REVIEWED:
+                    listing.problems.append(Problem(image, "not reviewed", IGNORED, f"class {cls!r} in {labels}"))
+                elif cls == NORMAL:
+                    listing.candidates.append(Candidate(image, None, NORMAL, 0))
+                else:
+                    _check_class_name(cls, str(labels))
+                    listing.candidates.append(Candidate(image, _abs(root / row["mask"]), cls, 1))
+    return listing
+
+
+def listing_from_dataset(out: str | Path) -> Listing:
+    """The images of the dataset in `out` as candidates again (the files prepare read, with their classes), so a
+    re-run can grow it without its raw folders: old images keep their split (by content), new ones join."""
+    from raydefect.data.manifest import MANIFEST
+
+    path = Path(_abs(out)) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: --reviewed without a layout option grows an existing dataset; pass its --out, or "
+            "give the raw folders (e.g. --defect-images ...) as well"
+        )
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path, columns=["original_image", "original_mask", "defect_class", "label"]).to_pylist()
+    except Exception as e:  # any Arrow error: a damaged or foreign manifest
+        raise DataError(f"{path}: cannot read the manifest ({e}); re-run prepare with the raw folders") from None
+    listing = Listing("dataset", {"dataset": str(path.parent)})
+    for r in rows:
+        label = int(r["label"])
+        mask = r["original_mask"] if label else None
+        listing.candidates.append(Candidate(r["original_image"], mask, r["defect_class"], label))
+    return listing
+
+
+def merge_listings(first: Listing, *more: Listing) -> Listing:
+    """One listing of several (the first one's images first: a duplicate keeps its first label)."""
+    merged = Listing("+".join(x.importer for x in (first, *more)), dict(first.arguments))
+    for x in (first, *more):
+        merged.arguments.update(x.arguments if x is not first else {})
+        merged.candidates += x.candidates
+        merged.problems += x.problems
+    return merged

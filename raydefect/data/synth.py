@@ -17,6 +17,7 @@ Layouts written (what `raydefect prepare` reads):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import itertools
@@ -443,12 +444,16 @@ class _ArchiveJob:
     textures: tuple[str, ...]
     corrupt_at: dict[int, str]
     defect_size: int | None = None
+    brightness: float = 0.0
 
     def __call__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, _STREAMS["archive"], i])
         defect = bool(self.classes) and rng.random() < self.defect_rate
         kind = str(self.classes[int(rng.integers(len(self.classes)))]) if defect else NORMAL
         s = render(kind, rng, size=self.size, color=self.color, textures=self.textures, defect_size=self.defect_size)
+        if self.brightness:  # a shifted night: brighter (or darker) light on the same parts
+            shifted = np.clip(s.image.astype(np.int16) + round(255 * self.brightness), 0, 255).astype(np.uint8)
+            s = dataclasses.replace(s, image=shifted)
         ext = ".jpg" if rng.random() < 0.5 else ".png"
         reason = self.corrupt_at.get(i)
         if reason in ("truncated", "text_named_png"):
@@ -487,8 +492,12 @@ def generate_archive(
     overwrite: bool = False,
     workers: int | None = None,
     defect_size: int | None = None,
+    brightness: float = 0.0,
 ) -> dict:
     """Write `n` unlabelled files in nested folders (about half PNG, half JPEG); `n_corrupt` of them are broken.
+
+    ``brightness`` (-1 to 1) adds that fraction of full scale to every pixel: a night shot under other light, for
+    drift (`raydefect scores report`); ``textures`` other than the training set's make a texture shift.
 
     The truth (path relative to `out`, kind, mask pixels, corrupt reason) goes to `truth_csv`, by default
     ``<out>_truth.csv`` beside the archive, so scoring the archive folder never sees it.
@@ -507,7 +516,11 @@ def generate_archive(
     pick = np.random.default_rng([seed, _STREAMS["archive"], 1 << 30])
     corrupt_at = {int(i): CORRUPT_KINDS[k % 3] for k, i in enumerate(sorted(pick.choice(n, n_corrupt, False)))}
     out.mkdir(parents=True, exist_ok=True)
-    job = _ArchiveJob(out, seed, (w, h), defect_rate, classes, color, tuple(textures), corrupt_at, defect_size)
+    if not -1.0 <= brightness <= 1.0:
+        raise DataError(f"archive: brightness must be in [-1, 1], got {brightness}")
+    job = _ArchiveJob(
+        out, seed, (w, h), defect_rate, classes, color, tuple(textures), corrupt_at, defect_size, brightness
+    )
     rows = _run(job, list(range(n)), workers)
     truth.parent.mkdir(parents=True, exist_ok=True)
     with truth.open("w", newline="", encoding="utf-8") as f:

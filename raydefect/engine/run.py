@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from raydefect import console
 from raydefect.config import Config, save_config
-from raydefect.errors import OutputError
+from raydefect.errors import OutputError, RaydefectError
 from raydefect.geometry import Geometry
 from raydefect.paths import write_text_atomic
 
@@ -370,7 +370,8 @@ def export_run(
             keep_per_image=True,
         )
 
-    val = score(manifest_rows(dataset, "val"), 0.5)
+    val_rows = manifest_rows(dataset, "val")
+    val = score(val_rows, 0.5)
     val_image, val_pixel = val.image.compute(), val.pixel.compute()
     val_metrics = validation_summary(val_image, val_pixel)
     thresholds = {
@@ -384,12 +385,15 @@ def export_run(
 
     test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
     test_path = None
+    stats_rows = manifest_rows(dataset, "train", required=False) + val_rows
+    reference = validation_reference(val.image.arrays()["scores"], thresholds["image"], stats_rows, cfg, geometry)
     meta = save_artifact(
         model,
         run_dir / MODEL_DIR,
         thresholds=thresholds,
         metrics={**val_metrics, **test_metrics, "epoch": state.epoch},
         extra={"run": run_dir.name, "dataset": str(dataset.root), "epoch": state.epoch, **(extra or {})},
+        reference=reference.to_dict(),
     )
     if test_payload is not None:
         test_payload["model_id"] = meta.model_id
@@ -409,6 +413,37 @@ def export_run(
         test_metrics_path=test_path,
         plots=plots,
     )
+
+
+#: most images whose brightness and contrast go into the artifact's reference (decoding them costs seconds per 1,000)
+REFERENCE_IMAGES = 2000
+
+
+def validation_reference(
+    scores: Any, image_threshold: float, rows: list[dict[str, Any]], cfg: Config, geometry: Geometry
+) -> Any:
+    """The distribution stored in the artifact (`metrics.drift.Reference`): the validation split's defect scores
+    just computed, and the brightness and contrast of the images the model learnt from and was validated on (`rows`:
+    train and val, at most `REFERENCE_IMAGES` of them, evenly spaced), each decoded as `raydefect score` decodes it
+    so the nightly statistics compare like with like. An image that no longer decodes is left out."""
+    import numpy as np
+
+    from raydefect.imaging import decode_image_sized, image_stats, read_bytes
+    from raydefect.metrics.drift import build_reference
+
+    reduce_to = geometry.image_size if cfg.score.reduced_jpeg and geometry.mode != "tiles" else None
+    step = max(1, -(-len(rows) // REFERENCE_IMAGES))
+    stats = []
+    for row in rows[::step]:
+        try:
+            image, _ = decode_image_sized(
+                read_bytes(row["image"]), "RGB", row["image"], cfg.score.max_image_pixels, reduce_to
+            )
+        except (OSError, RaydefectError):
+            continue
+        stats.append(image_stats(image))
+    values = np.asarray(stats, np.float64).reshape(-1, 2)
+    return build_reference(scores, image_threshold, values[:, 0], values[:, 1])
 
 
 DAMAGED_DIR = "damaged"

@@ -4,12 +4,15 @@
       model.safetensors   the whole DefectModel's weights (safetensors: tensors only, never pickled code)
       model.yaml          format version, raydefect version, model_id, backbone (name + timm name), image size,
                           normalisation (mean/std), model config (head config), class names, image and pixel
-                          thresholds, validation metrics, weights sha256, created_at, extra
+                          thresholds, validation metrics, weights sha256, created_at, extra, and (optional)
+                          reference: fixed-bin histograms of the validation split's defect scores and of the
+                          train/val images' statistics (`metrics.drift.Reference`): what `scores report` compares with
 
 ``model_id`` is a content hash: sha256 over the tensors' sha256 (`tensors_sha256`) and the yaml fields that change
-predictions (architecture, image size, normalisation, class names, thresholds), first 16 hex digits. Metrics, dates
-and extra do not change it. `save_artifact` writes into a temporary sibling folder and renames it into place, so readers
-never see a half-written artifact. `load_artifact` builds the backbone with ``pretrained=False`` and loads the
+predictions (architecture, image size, normalisation, class names, thresholds), first 16 hex digits. Metrics, dates,
+extra and reference do not change it; a model.yaml without reference (older artifacts) loads with an empty one.
+`save_artifact` writes into a temporary sibling folder and renames it into place, so readers never see a
+half-written artifact. `load_artifact` builds the backbone with ``pretrained=False`` and loads the
 safetensors; every way an artifact can be broken raises `ArtifactError` naming the folder and the fix.
 """
 
@@ -124,6 +127,7 @@ class ArtifactMeta:
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
     geometry: Geometry = None  # type: ignore[assignment]  # None -> square at image_size (older model.yaml)
+    reference: Mapping[str, Any] = field(default_factory=dict)  # the validation distribution; {} in older ones
 
     def __post_init__(self) -> None:
         if self.geometry is None:
@@ -184,6 +188,7 @@ class ArtifactMeta:
                 "metrics": dict(self.metrics),
                 "weights_sha256": self.weights_sha256,
                 "extra": dict(self.extra),
+                **({"reference": dict(self.reference)} if self.reference else {}),
             }
         )
 
@@ -224,6 +229,7 @@ class ArtifactMeta:
                 format_version=version,
                 extra=dict(data.get("extra") or {}),
                 geometry=Geometry.from_dict(data.get("geometry"), int(data["image_size"])),
+                reference=dict(data.get("reference") or {}),
             )
         except ArtifactError:
             raise
@@ -297,9 +303,11 @@ def save_artifact(
     image_size: int | None = None,
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> ArtifactMeta:
     """Write ``model.safetensors`` + ``model.yaml`` atomically into ``out_dir``; returns the metadata written.
 
+    ``reference``: the validation distribution (`metrics.drift.Reference.to_dict`), stored as is.
     ``model_cfg``, ``image_size`` and ``class_names`` default to the model's own and must agree with it if given.
     An existing artifact in ``out_dir`` is replaced; any other non-empty folder is refused.
     """
@@ -344,6 +352,7 @@ def save_artifact(
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             extra=_plain(dict(extra or {})),
             geometry=net.geometry,
+            reference=_plain(dict(reference or {})),
         )
         meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:

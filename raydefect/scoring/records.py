@@ -157,12 +157,12 @@ def write_staged(
     """
     import pyarrow.parquet as pq
 
-    from raydefect.scoring.schema import schema_with_metadata
+    from raydefect.scoring.schema import conform, schema_with_metadata
 
     fs, folder = storage.resolve(staging)
     name = f"part-{uuid.uuid4().hex[:12]}{STAGED_SUFFIX}"
     final = f"{folder}/{name}"
-    table = table.cast(SCORE_SCHEMA).replace_schema_metadata(schema_with_metadata(metadata).metadata)
+    table = conform(table).cast(SCORE_SCHEMA).replace_schema_metadata(schema_with_metadata(metadata).metadata)
     try:
         fs.create_dir(folder, recursive=True)
         if is_remote(staging):  # an upload becomes visible only when complete

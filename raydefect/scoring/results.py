@@ -40,7 +40,7 @@ _WHERE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
 
 
 @contextmanager
-def _reading(out: str) -> Iterator[None]:
+def reading(out: str) -> Iterator[None]:
     """An object store that cannot be reached or refuses access: one line naming the folder, not a traceback."""
     try:
         yield
@@ -128,7 +128,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Counts, defect rate per run and per folder, and the top-scoring images (current view) of one model
     (`choose_model`: by default the newest run's); the runs table lists every run."""
-    with _reading(out):
+    with reading(out):
         store = _open(out, storage)
         records = store.records()
         model_id, models = choose_model(records, model, store.out)
@@ -289,7 +289,7 @@ def extract(
     draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
     Returns counts and the index path."""
     storage = storage or Storage()
-    with _reading(out):
+    with reading(out):
         current = _current_of(out, storage, model)
     rows = _select(current, top, where, paths)
     dest = Path(dest).expanduser()

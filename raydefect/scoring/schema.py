@@ -1,7 +1,10 @@
 """The scores table (contract 3 of docs/architecture.md), as one pyarrow schema that every writer uses.
 
 One row per input image per run. Contract columns first, then the incremental key (``size``, ``mtime_ns``,
-``sha1``) and ``node_id`` (the Ray node whose model actor scored the row: shows how work spread over a cluster).
+``sha1``) and ``node_id`` (the Ray node whose model actor scored the row: shows how work spread over a cluster),
+then the image statistics ``brightness`` and ``contrast`` (`imaging.image_stats` of the image as the model saw it;
+``scores report`` compares them with the model's validation images). Schema 1 files lack the last two: `conform`
+gives them null columns, so folders written before them read as before.
 
 Types are chosen so pandas, pyarrow, DuckDB and Spark read the files without raydefect: ``mask_png`` is
 ``large_binary`` (64-bit offsets: a file of big masks can never hit Arrow's 2 GiB limit of ``binary``),
@@ -15,7 +18,7 @@ names, run id and the raydefect and schema versions under ``raydefect.*`` keys.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -25,7 +28,7 @@ from raydefect import __version__
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCORE_FIELDS = (
     pa.field("path", pa.string(), nullable=False),
@@ -47,10 +50,28 @@ SCORE_FIELDS = (
     pa.field("mtime_ns", pa.int64()),
     pa.field("sha1", pa.string()),
     pa.field("node_id", pa.string()),
+    pa.field("brightness", pa.float32()),
+    pa.field("contrast", pa.float32()),
 )
 SCORE_SCHEMA = pa.schema(list(SCORE_FIELDS))
 COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 META_PREFIX = "raydefect."
+#: columns added after schema 1: null in older files
+ADDED_COLUMNS = ("brightness", "contrast")
+
+
+def conform(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:
+    """`table` with `columns` (default: every scores column) in that order; a column an older file lacks (one of
+    `ADDED_COLUMNS`) is added as nulls of its type."""
+    names = list(columns) if columns else list(SCORE_SCHEMA.names)
+    if table.column_names == names:
+        return table
+    arrays = [
+        table.column(n) if n in table.column_names else pa.nulls(table.num_rows, SCORE_SCHEMA.field(n).type)
+        for n in names
+    ]
+    fields = [table.schema.field(n) if n in table.column_names else SCORE_SCHEMA.field(n) for n in names]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
 def file_metadata(meta: ArtifactMeta, run_id: str, key_mode: str) -> dict[str, str]:
@@ -65,6 +86,8 @@ def file_metadata(meta: ArtifactMeta, run_id: str, key_mode: str) -> dict[str, s
         f"{META_PREFIX}image_size": str(meta.image_size),
         f"{META_PREFIX}run_id": run_id,
         f"{META_PREFIX}key_mode": key_mode,
+        # the validation distribution (`metrics.drift.Reference`), so `scores report` needs no model folder
+        **({f"{META_PREFIX}reference": json.dumps(dict(meta.reference))} if meta.reference else {}),
     }
 
 
@@ -80,7 +103,7 @@ def read_file_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
         if not key.startswith(META_PREFIX):
             continue
         value: Any = v.decode()
-        if key.endswith(("thresholds", "class_names")):
+        if key.endswith(("thresholds", "class_names", "reference")):
             value = json.loads(value)
         out[key[len(META_PREFIX) :]] = value
     return out

@@ -4,7 +4,7 @@ stages (`raydefect.pipelines.score`); `BatchScorer` chains them in one process (
 Stages and the batch each one hands on::
 
     listing    path, size, mtime_ns, error                     (size/mtime -1 and error "" when unknown / none)
-    decode     + sha1, width, height, pixels uint8 [N, S, S, 3]   CPU: read bytes, hash, decode, resize
+    decode     + sha1, width, height, brightness, contrast, pixels uint8 [N, S, S, 3]   CPU: read, hash, decode, resize
     model      + defect_score, class_probs [N, C], mask_prob [N, S, S]   (pixels dropped)   actor: GPU or CPU
     finish     -> a `SCORE_SCHEMA` table                          CPU: masks at each image's own size, PNG, bbox
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from raydefect.errors import ImageError, ImageTooLargeError
 from raydefect.geometry import predict_tiled, scale_image
-from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized
+from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized, image_stats
 from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
 from raydefect.scoring.keys import contains, first_occurrence, key_digests, read_error
 from raydefect.scoring.schema import SCORE_SCHEMA
@@ -124,6 +124,7 @@ class Decoder:
         pixels = np.zeros((n, s, s, 3), np.uint8) if self.geometry != "tiles" else _ragged(n, 3)
         width = np.zeros(n, np.int32)
         height = np.zeros(n, np.int32)
+        stats = np.full((n, 2), np.nan, np.float32)  # brightness, contrast of each decoded image
         sha1 = [""] * n
         data: list[bytes | None] = [None] * n
         for i, loc in enumerate(paths):
@@ -143,7 +144,7 @@ class Decoder:
                 keep &= ~contains(self.known, digests)
         for i in np.flatnonzero(keep):
             if data[i] is not None:
-                errors[i] = self._decode(data[i], paths[i], i, pixels, width, height)
+                errors[i] = self._decode(data[i], paths[i], i, pixels, width, height, stats)
                 data[i] = None
         out = {
             "path": np.asarray(paths, dtype=object),
@@ -153,21 +154,34 @@ class Decoder:
             "width": width,
             "height": height,
             "error": np.asarray(errors, dtype=object),
+            "brightness": stats[:, 0],
+            "contrast": stats[:, 1],
             "pixels": pixels,
         }
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         return out
 
-    def _decode(self, data: bytes, loc: str, i: int, pixels: np.ndarray, width: np.ndarray, height: np.ndarray) -> str:
+    def _decode(
+        self,
+        data: bytes,
+        loc: str,
+        i: int,
+        pixels: np.ndarray,
+        width: np.ndarray,
+        height: np.ndarray,
+        stats: np.ndarray,
+    ) -> str:
         try:
             if self.geometry == "tiles":  # whole, at data.scale: the model stage cuts the tiles
                 image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, None)
+                stats[i] = image_stats(image)
                 pixels[i] = scale_image(image, self.scale)
                 height[i], width[i] = h, w
                 return ""
             reduce_to = self.image_size if self.reduce else None
             image, (w, h) = decode_image_sized(data, "RGB", loc, self.max_pixels, reduce_to)
+            stats[i] = image_stats(image)
             pixels[i] = resize_rgb(image, self.image_size, self.geometry)
         except ImageTooLargeError as e:  # the guard's setting is score's own, not prepare's --max-pixels
             return f"{e.reason}; score.max_image_pixels={self.max_pixels} (raise it to score such images)"
@@ -297,7 +311,7 @@ def finish(
         if error:
             for name in (
                 "width", "height", "defect_score", "is_defect", "defect_class", "class_scores",
-                "mask_png", "mask_area_px", "mask_fraction", "bbox",
+                "mask_png", "mask_area_px", "mask_fraction", "bbox", "brightness", "contrast",
             ):  # fmt: skip
                 cols[name].append(None)
             continue
@@ -314,6 +328,9 @@ def finish(
         cols["mask_area_px"].append(m.area_px)
         cols["mask_fraction"].append(m.fraction)
         cols["bbox"].append(list(m.bbox) if m.bbox is not None else None)
+        for name in ("brightness", "contrast"):  # absent from batches of an older stage: null
+            value = batch[name][i] if name in batch else np.nan
+            cols[name].append(float(value) if np.isfinite(value) else None)
     cols["model_id"] = [meta.model_id] * n
     cols["run_id"] = [run_id] * n
     cols["scored_at"] = [scored_at] * n

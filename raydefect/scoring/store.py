@@ -81,6 +81,7 @@ from raydefect.scoring.records import (
     utc_now,
 )
 from raydefect.scoring.recovery import StoreRecovery
+from raydefect.scoring.schema import conform
 from raydefect.scoring.storage import Storage, absolute, sees_folders
 
 if TYPE_CHECKING:
@@ -212,16 +213,40 @@ class ScoreStore(StoreLock, StoreRecovery):
         unreadable is skipped with a warning that names it; with `repair` (a scoring run, under the lock) it also
         leaves its run's record for ``lost_files`` (an unreadable one is moved under ``_damaged/``), so the images it
         held count as unscored from then on."""
+        yield from self.iter_committed(columns, model_id, repair)
+
+    def iter_committed(
+        self,
+        columns: Sequence[str] | None = None,
+        model_id: str | None = None,
+        repair: bool = False,
+        batch_rows: int | None = None,
+        records: Sequence[RunRecord] | None = None,
+    ) -> Iterator[pa.Table]:
+        """`read_committed`, streamed: with `batch_rows`, each file in tables of at most that many rows (bounded
+        memory over any number of rows). Columns a file of an older schema lacks come back as nulls
+        (`schema.conform`). `records`: these runs' files only (default: every run's)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for record in self.records():
+        wanted = list(columns) if columns else None
+        for record in self.records() if records is None else records:
             if model_id is not None and record.model_id != model_id:
                 continue
             lost = []
             for entry in record.files:
                 path = self.path(entry["path"])
                 try:
-                    yield pq.read_table(path, filesystem=self.fs, columns=list(columns) if columns else None)
+                    with self.fs.open_input_file(path) as f:
+                        pf = pq.ParquetFile(f)
+                        have = set(pf.schema_arrow.names)
+                        present = [c for c in wanted if c in have] if wanted else None
+                        if batch_rows is None:
+                            parts = [pf.read(columns=present)]
+                        else:
+                            parts = (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_rows, columns=present))
+                        for part in parts:
+                            yield conform(part, wanted)
                     continue
                 except (ValueError, EOFError) as e:  # pa.ArrowInvalid: cut short, not Parquet
                     problem = f"unreadable ({read_error_gist(e)})"

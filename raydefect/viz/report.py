@@ -25,7 +25,7 @@ GALLERIES = (
     ("worst_iou", "Worst masks", "defects found with the right class, lowest IoU of predicted and true mask first"),
 )
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
        color: #1d1d1f; background: #f5f5f7; }
 main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; }
@@ -71,7 +71,7 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table(head: Sequence[str] | None, rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+def html_table(head: Sequence[str] | None, rows: Sequence[Sequence[Any]], cls: str = "") -> str:
     """A table; ``head=None`` for a key-value table without a header row."""
     out = [f'<table class="{cls}">']
     if head is not None:
@@ -143,7 +143,7 @@ def _per_class(metrics: dict[str, Any]) -> str:
         '<p class="what">Recall of a class is its share of images given that class; precision is the share of images '
         "given that class that really are. For <em>normal</em>, mean IoU is 1 when no mask is predicted.</p>"
     )
-    return note + _table(head, rows) if names else '<p class="empty">no classes</p>'
+    return note + html_table(head, rows) if names else '<p class="empty">no classes</p>'
 
 
 def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
@@ -190,13 +190,15 @@ def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>",
+        f"<title>{_e(title)}</title><style>{PAGE_CSS}</style></head><body><main>",
         f"<h1>{_e(title)}</h1>",
         '<p class="sub">raydefect evaluate: every number uses the thresholds stored in the model, unless marked as '
         "the best threshold of this split (what the split would have chosen; optimistic).</p>",
-        _table(None, facts, "facts"),
+        html_table(None, facts, "facts"),
         "<h2>Headline metrics</h2>",
-        _table(["metric", "at the stored threshold", "at the best threshold of this split"], headline_rows(metrics)),
+        html_table(
+            ["metric", "at the stored threshold", "at the best threshold of this split"], headline_rows(metrics)
+        ),
     ]
     if metrics.get("notes"):
         parts.append('<h2>Notes</h2><div class="notes"><ul>')
@@ -229,7 +231,7 @@ def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
     if errors:
         shown = errors[:200]
         parts.append(f"<h2>Unreadable images ({len(errors):,})</h2>")
-        parts.append(_table(["image", "error"], [[_e(e["image"]), _e(e["error"])] for e in shown]))
+        parts.append(html_table(["image", "error"], [[_e(e["image"]), _e(e["error"])] for e in shown]))
         if len(errors) > len(shown):
             parts.append(f'<p class="empty">and {len(errors) - len(shown):,} more in metrics.json</p>')
     parts.append(
