@@ -122,6 +122,9 @@ def test_first_line_marks_where_it_cut_a_long_message():
     assert first_line(ValueError()) == "ValueError"
     cut = first_line(OSError("x" * 250), limit=200)
     assert len(cut) == 200 and cut.endswith("x...")
+    words = first_line(OSError("Please check your connection and try again " * 6), limit=100)
+    assert len(words) <= 100 and words.endswith("...")
+    assert all(w in ["Please", "check", "your", "connection", "and", "try", "again"] for w in words[:-3].split())
 
 
 def test_connecting_to_a_cluster_that_is_slow_to_answer_says_so(monkeypatch, capsys):
