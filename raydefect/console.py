@@ -29,6 +29,11 @@ def format_number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` with its noun in the right number: "1 image", "12,345 images" (``plural`` for an irregular one)."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def set_verbosity(level: int) -> None:
     global _verbosity
     _verbosity = level

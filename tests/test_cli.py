@@ -164,3 +164,12 @@ def test_console_waiting_speaks_only_for_a_block_that_outlasts_it(capsys):
         pass
     time.sleep(0.5)  # past the fast block's delay: its timer was cancelled
     assert capsys.readouterr().out == "slow store\n"
+
+
+def test_counts_read_in_the_right_number():
+    from raydefect.console import count
+
+    assert count(1, "image") == "1 image" and count(0, "image") == "0 images" and count(12345, "file") == "12,345 files"
+    assert (
+        count(1, "defect class", "defect classes") == "1 defect class" and count(3, "class", "classes") == "3 classes"
+    )

@@ -295,6 +295,11 @@ def test_cli_evaluate_on_the_tiny_artifact(tiny_artifact, synth_dataset, tmp_pat
                 assert im.size == (2 * 64 * scale, 64 * scale)
     bad = CliRunner().invoke(cli, ["evaluate", "--model", str(tiny_artifact), "--data", str(tmp_path), "--out", "x"])
     assert bad.exit_code == 1 and "not a prepared dataset" in bad.output
+    # a file where the dataset folder goes: it said the existing file "does not exist"
+    args = ["evaluate", "--model", str(tiny_artifact), "--data", str(synth_dataset.root / "problems.csv")]
+    bad = CliRunner().invoke(cli, [*args, "--out", "x"])
+    assert bad.exit_code == 1 and "problems.csv is a file, not a folder" in bad.output, bad.output
+    assert "does not exist" not in bad.output
 
 
 @pytest.mark.ray

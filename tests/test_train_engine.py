@@ -15,6 +15,7 @@ from raydefect.engine.fit import fit
 from raydefect.engine.loop import Trainer, check_metric, train_one_epoch
 from raydefect.engine.run import CONSOLE_COLUMNS, console_header, console_row, list_checkpoints, read_metrics_csv
 from raydefect.errors import ConfigError
+from raydefect.paths import new_file_mode
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +136,7 @@ def test_checkpoint_state_round_trips(make_tiny_model, tmp_path):
     history = [{"epoch": 1, "x": math.nan}]
     state = TrainState(epoch=3, stage=2, steps_per_epoch=5, best=0.5, best_epoch=2, history=history)
     save_checkpoint(tmp_path / "ck", model, opt, state)
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == new_file_mode()  # not 0600
     back = read_state(tmp_path / "ck")
     assert back.epoch == 3 and back.best == 0.5 and math.isnan(back.history[0]["x"])
     assert "NaN" not in (tmp_path / "ck" / "state.json").read_text()  # strict JSON

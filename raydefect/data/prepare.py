@@ -332,7 +332,7 @@ def prepare_dataset(
         else:
             candidates.append(c)
     n = len(candidates)
-    console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
+    console.info(f"scanning {console.count(n, 'image')} ({listing.importer} layout) with {workers} workers")
     scanner = Scanner(max_pixels, verify_pixels)
     scanned: list[Scanned] = parallel_map(scanner, candidates, workers, PROCESS_MIN_ITEMS, 2, progress="scanned")
 
@@ -485,7 +485,7 @@ def _write_dataset(
 
     rows, copies = _manifest_rows(listing, [kept[i] for i in order], [splits[i] for i in order], class_id, copy)
     if copies:
-        console.info(f"copying {len(copies):,} images into {out}")
+        console.info(f"copying {console.count(len(copies), 'image')} into {out}")
         parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copied")
     _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
 

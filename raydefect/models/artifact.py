@@ -35,6 +35,7 @@ from raydefect.config import ModelConfig
 from raydefect.config import build_section as _build_section
 from raydefect.errors import ArtifactError, OutputError, RaydefectError
 from raydefect.geometry import Geometry
+from raydefect.paths import share_like_other_outputs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -329,6 +330,7 @@ def save_artifact(
         os.chmod(tmp, 0o755)
         weights_path = tmp / WEIGHTS_FILE
         save_file(state, str(weights_path), metadata={"format": "pt"})
+        share_like_other_outputs(weights_path)
         meta = ArtifactMeta(
             model_id="",
             backbone=spec.name,

@@ -377,7 +377,7 @@ def run_evaluation(
     start = time.perf_counter()
     records = split_records(dataset.split(split))
     if scorer is None:
-        console.info(f"evaluating {len(records):,} images of the {split!r} split locally")
+        console.info(f"evaluating {console.count(len(records), 'image')} of the {split!r} split locally")
         rows, image_acc, pixel_acc = evaluate_records(Evaluator(predictor, dataset.class_names), records, batch_size)
     else:
         rows, image_acc, pixel_acc = scorer(records)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__
+from raydefect.console import count
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.metrics.common import json_safe, nanmean, safe_div
 from raydefect.viz.report import GALLERIES
@@ -94,7 +95,7 @@ def summarize(
     if no_mask:
         notes.append(f"{no_mask} defect images have no mask: left out of the pixel metrics")
     if errors:
-        notes.append(f"{len(errors)} images could not be read and are left out of every metric (see 'errors')")
+        notes.append(f"{count(len(errors), 'image')} could not be read and are left out of every metric (see 'errors')")
     metrics = {
         "raydefect_version": __version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
 from raydefect.inference import MaskResult, Predictor, Preprocessor, decide, infer_images, postprocess
+from raydefect.inference.postprocess import format_bbox
 from raydefect.paths import glob_files, has_glob, printable_path
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
@@ -64,7 +65,7 @@ def list_images(spec: str | Path | Sequence[str | Path], extensions: Sequence[st
             found.append(text)
         else:
             raise DataError(f"--images {item}: no such file or folder; pass a folder, a quoted glob or an image file")
-    unique = sorted(dict.fromkeys(os.path.normpath(p) for p in found))
+    unique = sorted(dict.fromkeys(os.path.abspath(p) for p in found))  # absolute, as the scores table holds them
     if not unique:
         raise DataError(
             f"--images {', '.join(str(s) for s in specs)}: no image files found (extensions {', '.join(exts)}); "
@@ -151,11 +152,6 @@ def class_columns(class_names: Sequence[str]) -> list[str]:
 
     taken: set[str] = set()
     return [f"p_{class_key(name, taken)}" for name in class_names]
-
-
-def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
-    """``x0 y0 x1 y1`` (x1, y1 exclusive); empty when there is no mask."""
-    return "" if bbox is None else " ".join(str(int(v)) for v in bbox)
 
 
 def default_workers() -> int:
@@ -308,7 +304,10 @@ def predict_images(
         target.parent.mkdir(parents=True, exist_ok=True)
         save_png(render_overlay(item.image, mask, score, label, colour=colour), str(target))
 
-    console.info(f"predicting {len(paths):,} images with model {meta.model_id} ({meta.backbone}, {pre.image_size} px)")
+    console.info(
+        f"predicting {console.count(len(paths), 'image')} with model {meta.model_id} "
+        f"({meta.backbone}, {pre.image_size} px)"
+    )
     handle = _open_csv(out / SCORES_CSV)
     writes: list[Future] = []
     cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
