@@ -68,7 +68,8 @@ class PaintReader:
     """A stand-in model that reads the answer painted into the image (red = scratch, blue = spot).
 
     mode "perfect": right class, score 1/0 and exact masks; "wrong": every decision inverted (defects called normal,
-    normal images called scratch) and every mask the complement of the truth; "empty": right decisions, empty masks.
+    normal images called scratch) and every mask the complement of the truth; "empty": right decisions, empty masks;
+    "called": every normal image called scratch, every mask empty.
     """
 
     def __init__(self, meta, mode: str) -> None:
@@ -88,7 +89,12 @@ class PaintReader:
             cls = np.where(cls == 0, 1, 0)
         probs = np.zeros((n, 3), np.float32)
         probs[np.arange(n), cls] = 1.0
-        mask = {"perfect": defect, "wrong": ~defect, "empty": np.zeros_like(defect)}[self.mode]
+        if self.mode == "called":
+            cls = np.where(cls == 0, 1, cls)
+            probs = np.zeros((n, 3), np.float32)
+            probs[np.arange(n), cls] = 1.0
+        empty = np.zeros_like(defect)
+        mask = {"perfect": defect, "wrong": ~defect, "empty": empty, "called": empty}[self.mode]
         return {"defect_score": 1.0 - probs[:, 0], "class_probs": probs, "mask_prob": mask.astype(np.float32)}
 
 
@@ -196,6 +202,21 @@ def test_empty_masks(meta, painted, tmp_path):
     assert h["aupro"] == pytest.approx(0.15)
     assert len(m["galleries"]["worst_iou"]) == 2  # --gallery 2
     assert all(e["iou"] == 0.0 for e in m["galleries"]["worst_iou"])
+
+
+def test_an_image_called_defective_with_an_empty_mask_says_so_never_iou_1(meta, painted, tmp_path):
+    """False-positive cards read "IoU 1.000" (two empty masks) beside a picture with nothing drawn."""
+    _evaluate(meta, painted, "called", tmp_path, gallery=8)
+    cards = json.loads((tmp_path / "metrics.json").read_text())["galleries"]["false_positives"]
+    assert len(cards) == N_NORMAL
+    for card in cards:
+        assert card["predicted_class"] == "scratch" and card["iou"] is None
+        assert card["note"] == "called scratch, mask empty: no pixel above the pixel threshold"
+        picture = np.asarray(Image.open(tmp_path / card["png"]).convert("RGB"))
+        h, w = picture.shape[0], picture.shape[1] // 2
+        assert np.array_equal(picture[h // 2 :, w + 1 :], picture[h // 2 :, 1:w])  # nothing drawn below the labels
+    html = (tmp_path / "report.html").read_text()
+    assert "IoU 1.000" not in html and "mask empty" in html
 
 
 def test_split_without_defects(meta, tmp_path):

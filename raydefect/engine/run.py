@@ -397,7 +397,11 @@ def export_run(
     metrics_csv = run_dir / METRICS_FILE
     if metrics_csv.is_file():
         plots["training_curves"] = plot_training_curves(
-            metrics_csv, plots_dir / "training_curves.png", title=f"Training: {run_dir.name}"
+            metrics_csv,
+            plots_dir / "training_curves.png",
+            title=f"Training: {run_dir.name}",
+            best_epoch=state.epoch,
+            best_metric=cfg.schedule.metric,
         )
     return ExportResult(
         model_dir=run_dir / MODEL_DIR,

@@ -42,7 +42,7 @@ from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
 from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator
 from raydefect.metrics.common import json_safe
-from raydefect.tasks.evaluation import Evaluation, summarize, write_per_image_csv
+from raydefect.tasks.evaluation import Evaluation, card_note, summarize, write_per_image_csv
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def render_galleries(
             ).mask
             truth = item.truth if item.truth is not None else np.zeros((h, w), bool)
             cls = row["predicted_class"]
-            note = None if math.isnan(row["iou"]) else f"IoU {row['iou']:.3f}"
+            note = card_note(cls, mask, truth, row["iou"])
             overlay = render_overlay(
                 item.image,
                 mask,
@@ -301,7 +301,8 @@ def render_galleries(
             rel = f"{GALLERY_DIR}/{key}/{n:02d}_{stem}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             save_png(overlay, str(out_dir / rel))
-            written[key].append({**_caption(row), "png": rel})
+            shown = {} if mask.any() or truth.any() else {"iou": None}  # two empty masks: no IoU to show
+            written[key].append({**_caption(row), **shown, "note": note, "png": rel})
     return written
 
 

@@ -188,3 +188,13 @@ def write_per_image_csv(path: Path, rows: Sequence[dict[str, Any]], class_names:
             values = [r.get(c) for c in columns]
             values[columns.index("is_defect")] = "" if r.get("error") else int(r["is_defect"])
             writer.writerow([_fmt(v) for v in values] + [_fmt(p) for p in probs])
+
+
+def card_note(called: str, mask: np.ndarray, truth: np.ndarray, iou: float) -> str | None:
+    """The line under a gallery card's label. The IoU only where a mask was drawn or one was there to find: an image
+    called defective with nothing above the pixel threshold says exactly that (the IoU of two empty masks is 1 by
+    convention, and "IoU 1.000" beside an empty picture read as a perfect mask)."""
+    scored = "" if math.isnan(iou) or not truth.any() else f"IoU {iou:.3f}"
+    if not mask.any() and called != "normal":
+        return f"called {called}, mask empty: no pixel above the pixel threshold" + (f" ({scored})" if scored else "")
+    return scored or None if (mask.any() or truth.any()) else None

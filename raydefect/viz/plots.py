@@ -257,8 +257,13 @@ def plot_training_curves(
     *,
     metrics: Sequence[str] | None = None,
     title: str | None = None,
+    best_epoch: int | None = None,
+    best_metric: str | None = None,
 ) -> Path:
     """Loss and validation metrics against epoch from a run's metrics.csv, stage changes marked.
+
+    ``best_epoch``: the epoch the model was exported from, marked in every panel (a solid green line) and, when
+    ``best_metric`` is a column, as a star on that metric's curve with its value.
 
     Reads columns `epoch` (required), every column whose name contains "loss", the `metrics` columns (default: the
     `DEFAULT_CURVE_METRICS` present) and, when present, `stage` (dashed lines where it changes) and `lr` (a third
@@ -317,9 +322,30 @@ def plot_training_curves(
             color="#555555",
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
         )
+    if best_epoch is not None:
+        _mark_best(axes, data, best_epoch, best_metric)
     axes[-1].set_xlabel("Epoch")
     axes[0].set_title(title or f"Training curves: {csv_path.parent.name or csv_path.name}")
     return save_figure(fig, path)
+
+
+#: The colour of the best epoch's marks in the training curves.
+BEST_COLOUR = "#2e8b57"
+
+
+def _mark_best(axes: Any, data: dict[str, np.ndarray], best_epoch: int, metric: str | None) -> None:
+    """The exported (best) epoch: a line through every panel, and a labelled star on the metric that chose it."""
+    for ax in axes:
+        ax.axvline(best_epoch, color=BEST_COLOUR, lw=1.5, alpha=0.8, zorder=1)
+    hit = np.flatnonzero(data["epoch"] == best_epoch)
+    value = float(data[metric][hit[0]]) if metric in data and hit.size else math.nan
+    label = f"best epoch {best_epoch}" + (f": {metric} {value:.3f}" if math.isfinite(value) else "")
+    if math.isfinite(value):
+        axes[1].plot([best_epoch], [value], marker="*", ms=14, color=BEST_COLOUR, zorder=4, ls="none", label=label)
+        axes[1].legend(loc="best", fontsize=8)
+    else:
+        axes[1].annotate(label, xy=(best_epoch, 0.02), xycoords=("data", "axes fraction"), xytext=(4, 4),
+                         textcoords="offset points", fontsize=8, color=BEST_COLOUR)  # fmt: skip
 
 
 def write_metric_plots(out_dir: str | Path, image: Any = None, pixel: Any = None) -> dict[str, Path]:

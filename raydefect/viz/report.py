@@ -152,6 +152,8 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
     figures = []
     for g in entries:
         iou = "" if g.get("iou") is None else f" &middot; IoU {format_number(g['iou'])}"
+        if g.get("note") and "mask empty" in g["note"]:
+            iou = f" &middot; {_e(g['note'])}"
         figures.append(
             f'<figure><img src="{data_uri(out_dir / g["png"])}" alt="{_e(g["file"])}" title="{_e(g["image"])}">'
             f"<figcaption><b>{_e(g['file'])}</b><br>defect score {format_number(g['defect_score'])} &middot; "
