@@ -219,6 +219,29 @@ def test_an_image_called_defective_with_an_empty_mask_says_so_never_iou_1(meta, 
     assert "IoU 1.000" not in html and "mask empty" in html
 
 
+def test_the_report_tells_the_threshold_story(meta, painted, tmp_path):
+    """The report never said how the thresholds were chosen, showed no score histogram and no recall table."""
+    told = dataclasses.replace(meta, extra={"thresholds_chosen": {"image": "best F1 on 40 images", "pixel": "Dice"}})
+    _evaluate(told, painted, "perfect", tmp_path, gallery=0)
+    story = json.loads((tmp_path / "metrics.json").read_text())["thresholds"]
+    assert story["how"] == {"image": "best F1 on 40 images", "pixel": "Dice"}
+    assert [r["target_recall"] for r in story["at_recall"]] == [0.9, 0.95, 0.99, 0.999]
+    assert all(r["precision"] == 1.0 and r["threshold"] == 1.0 for r in story["at_recall"])  # perfect scores
+    assert (tmp_path / "score_histogram.png").is_file()
+    page = _Page()
+    html = (tmp_path / "report.html").read_text()
+    page.feed(html)
+    assert "Thresholds" in page.headings and "best F1 on 40 images" in html
+    assert "Image thresholds for target recalls, on this split" in page.headings
+    assert any(i.get("alt") == "score histogram" for i in page.images)
+    untold = tmp_path / "untold"  # a model from before the record: the training rule, said as such
+    _evaluate(meta, painted, "perfect", untold, gallery=0)
+    assert (
+        "best F1 on the validation split"
+        in json.loads((untold / "metrics.json").read_text())["thresholds"]["how"]["image"]
+    )
+
+
 def test_split_without_defects(meta, tmp_path):
     dataset = _painted_dataset(tmp_path / "data", with_defects=False)
     _evaluate(meta, dataset, "perfect", tmp_path / "out")
@@ -239,7 +262,7 @@ def test_files_and_the_self_contained_report(meta, painted, tmp_path):
     with open(tmp_path / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["iou"] for r in rows} == {"0.000000"}
-    assert set(m["files"]["plots"]) == {k for k, _ in PLOTS}
+    assert set(m["files"]["plots"]) == {k for k, _ in PLOTS} | {"score_histogram"}  # the latter under Thresholds
 
     page = _Page()
     page.feed((tmp_path / "report.html").read_text())

@@ -57,6 +57,13 @@ def test_fit_learns_and_exports_a_working_model(synth_dataset, make_train_config
     export = result.export
     loaded = load_artifact(run / "model")
     assert loaded.meta.model_id == export.model_id
+    # the validation scores the image threshold was chosen on, and how each threshold was chosen
+    from raydefect.models.retarget import read_validation_scores
+
+    val_scores, val_labels = read_validation_scores(run / "model")
+    assert len(val_scores) == len(synth_dataset.frame("val")) and val_labels.sum() > 0
+    assert "best F1" in loaded.meta.extra["thresholds_chosen"]["image"]
+    assert "pixel-probability" in loaded.meta.extra["thresholds_chosen"]["pixel"]
     assert dict(loaded.meta.thresholds) == pytest.approx(export.thresholds)
     assert loaded.meta.metrics["test_f1"] == pytest.approx(export.test_metrics["test_f1"])
     assert loaded.meta.metrics["val_iou"] == pytest.approx(export.val_metrics["val_iou"])
@@ -173,12 +180,15 @@ def test_unknown_metric_is_a_config_error(synth_dataset, make_train_config):
     check_metric(per_class, synth_dataset.class_names)
 
 
-def test_trainer_reports_every_console_column(synth_dataset, make_train_config):
+def test_trainer_reports_every_console_column(synth_dataset, make_train_config, tmp_path):
     from raydefect.engine.fit import training_rows
 
     cfg = make_train_config(synth_dataset.root)
     train, val, counts = training_rows(cfg, synth_dataset)
-    metrics = Trainer(cfg, synth_dataset.class_names, counts, device="cpu").run_epoch(1, train[:16], val)
+    trainer = Trainer(cfg, synth_dataset.class_names, counts, device="cpu")
+    trainer.progress_file = tmp_path / ".progress.json"  # rank 0 under Ray Train: the driver's bar reads it
+    metrics = trainer.run_epoch(1, train[:16], val)
+    assert json.loads(trainer.progress_file.read_text()) == {"epoch": 1, "images": 16, "total": 16}
     assert {key for key, _title, _fmt in CONSOLE_COLUMNS} <= set(metrics)
     assert metrics["train_images"] == 16 and metrics["attempt"] == 1
     row = console_row(metrics)

@@ -230,9 +230,10 @@ def evaluate_records(
     image_acc, pixel_acc = evaluator.new_accumulators()
     rows: list[dict[str, Any]] = []
     try:
-        for start in range(0, len(records), batch_size):
-            rows += evaluator.evaluate_batch(records[start : start + batch_size], image_acc, pixel_acc)
-            console.debug(f"evaluated {min(start + batch_size, len(records)):,}/{len(records):,} images")
+        with console.progress("evaluate", len(records)) as bar:
+            for start in range(0, len(records), batch_size):
+                rows += evaluator.evaluate_batch(records[start : start + batch_size], image_acc, pixel_acc)
+                bar.update(len(records[start : start + batch_size]))
     finally:
         evaluator.close()
     rows.sort(key=lambda r: r["index"])
@@ -324,6 +325,7 @@ def write_evaluation(
         raise OutputError(f"cannot create {out}: {e.strerror or e}; choose a writable --out") from None
     start = time.perf_counter()
     plots = write_metric_plots(out, evaluation.image, evaluation.pixel)
+    plots["score_histogram"] = _score_histogram(evaluation, out)
     galleries: dict[str, list[dict[str, Any]]] = {}
     if predictor is not None and gallery_size > 0:
         chosen = {k: rows[:gallery_size] for k, rows in evaluation.galleries.items()}
@@ -353,6 +355,21 @@ def write_evaluation(
         raise OutputError(f"cannot write the evaluation to {out}: {e.strerror or e}; choose a writable --out") from None
     console.debug(f"report written in {time.perf_counter() - start:.1f} s")
     return paths
+
+
+def _score_histogram(evaluation: Evaluation, out: Path) -> Path:
+    from raydefect.viz.plots import plot_score_histogram
+
+    scored = [r for r in evaluation.rows if not r.get("error")]
+    story = evaluation.metrics["thresholds"]
+    marks = [(r["target_recall"], r["threshold"]) for r in story["validation_at_recall"] or story["at_recall"]]
+    return plot_score_histogram(
+        [r["defect_score"] for r in scored],
+        [r["label"] == 1 for r in scored],
+        out / "score_histogram.png",
+        threshold=story["image"],
+        recall_thresholds=[(t, v) for t, v in marks if v is not None],
+    )
 
 
 Scorer = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator]]

@@ -122,6 +122,7 @@ def summarize(
         "image": image.to_dict(),
         "pixel": pixel.to_dict(),
         "per_class": per_class_table(image, rows),
+        "thresholds": threshold_story(meta, scored, model_path),
         "notes": notes,
         "errors": errors,
     }
@@ -198,3 +199,31 @@ def card_note(called: str, mask: np.ndarray, truth: np.ndarray, iou: float) -> s
     if not mask.any() and called != "normal":
         return f"called {called}, mask empty: no pixel above the pixel threshold" + (f" ({scored})" if scored else "")
     return scored or None if (mask.any() or truth.any()) else None
+
+
+#: How training chose each threshold, for a model that predates ``extra.thresholds_chosen`` in its model.yaml.
+DEFAULT_CHOICE = {
+    "image": "the defect-score cut with the best F1 on the validation split (chosen by the training run)",
+    "pixel": "the pixel-probability cut with the best mean Dice on the validation split (chosen by the training run)",
+}
+
+
+def threshold_story(meta: ArtifactMeta, scored: Sequence[dict[str, Any]], model_path: str = "") -> dict[str, Any]:
+    """How each stored threshold was chosen, and the image thresholds for the target recalls (`TARGET_RECALLS`) on
+    the evaluated images and, when the model stores them, on its validation images (what `raydefect thresholds
+    --image-recall` uses)."""
+    from raydefect.metrics.thresholds import thresholds_at_recall
+    from raydefect.models.retarget import read_validation_scores
+
+    chosen = {**DEFAULT_CHOICE, **dict(meta.extra.get("thresholds_chosen") or {})}
+    scores = [r["defect_score"] for r in scored]
+    labels = [r["label"] == 1 for r in scored]
+    validation = read_validation_scores(model_path) if model_path else None
+    return {
+        "image": meta.image_threshold,
+        "pixel": meta.pixel_threshold,
+        "how": {"image": chosen["image"], "pixel": chosen["pixel"]},
+        "derived_from": meta.extra.get("derived_from"),
+        "at_recall": thresholds_at_recall(scores, labels),
+        "validation_at_recall": None if validation is None else thresholds_at_recall(*validation),
+    }

@@ -312,7 +312,12 @@ def predict_images(
     writes: list[Future] = []
     cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
     threads = cpu_threads(cpu, workers)
-    with handle, threads, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
+    with (
+        handle,
+        threads,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool,
+        console.progress("predict", len(paths)) as shown,
+    ):
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
         for batch in prefetched(pool, list(batched(paths, batch_size)), decode):
@@ -341,7 +346,7 @@ def predict_images(
             handle.flush()
             while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
                 _finish(writes.pop(0), out)
-            console.debug(f"{summary.images:,}/{len(paths):,} images")
+            shown.update(len(batch))
         for f in writes:
             _finish(f, out)
     summary.seconds = time.perf_counter() - start

@@ -222,6 +222,44 @@ def plot_iou_histogram(
     return save_figure(fig, path)
 
 
+def plot_score_histogram(
+    scores: Any,
+    labels: Any,
+    path: str | Path,
+    *,
+    threshold: float,
+    recall_thresholds: Sequence[tuple[float, float]] = (),
+    bins: int = 40,
+) -> Path:
+    """Defect scores of normal and of defect images (side by side, not stacked), the stored image threshold as a
+    solid line and (target recall, threshold) pairs as dotted ones: where the operating point sits between them."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, bool)
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    groups = [(s[~y], "normal images", "#2e8b57"), (s[y], "defect images", "#b3261e")]
+    for data, name, colour in groups:
+        if data.size:
+            ax.hist(data, bins=edges, color=colour, alpha=0.55, label=f"{name} (n = {data.size})", edgecolor="white")
+    if not s.size:
+        draw_undefined(ax, "no images")
+    ax.axvline(threshold, color="black", lw=2, label=f"stored image threshold {threshold:.3g}")
+    for target, value in recall_thresholds:
+        if math.isfinite(value):
+            ax.axvline(value, color=_GREY, ls=":", lw=1.5)
+            ax.annotate(f"recall {target:g}", xy=(value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555")  # fmt: skip
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("Defect score (score >= threshold: called defective)")
+    ax.set_ylabel("Images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Defect scores of normal and defect images")
+    ax.legend(loc="upper center", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
 def _read_metrics_csv(path: Path) -> tuple[list[str], dict[str, np.ndarray], list[str]]:
     """Columns as float arrays (one row per epoch, the last row of a repeated epoch wins) plus the stage column."""
     try:
