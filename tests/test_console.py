@@ -97,6 +97,17 @@ def test_training_shows_the_epochs_images_from_rank_0s_progress_file(tmp_path, c
     assert captured.err.splitlines()[-1].startswith("epoch 1: 16/16 images (100%)")
     assert captured.out.splitlines()[-1].split()[0] == "1"
     assert printer.bar is None
+    # rank 0 is already in epoch 3 when epoch 2's row appears: epoch 3's bar stays, and no bar is shown twice
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps({"epoch": 3, "images": 4, "total": 16}))
+    printer.poll()
+    append_metrics_row(tmp_path / "metrics.csv", {"epoch": 2, "stage": 1, "train_loss": 0.4, "val_score": 0.5})
+    printer.poll()
+    assert printer.bar is not None and printer.bar_epoch == 3 and printer.bar.done == 4
+    append_metrics_row(tmp_path / "metrics.csv", {"epoch": 3, "stage": 1, "train_loss": 0.3, "val_score": 0.6})
+    printer.poll()
+    printer.poll()
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["epoch 3"]  # epoch 2's bar never drawn after its row
 
 
 def test_the_raydefect_command_sends_third_party_notices_to_a_log_file(tmp_path):

@@ -129,7 +129,8 @@ class _ProgressPrinter(threading.Thread):
             rows = []  # half-written: next time
         for row in rows:
             if int(row["epoch"]) > self.printed:
-                self._close_bar()
+                if self.bar_epoch <= int(row["epoch"]):  # not a later epoch's bar that is already running
+                    self._close_bar()
                 console.info(console_row(row))
                 self.printed = int(row["epoch"])
         self._poll_batches()
@@ -140,8 +141,8 @@ class _ProgressPrinter(threading.Thread):
             epoch, images, total = int(live["epoch"]), int(live["images"]), int(live["total"])
         except (OSError, ValueError, KeyError, TypeError):
             return
-        if epoch <= self.printed:
-            return  # that epoch's row is out: its bar is done
+        if epoch <= self.printed or epoch < self.bar_epoch or (self.bar is None and epoch == self.bar_epoch):
+            return  # that epoch's row is out, or its bar was shown and closed: done
         if self.bar is None or epoch != self.bar_epoch:
             self._close_bar()
             self.bar, self.bar_epoch = console.Progress(f"epoch {epoch}", total), epoch
