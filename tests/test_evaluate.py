@@ -348,12 +348,14 @@ def test_cli_evaluate_on_the_tiny_artifact(tiny_artifact, synth_dataset, tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_data_gives_the_local_answer(ray_session, tiny_artifact, synth_dataset, tmp_path):
+def test_ray_data_gives_the_local_answer(ray_session, tiny_artifact, synth_dataset, tmp_path, capsys):
     from raydefect.pipelines.evaluate import evaluate
 
     data, split = synth_dataset.root, "val"
     local = evaluate(tiny_artifact, data, tmp_path / "local", split=split, use_ray=False, device="cpu", gallery_size=0)
     on_ray = evaluate(tiny_artifact, data, tmp_path / "ray", split=split, use_ray=True, batch_size=3, gallery_size=0)
+    n = len(local.rows)  # both engines end their progress with the same plain line (stderr is not a terminal)
+    assert capsys.readouterr().err.count(f"evaluate: {n}/{n} images (100%)") == 2
     assert on_ray.metrics["engine"] == "ray" and local.metrics["engine"] == "local"
     for key, value in local.metrics["headline"].items():
         # batch composition moves float results by ~1e-7, which can move a pixel across a histogram bin edge

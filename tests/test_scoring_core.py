@@ -1031,10 +1031,10 @@ def test_extract_draws_each_class_in_its_colour_with_predicts_path_and_bbox_form
 
     import pyarrow.compute as pc
 
-    from raydefect.imaging import encode_png
+    from raydefect.imaging import decode_image, encode_png
     from raydefect.scoring.results import extract
     from raydefect.tasks.predict import predict_images
-    from raydefect.viz.overlay import class_colour, display_scale
+    from raydefect.viz.overlay import class_colour, display_scale, render_overlay
 
     meta = read_artifact_meta(tiny_artifact)
     ok = _with_run(scored_rows, "r1").filter(pc.is_null(scored_rows.column("error")))
@@ -1051,10 +1051,20 @@ def test_extract_draws_each_class_in_its_colour_with_predicts_path_and_bbox_form
             mask_png=encode_png(mask.astype(np.uint8) * 255),
         )
         r.update(mask_area_px=int(mask.sum()), bbox=[w // 2, h // 2, w - 4, h - 4])
-    _committed(tmp_path / "out", pa.Table.from_pylist(records, schema=ok.schema), meta)
+    called = dict(ok.to_pylist()[3], is_defect=True, defect_class=meta.class_names[1], defect_score=0.5)
+    called.update(mask_png=encode_png(np.zeros((called["height"], called["width"]), np.uint8)), bbox=None)
+    called.update(mask_area_px=0)  # called defective, nothing above the pixel threshold
+    _committed(tmp_path / "out", pa.Table.from_pylist([*records, called], schema=ok.schema), meta)
     r = extract(str(tmp_path / "out"), tmp_path / "x")
     with open(r["index"], newline="") as f:
         index = {row["path"]: row for row in csv.DictReader(f)}
+    empty = index.pop(called["path"])
+    assert empty["bbox"] == "" and empty["mask_area_px"] == "0"
+    image = decode_image(Path(called["path"]).read_bytes(), mode="RGB")
+    note = "mask empty: no pixel above the pixel threshold"
+    expected = render_overlay(image, np.zeros(image.shape[:2], bool), 0.5, meta.class_names[1],
+                              colour=class_colour(1), note=note)  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x" / empty["overlay"]).convert("RGB")), expected)
     assert len(index) == 3
     for rec in records:
         row = index[rec["path"]]

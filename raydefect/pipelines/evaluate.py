@@ -101,11 +101,13 @@ def evaluate_on_ray(
     )
     rows: list[dict[str, Any]] = []
     image_acc, pixel_acc = new_accumulators(meta, dataset_classes, num_bins, fpr_limit)
-    for out in results.iter_rows():
-        batch_rows, img, px = pickle.loads(out["result"])
-        rows += batch_rows
-        image_acc.merge(img)
-        pixel_acc.merge(px)
+    with console.progress("evaluate", len(records)) as bar:
+        for out in results.iter_rows():
+            batch_rows, img, px = pickle.loads(out["result"])
+            rows += batch_rows
+            image_acc.merge(img)
+            pixel_acc.merge(px)
+            bar.update(len(batch_rows))
     rows.sort(key=lambda r: r["index"])
     return rows, image_acc, pixel_acc
 

@@ -314,7 +314,9 @@ def extract(
                 )
             label = r["defect_class"] if r["is_defect"] else "normal"
             colour = class_colour(_class_index(r, label))
-            save_png(render_overlay(image, mask, r["defect_score"], label, colour=colour), str(dest / overlay_name))
+            empty = "mask empty: no pixel above the pixel threshold" if r["is_defect"] and not mask.any() else None
+            picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty)
+            save_png(picture, str(dest / overlay_name))
             overlays += 1
         except (OSError, ImageError) as e:
             note, overlay_name = f"no overlay: {e}", ""
