@@ -193,7 +193,7 @@ class Progress:
     ) -> None:
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
         self.stream = stream if stream is not None else sys.stderr
-        self.done = 0
+        self.done = self._shown = 0
         self.text = ""
         self.start = self._last = time.monotonic()
         self.enabled = _verbosity >= 0
@@ -247,6 +247,7 @@ class Progress:
 
     def _line(self) -> None:
         self._last = time.monotonic()
+        self._shown = self.done
         print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
@@ -255,7 +256,7 @@ class Progress:
                 self.bar.close()
                 _bars.remove(self.bar)
                 self.bar = None
-            elif self.enabled and self.done:
+            elif self.enabled and self.done and self.done != self._shown:  # the last state, once
                 self._line()
             self.enabled = False
 

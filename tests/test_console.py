@@ -150,3 +150,10 @@ def test_the_raydefect_command_sends_third_party_notices_to_a_log_file(tmp_path)
     for noise in ("(raylet) WARNING: 8 PYTHON worker processes", "core_worker.cc", "third-party deprecation",
                   "a library notice"):  # fmt: skip
         assert noise in log, log
+
+
+def test_the_final_plain_line_is_not_repeated():
+    out = io.StringIO()
+    with console.progress("evaluate", 3, stream=out, every=0.0) as bar:
+        bar.update(3)  # printed now (the interval has passed) ...
+    assert out.getvalue().count("evaluate: 3/3 images (100%)") == 1  # ... and not again at the end

@@ -186,3 +186,14 @@ def test_tune_history_is_in_start_order_with_integer_ticks(tmp_path, monkeypatch
     (best,) = [line for line in ax.get_lines() if line.get_label() == "best so far"]
     assert list(best.get_ydata()) == [0.9, 0.9, 0.9]
     assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_score_histogram_labels_a_threshold_shared_by_several_recalls_once(tmp_path, monkeypatch):
+    from raydefect.viz.plots import plot_score_histogram
+
+    figures = _captured(monkeypatch, "raydefect.viz.plots")
+    marks = [(0.9, 0.4), (0.95, 0.2), (0.99, 0.2), (0.999, 0.2)]
+    plot_score_histogram([0.1, 0.2, 0.4, 0.8], [0, 1, 1, 1], tmp_path / "h.png", threshold=0.5, recall_thresholds=marks)
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert sorted(texts) == ["recall 0.9", "recall 0.95 / 0.99 / 0.999"]
+    assert any(list(line.get_xdata()) == [0.5, 0.5] for line in figures[0].axes[0].get_lines())  # stored threshold

@@ -245,11 +245,15 @@ def plot_score_histogram(
     if not s.size:
         draw_undefined(ax, "no images")
     ax.axvline(threshold, color="black", lw=2, label=f"stored image threshold {threshold:.3g}")
+    same: dict[float, list[float]] = {}  # few defect images: several targets share one threshold, one label
     for target, value in recall_thresholds:
         if math.isfinite(value):
-            ax.axvline(value, color=_GREY, ls=":", lw=1.5)
-            ax.annotate(f"recall {target:g}", xy=(value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                        textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555")  # fmt: skip
+            same.setdefault(value, []).append(target)
+    for value, targets in same.items():
+        ax.axvline(value, color=_GREY, ls=":", lw=1.5)
+        text = "recall " + " / ".join(f"{t:g}" for t in targets)
+        ax.annotate(text, xy=(value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555")  # fmt: skip
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel("Defect score (score >= threshold: called defective)")
     ax.set_ylabel("Images")
