@@ -157,3 +157,26 @@ def test_the_final_plain_line_is_not_repeated():
     with console.progress("evaluate", 3, stream=out, every=0.0) as bar:
         bar.update(3)  # printed now (the interval has passed) ...
     assert out.getvalue().count("evaluate: 3/3 images (100%)") == 1  # ... and not again at the end
+
+
+def test_tune_counts_trials_of_n_with_the_best_so_far(tmp_path, capsys):
+    """tune printed one line per trial: no "k of N", no best so far, no ETA."""
+    from types import SimpleNamespace
+
+    from raydefect.engine.run import append_metrics_row
+    from raydefect.pipelines.tune_trials import StudyCallback
+    from raydefect.tuning.study import TERMINATED, write_trial_record
+
+    cb = StudyCallback(str(tmp_path), "val_score", "max", [], None, total=3)
+    for trial_id, score in (("t0", 0.4), ("t1", 0.7)):
+        trial = SimpleNamespace(trial_id=trial_id, config={}, status=TERMINATED)
+        cb.on_trial_start(0, [], trial)
+        run_dir = tmp_path / "trials" / trial_id
+        write_trial_record(run_dir, params={}, planned_epochs=1, started_at=1.0, finished_at=2.0)
+        append_metrics_row(run_dir / "metrics.csv", {"epoch": 1, "val_score": score, "seconds": 1.0})
+        cb.on_trial_complete(0, [], trial)
+    assert cb.progress.done == 2 and cb.progress.total == 3
+    assert cb.progress.line().startswith("tune: 2/3 trials (67%)")
+    assert cb.progress.line().endswith("best val_score 0.7 (trial t1)")
+    cb.on_experiment_end([])
+    assert capsys.readouterr().err.splitlines()[-1].startswith("tune: 2/3 trials (67%)")
