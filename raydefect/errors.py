@@ -23,10 +23,14 @@ def error_text(e: BaseException) -> str:
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The gist of an exception for a one-line message: its first non-empty line (or its type), at most `limit`
-    characters ("..." where it was cut, so the cut does not read as the message's end)."""
+    characters, cut between words ("..." where it was cut, so the cut does not read as the message's end)."""
     text = error_text(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 3]
+    head = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return head.rstrip(" ,;:.") + "..."
 
 
 class RaydefectError(Exception):

@@ -136,6 +136,19 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file here (0o666 less the umask, usually 0o644)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share_like_other_outputs(path: str | Path) -> None:
+    """Give a file written by a library that creates it private (safetensors writes 0600) the mode of every other
+    output, so a team's service account reads a model as it reads the YAML beside it."""
+    os.chmod(path, new_file_mode())
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write `path` whole or not at all. ``write(tmp)`` fills a hidden temporary file in the same folder; that file
     is flushed to disk, renamed over `path` (``os.replace``), and the folder is flushed so the rename survives a

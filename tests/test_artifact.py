@@ -98,6 +98,20 @@ def test_save_is_atomic_replaces_artifacts_and_refuses_other_folders(tmp_path, m
     assert (precious / "notes.txt").read_text() == "keep"
 
 
+def test_model_files_are_shared_like_every_other_output(tmp_path, make_tiny_model, monkeypatch):
+    """safetensors creates its file 0600: a team's service account could read model.yaml but not the weights."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_artifact(make_tiny_model(), tmp_path / "model", thresholds=THRESHOLDS)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "model.yaml": 0o644}
+
+
 def test_save_checks_its_arguments(tmp_path, make_tiny_model):
     model = make_tiny_model()
     with pytest.raises(ArtifactError, match=r"thresholds\.pixel must be a number in \[0, 1\]"):

@@ -122,6 +122,9 @@ def test_first_line_marks_where_it_cut_a_long_message():
     assert first_line(ValueError()) == "ValueError"
     cut = first_line(OSError("x" * 250), limit=200)
     assert len(cut) == 200 and cut.endswith("x...")
+    words = first_line(OSError("Please check your connection and try again " * 6), limit=100)
+    assert len(words) <= 100 and words.endswith("...")
+    assert all(w in ["Please", "check", "your", "connection", "and", "try", "again"] for w in words[:-3].split())
 
 
 def test_connecting_to_a_cluster_that_is_slow_to_answer_says_so(monkeypatch, capsys):
@@ -161,3 +164,12 @@ def test_console_waiting_speaks_only_for_a_block_that_outlasts_it(capsys):
         pass
     time.sleep(0.5)  # past the fast block's delay: its timer was cancelled
     assert capsys.readouterr().out == "slow store\n"
+
+
+def test_counts_read_in_the_right_number():
+    from raydefect.console import count
+
+    assert count(1, "image") == "1 image" and count(0, "image") == "0 images" and count(12345, "file") == "12,345 files"
+    assert (
+        count(1, "defect class", "defect classes") == "1 defect class" and count(3, "class", "classes") == "3 classes"
+    )

@@ -68,7 +68,8 @@ class PaintReader:
     """A stand-in model that reads the answer painted into the image (red = scratch, blue = spot).
 
     mode "perfect": right class, score 1/0 and exact masks; "wrong": every decision inverted (defects called normal,
-    normal images called scratch) and every mask the complement of the truth; "empty": right decisions, empty masks.
+    normal images called scratch) and every mask the complement of the truth; "empty": right decisions, empty masks;
+    "called": every normal image called scratch, every mask empty.
     """
 
     def __init__(self, meta, mode: str) -> None:
@@ -88,7 +89,12 @@ class PaintReader:
             cls = np.where(cls == 0, 1, 0)
         probs = np.zeros((n, 3), np.float32)
         probs[np.arange(n), cls] = 1.0
-        mask = {"perfect": defect, "wrong": ~defect, "empty": np.zeros_like(defect)}[self.mode]
+        if self.mode == "called":
+            cls = np.where(cls == 0, 1, cls)
+            probs = np.zeros((n, 3), np.float32)
+            probs[np.arange(n), cls] = 1.0
+        empty = np.zeros_like(defect)
+        mask = {"perfect": defect, "wrong": ~defect, "empty": empty, "called": empty}[self.mode]
         return {"defect_score": 1.0 - probs[:, 0], "class_probs": probs, "mask_prob": mask.astype(np.float32)}
 
 
@@ -198,6 +204,44 @@ def test_empty_masks(meta, painted, tmp_path):
     assert all(e["iou"] == 0.0 for e in m["galleries"]["worst_iou"])
 
 
+def test_an_image_called_defective_with_an_empty_mask_says_so_never_iou_1(meta, painted, tmp_path):
+    """False-positive cards read "IoU 1.000" (two empty masks) beside a picture with nothing drawn."""
+    _evaluate(meta, painted, "called", tmp_path, gallery=8)
+    cards = json.loads((tmp_path / "metrics.json").read_text())["galleries"]["false_positives"]
+    assert len(cards) == N_NORMAL
+    for card in cards:
+        assert card["predicted_class"] == "scratch" and card["iou"] is None
+        assert card["note"] == "called scratch, mask empty: no pixel above the pixel threshold"
+        picture = np.asarray(Image.open(tmp_path / card["png"]).convert("RGB"))
+        h, w = picture.shape[0], picture.shape[1] // 2
+        assert np.array_equal(picture[h // 2 :, w + 1 :], picture[h // 2 :, 1:w])  # nothing drawn below the labels
+    html = (tmp_path / "report.html").read_text()
+    assert "IoU 1.000" not in html and "mask empty" in html
+
+
+def test_the_report_tells_the_threshold_story(meta, painted, tmp_path):
+    """The report never said how the thresholds were chosen, showed no score histogram and no recall table."""
+    told = dataclasses.replace(meta, extra={"thresholds_chosen": {"image": "best F1 on 40 images", "pixel": "Dice"}})
+    _evaluate(told, painted, "perfect", tmp_path, gallery=0)
+    story = json.loads((tmp_path / "metrics.json").read_text())["thresholds"]
+    assert story["how"] == {"image": "best F1 on 40 images", "pixel": "Dice"}
+    assert [r["target_recall"] for r in story["at_recall"]] == [0.9, 0.95, 0.99, 0.999]
+    assert all(r["precision"] == 1.0 and r["threshold"] == 1.0 for r in story["at_recall"])  # perfect scores
+    assert (tmp_path / "score_histogram.png").is_file()
+    page = _Page()
+    html = (tmp_path / "report.html").read_text()
+    page.feed(html)
+    assert "Thresholds" in page.headings and "best F1 on 40 images" in html
+    assert "Image thresholds for target recalls, on this split" in page.headings
+    assert any(i.get("alt") == "score histogram" for i in page.images)
+    untold = tmp_path / "untold"  # a model from before the record: the training rule, said as such
+    _evaluate(meta, painted, "perfect", untold, gallery=0)
+    assert (
+        "best F1 on the validation split"
+        in json.loads((untold / "metrics.json").read_text())["thresholds"]["how"]["image"]
+    )
+
+
 def test_split_without_defects(meta, tmp_path):
     dataset = _painted_dataset(tmp_path / "data", with_defects=False)
     _evaluate(meta, dataset, "perfect", tmp_path / "out")
@@ -218,7 +262,7 @@ def test_files_and_the_self_contained_report(meta, painted, tmp_path):
     with open(tmp_path / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["iou"] for r in rows} == {"0.000000"}
-    assert set(m["files"]["plots"]) == {k for k, _ in PLOTS}
+    assert set(m["files"]["plots"]) == {k for k, _ in PLOTS} | {"score_histogram"}  # the latter under Thresholds
 
     page = _Page()
     page.feed((tmp_path / "report.html").read_text())
@@ -295,16 +339,23 @@ def test_cli_evaluate_on_the_tiny_artifact(tiny_artifact, synth_dataset, tmp_pat
                 assert im.size == (2 * 64 * scale, 64 * scale)
     bad = CliRunner().invoke(cli, ["evaluate", "--model", str(tiny_artifact), "--data", str(tmp_path), "--out", "x"])
     assert bad.exit_code == 1 and "not a prepared dataset" in bad.output
+    # a file where the dataset folder goes: it said the existing file "does not exist"
+    args = ["evaluate", "--model", str(tiny_artifact), "--data", str(synth_dataset.root / "problems.csv")]
+    bad = CliRunner().invoke(cli, [*args, "--out", "x"])
+    assert bad.exit_code == 1 and "problems.csv is a file, not a folder" in bad.output, bad.output
+    assert "does not exist" not in bad.output
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_data_gives_the_local_answer(ray_session, tiny_artifact, synth_dataset, tmp_path):
+def test_ray_data_gives_the_local_answer(ray_session, tiny_artifact, synth_dataset, tmp_path, capsys):
     from raydefect.pipelines.evaluate import evaluate
 
     data, split = synth_dataset.root, "val"
     local = evaluate(tiny_artifact, data, tmp_path / "local", split=split, use_ray=False, device="cpu", gallery_size=0)
     on_ray = evaluate(tiny_artifact, data, tmp_path / "ray", split=split, use_ray=True, batch_size=3, gallery_size=0)
+    n = len(local.rows)  # both engines end their progress with the same plain line (stderr is not a terminal)
+    assert capsys.readouterr().err.count(f"evaluate: {n}/{n} images (100%)") == 2
     assert on_ray.metrics["engine"] == "ray" and local.metrics["engine"] == "local"
     for key, value in local.metrics["headline"].items():
         # batch composition moves float results by ~1e-7, which can move a pixel across a histogram bin edge

@@ -99,3 +99,26 @@ def test_colours_and_bad_input():
         render_overlay(image, mask[:10], 0.5, "x")
     with pytest.raises(ValueError, match="uint8"):
         render_overlay(image.astype(np.float32), mask, 0.5, "x")
+
+
+@pytest.mark.parametrize("where", ["top_left", "top_right"])
+def test_the_label_sits_off_the_mask(where):
+    """The label box always sat in the top left corner, over a mask there (a defect near the corner was hidden by
+    the text describing it). Every mask pixel keeps its fill or contour colour; the box moves to a free corner."""
+    image = np.full((256, 320, 3), 90, np.uint8)
+    mask = np.zeros((256, 320), bool)
+    if where == "top_left":
+        mask[0:90, 0:200] = True
+    else:
+        mask[0:90, 120:320] = True
+    out = render_overlay(image, mask, 0.87, "a rather long class name", colour=RED)
+    right = out[:, 320:]
+    fill = np.array([round(0.55 * 90 + 0.45 * 255), round(0.55 * 90), round(0.55 * 90)])
+    m = mask.copy()
+    m[:, 0] = False  # the panel separator line
+    drawn = right[m]
+    assert np.all(np.all(drawn == fill, axis=1) | np.all(drawn == RED, axis=1))  # nothing covers the mask
+    dark = np.all(right < 60, axis=2)  # the label box (black at 2/3 over grey 90, white text)
+    assert dark.sum() > 500 and not (dark & mask).any()
+    ys, _ = np.nonzero(dark)
+    assert ys.min() > 90  # the free corners are below the mask

@@ -139,3 +139,61 @@ def test_unwritable_output_is_an_output_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OutputError, match="cannot write"):
         plot_roc_curve([0, 1], [0, 1], blocker / "roc.png", auroc=0.5)
+
+
+def _captured(monkeypatch, module: str) -> list:
+    """The figures `module` saves, kept for inspection (the PNG alone does not say where a line is)."""
+    from raydefect.viz.plots import save_figure
+
+    figures: list = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save_figure(fig, path)
+
+    monkeypatch.setattr(f"{module}.save_figure", keep)
+    return figures
+
+
+def test_training_curves_mark_the_best_epoch(tmp_path, monkeypatch):
+    rows = [{"epoch": e, "train_loss": 1 / e, "val_score": [0.2, 0.6, 0.9, 0.7][e - 1]} for e in range(1, 5)]
+    figures = _captured(monkeypatch, "raydefect.viz.plots")
+    csv_path = _write_csv(tmp_path / "metrics.csv", rows)
+    assert_png(plot_training_curves(csv_path, tmp_path / "c.png", best_epoch=3, best_metric="val_score"))
+    axes = figures[0].axes
+    for ax in axes:  # a vertical line at epoch 3 in every panel
+        assert any(list(line.get_xdata()) == [3, 3] for line in ax.get_lines())
+    stars = [line for line in axes[1].get_lines() if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [3] and list(stars[0].get_ydata()) == [0.9]
+    assert "best epoch 3: val_score 0.900" in [t.get_text() for t in axes[1].get_legend().get_texts()]
+
+
+def test_tune_history_is_in_start_order_with_integer_ticks(tmp_path, monkeypatch):
+    """Trials were plotted in id order under an axis that says start order, so the best-so-far line was wrong."""
+    from raydefect.tuning.plots import plot_history
+    from raydefect.tuning.study import TERMINATED, TrialRow
+
+    rows = [  # ids in folder order; started t2, t0, t1
+        TrialRow("t0", {}, TERMINATED, metric_best=0.5, epochs=2, started_at=200.0),
+        TrialRow("t1", {}, TERMINATED, metric_best=0.7, epochs=2, started_at=300.0),
+        TrialRow("t2", {}, TERMINATED, metric_best=0.9, epochs=2, started_at=100.0),
+    ]
+    figures = _captured(monkeypatch, "raydefect.tuning.plots")
+    plot_history(rows, "val_score", "max", tmp_path / "h.png")
+    ax = figures[0].axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections if len(c.get_offsets())])
+    assert sorted(map(tuple, points.tolist())) == [(1.0, 0.9), (2.0, 0.5), (3.0, 0.7)]
+    (best,) = [line for line in ax.get_lines() if line.get_label() == "best so far"]
+    assert list(best.get_ydata()) == [0.9, 0.9, 0.9]
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_score_histogram_labels_a_threshold_shared_by_several_recalls_once(tmp_path, monkeypatch):
+    from raydefect.viz.plots import plot_score_histogram
+
+    figures = _captured(monkeypatch, "raydefect.viz.plots")
+    marks = [(0.9, 0.4), (0.95, 0.2), (0.99, 0.2), (0.999, 0.2)]
+    plot_score_histogram([0.1, 0.2, 0.4, 0.8], [0, 1, 1, 1], tmp_path / "h.png", threshold=0.5, recall_thresholds=marks)
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert sorted(texts) == ["recall 0.9", "recall 0.95 / 0.99 / 0.999"]
+    assert any(list(line.get_xdata()) == [0.5, 0.5] for line in figures[0].axes[0].get_lines())  # stored threshold

@@ -124,5 +124,10 @@ def test_cli_predict(tiny_artifact, synth_archive, tmp_path):
     assert "images/s" in result.output and "scores:" in result.output
     rows = _rows(tmp_path / "scores.csv")
     assert rows and all(r["path"].endswith(".png") and "/line_1/" in r["path"] for r in rows)
+    one = CliRunner().invoke(cli, ["predict", "--model", str(tiny_artifact), "--images", rows[0]["path"], "--out",
+                                   str(tmp_path / "one"), "--device", "cpu", "--no-overlays"])  # fmt: skip
+    assert one.exit_code == 0 and "1 image in" in one.output and "1 images" not in one.output, one.output
+    # not a terminal: the progress ends with one plain line, no ANSI codes or carriage returns
+    assert "predict: 1/1 image (100%)" in one.output and "\x1b" not in one.output and "\r" not in one.output
     missing = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path), "--images", ".", "--out", str(tmp_path)])
     assert missing.exit_code == 1 and "model" in missing.output and "Traceback" not in missing.output

@@ -1014,3 +1014,74 @@ def test_copying_a_scores_folder_keeps_it_readable(tmp_path, scored_rows, tiny_a
     )
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert read_scores(str(tmp_path / "b")).num_rows == scored_rows.num_rows
+
+
+def _committed(out: Path, rows: pa.Table, meta) -> None:
+    store = ScoreStore(str(out))
+    store.open()
+    store.commit(RunRecord("r1", meta.model_id, "stat"), [_stage(store, rows, "r1", meta)], KeySet())
+
+
+def test_extract_draws_each_class_in_its_colour_with_predicts_path_and_bbox_format(
+    tmp_path, scored_rows, tiny_artifact, synth_archive, monkeypatch
+):
+    """`scores extract` drew every class in crack's red (the overlay's default colour) and wrote bboxes as "[x0, y0,
+    x1, y1]" beside predict's "x0 y0 x1 y1"; predict wrote the paths as given (relative), extract absolute."""
+    import csv
+
+    import pyarrow.compute as pc
+
+    from raydefect.imaging import decode_image, encode_png
+    from raydefect.scoring.results import extract
+    from raydefect.tasks.predict import predict_images
+    from raydefect.viz.overlay import class_colour, display_scale, render_overlay
+
+    meta = read_artifact_meta(tiny_artifact)
+    ok = _with_run(scored_rows, "r1").filter(pc.is_null(scored_rows.column("error")))
+    records = ok.to_pylist()[:3]
+    for k, r in enumerate(records):  # three defects of three classes, each with a known mask in the lower right
+        h, w = r["height"], r["width"]
+        mask = np.zeros((h, w), bool)
+        mask[h // 2 : h - 4, w // 2 : w - 4] = True
+        cls = meta.class_names[1 + k % (len(meta.class_names) - 1)]
+        r.update(
+            is_defect=True,
+            defect_class=cls,
+            defect_score=0.9 - k / 10,
+            mask_png=encode_png(mask.astype(np.uint8) * 255),
+        )
+        r.update(mask_area_px=int(mask.sum()), bbox=[w // 2, h // 2, w - 4, h - 4])
+    called = dict(ok.to_pylist()[3], is_defect=True, defect_class=meta.class_names[1], defect_score=0.5)
+    called.update(mask_png=encode_png(np.zeros((called["height"], called["width"]), np.uint8)), bbox=None)
+    called.update(mask_area_px=0)  # called defective, nothing above the pixel threshold
+    _committed(tmp_path / "out", pa.Table.from_pylist([*records, called], schema=ok.schema), meta)
+    r = extract(str(tmp_path / "out"), tmp_path / "x")
+    with open(r["index"], newline="") as f:
+        index = {row["path"]: row for row in csv.DictReader(f)}
+    empty = index.pop(called["path"])
+    assert empty["bbox"] == "" and empty["mask_area_px"] == "0"
+    image = decode_image(Path(called["path"]).read_bytes(), mode="RGB")
+    note = "mask empty: no pixel above the pixel threshold"
+    expected = render_overlay(image, np.zeros(image.shape[:2], bool), 0.5, meta.class_names[1],
+                              colour=class_colour(1), note=note)  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "x" / empty["overlay"]).convert("RGB")), expected)
+    assert len(index) == 3
+    for rec in records:
+        row = index[rec["path"]]
+        assert row["bbox"] == " ".join(str(v) for v in rec["bbox"])
+        overlay = np.asarray(Image.open(tmp_path / "x" / row["overlay"]).convert("RGB"))
+        s = display_scale(rec["height"], rec["width"])
+        panel_w = round(rec["width"] * s)
+        x1, y1 = rec["bbox"][2], rec["bbox"][3]
+        corner = overlay[round(y1 * s) - 1, panel_w + round(x1 * s) - 1]  # the contour's lower right pixel
+        assert tuple(corner) == class_colour(meta.class_names.index(rec["defect_class"])), rec["defect_class"]
+
+    # predict over the same files, named relative to the working folder: the same path and bbox text
+    monkeypatch.chdir(Path(records[0]["path"]).parent)
+    names = [os.path.relpath(rec["path"]) for rec in records]
+    summary = predict_images(tiny_artifact, names, tmp_path / "p", pixel_threshold=0.0, overlays=False, workers=1)
+    with open(summary.scores_csv, newline="") as f:
+        predicted = {row["path"]: row for row in csv.DictReader(f)}
+    assert set(predicted) == set(index)  # absolute, as the scores hold them
+    bboxes = [row["bbox"] for row in predicted.values()]
+    assert all(b.count(" ") == 3 and b.replace(" ", "").isdigit() for b in bboxes), bboxes

@@ -86,6 +86,24 @@ def test_pretrained_weights_offline(synth_dataset, tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" in line and "model.pretrained=false" in line
 
 
+def test_default_config_without_internet_fails_fast_before_ray(synth_dataset, tmp_path, monkeypatch):
+    """The default config (pretrained DINOv3) with no internet: one whole error line in seconds, Ray never started
+    (`no_ray_start`); the hub client's retries inside the workers took minutes and the message was cut mid-word."""
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    line = _error_line(_invoke(["--data", str(synth_dataset.root), "--image-size", "32"], tmp_path))
+    assert time.perf_counter() - start < 10
+    assert "dinov3-s" in line and "cannot be reached" in line
+    assert line.endswith("--set model.pretrained=false")
+
+
 def test_missing_and_empty_dataset(synth_dataset, tmp_path):
     line = _error_line(_invoke([*TINY], tmp_path))
     assert "--data" in line

@@ -15,6 +15,7 @@ from raydefect.engine.fit import fit
 from raydefect.engine.loop import Trainer, check_metric, train_one_epoch
 from raydefect.engine.run import CONSOLE_COLUMNS, console_header, console_row, list_checkpoints, read_metrics_csv
 from raydefect.errors import ConfigError
+from raydefect.paths import new_file_mode
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,13 @@ def test_fit_learns_and_exports_a_working_model(synth_dataset, make_train_config
     export = result.export
     loaded = load_artifact(run / "model")
     assert loaded.meta.model_id == export.model_id
+    # the validation scores the image threshold was chosen on, and how each threshold was chosen
+    from raydefect.models.retarget import read_validation_scores
+
+    val_scores, val_labels = read_validation_scores(run / "model")
+    assert len(val_scores) == len(synth_dataset.frame("val")) and val_labels.sum() > 0
+    assert "best F1" in loaded.meta.extra["thresholds_chosen"]["image"]
+    assert "pixel-probability" in loaded.meta.extra["thresholds_chosen"]["pixel"]
     assert dict(loaded.meta.thresholds) == pytest.approx(export.thresholds)
     assert loaded.meta.metrics["test_f1"] == pytest.approx(export.test_metrics["test_f1"])
     assert loaded.meta.metrics["val_iou"] == pytest.approx(export.val_metrics["val_iou"])
@@ -135,6 +143,7 @@ def test_checkpoint_state_round_trips(make_tiny_model, tmp_path):
     history = [{"epoch": 1, "x": math.nan}]
     state = TrainState(epoch=3, stage=2, steps_per_epoch=5, best=0.5, best_epoch=2, history=history)
     save_checkpoint(tmp_path / "ck", model, opt, state)
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == new_file_mode()  # not 0600
     back = read_state(tmp_path / "ck")
     assert back.epoch == 3 and back.best == 0.5 and math.isnan(back.history[0]["x"])
     assert "NaN" not in (tmp_path / "ck" / "state.json").read_text()  # strict JSON
@@ -171,12 +180,15 @@ def test_unknown_metric_is_a_config_error(synth_dataset, make_train_config):
     check_metric(per_class, synth_dataset.class_names)
 
 
-def test_trainer_reports_every_console_column(synth_dataset, make_train_config):
+def test_trainer_reports_every_console_column(synth_dataset, make_train_config, tmp_path):
     from raydefect.engine.fit import training_rows
 
     cfg = make_train_config(synth_dataset.root)
     train, val, counts = training_rows(cfg, synth_dataset)
-    metrics = Trainer(cfg, synth_dataset.class_names, counts, device="cpu").run_epoch(1, train[:16], val)
+    trainer = Trainer(cfg, synth_dataset.class_names, counts, device="cpu")
+    trainer.progress_file = tmp_path / ".progress.json"  # rank 0 under Ray Train: the driver's bar reads it
+    metrics = trainer.run_epoch(1, train[:16], val)
+    assert json.loads(trainer.progress_file.read_text()) == {"epoch": 1, "images": 16, "total": 16}
     assert {key for key, _title, _fmt in CONSOLE_COLUMNS} <= set(metrics)
     assert metrics["train_images"] == 16 and metrics["attempt"] == 1
     row = console_row(metrics)

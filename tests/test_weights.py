@@ -172,3 +172,26 @@ def test_offline_pretrained_error_says_how_to_get_weights(tmp_path, monkeypatch)
     assert "HF_HUB_OFFLINE" in message
     assert "huggingface-cli download timm/vit_small_patch16_dinov3.lvd1689m" in message
     assert "--set model.weights=PATH" in message and "--set model.pretrained=false" in message
+
+
+def test_unreachable_hub_fails_the_preflight_fast_with_the_whole_message(tmp_path, monkeypatch):
+    """Online, weights not cached, the hub unreachable: the driver's pre-flight says so within seconds (the hub
+    client retried for minutes inside each Ray worker), with the whole fix in the message."""
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    from raydefect.config import load_config
+    from raydefect.models.weights import check_weights_available
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as info:
+        check_weights_available(load_config().model)  # the default config: pretrained DINOv3
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "cannot be reached" in message and "http://127.0.0.1:9" in message
+    assert message.endswith("train from scratch with --set model.pretrained=false")

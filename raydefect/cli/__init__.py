@@ -14,4 +14,7 @@ __all__ = ["cli", "main"]
 
 
 def main() -> None:
+    from raydefect import console
+
+    console.allow_notice_routing()  # Ray's and other libraries' notices to a log file, unless -v
     cli(prog_name="raydefect")

@@ -121,7 +121,8 @@ def synth_cmd(
         defect_size=defect_size,
     )
     console.result(
-        f"wrote {raw['images']:,} images ({per_class} per class x {len(classes)} classes + {normal} normal, "
+        f"wrote {console.count(raw['images'], 'image')} ({per_class} per class x {len(classes)} classes + "
+        f"{normal} normal, "
         f"{size[0]}x{size[1]}) to {out} in {raw['seconds']:.1f} s"
     )
     console.info(
@@ -144,7 +145,7 @@ def synth_cmd(
             brightness=archive_brightness,
         )
         console.result(
-            f"wrote an archive of {arc['files']:,} files ({arc['corrupt']} corrupt) to {arc['out']}; "
+            f"wrote an archive of {console.count(arc['files'], 'file')} ({arc['corrupt']} corrupt) to {arc['out']}; "
             f"truth in {arc['truth_csv']}"
         )
 
@@ -268,9 +269,11 @@ def prepare_cmd(
         console.result(console.table(report.problem_rows(), ["problem", "action", "files"]))
     console.result("")
     if report.kept_previous:
-        console.info(f"kept the split of {report.kept_previous:,} images from the previous manifest")
+        console.info(f"kept the split of {console.count(report.kept_previous, 'image')} from the previous manifest")
     console.result(
-        f"{report.images:,} images, {len(report.classes) - 1} defect classes, {len(report.problems):,} problems "
+        f"{console.count(report.images, 'image')}, "
+        f"{console.count(len(report.classes) - 1, 'defect class', 'defect classes')}, "
+        f"{console.count(len(report.problems), 'problem')} "
         f"in {report.seconds:.1f} s"
     )
     console.result(f"dataset:  {report.manifest}")

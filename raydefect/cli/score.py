@@ -38,6 +38,12 @@ if TYPE_CHECKING:
     "--rows-per-file", type=click.IntRange(1), default=None, help="Most rows per Parquet file [score.rows_per_file]."
 )
 @click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Image threshold for this run instead of the model's; the Parquet footer records it [score.threshold].",
+)
+@click.option(
     "--submit",
     is_flag=True,
     help="Submit the run to the cluster's Jobs API (--address http://head:8265) and print the job id. Local paths "
@@ -68,6 +74,7 @@ def score_cmd(
     actors: int | None,
     engine: str | None,
     rows_per_file: int | None,
+    threshold: float | None,
     submit: bool,
     env_names: tuple[str, ...],
     dry_run: bool,
@@ -89,6 +96,7 @@ def score_cmd(
             "score.model_actors": actors,
             "score.rows_per_file": rows_per_file,
             "score.engine": engine,
+            "score.threshold": threshold,
         },
     )
     if json_path and not submit:

@@ -74,8 +74,9 @@ def predict_cmd(
     )
     found = ", ".join(f"{n:,} {c}" for c, n in summary.per_class.items() if n and c != "normal") or "none"
     console.result(
-        f"{summary.images:,} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s): "
-        f"{summary.defects:,} defects ({found}), {summary.errors:,} unreadable"
+        f"{console.count(summary.images, 'image')} in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s): "
+        f"{console.count(summary.defects, 'defect')} ({found}), {summary.errors:,} unreadable"
     )
     console.result(f"scores:   {summary.scores_csv}")
     if summary.overlay_dir is not None:
@@ -157,7 +158,8 @@ def evaluate_cmd(
         console.warn(note)
     data_info = evaluation.metrics["data"]
     console.result(
-        f"{data_info['evaluated']:,} images of the {split!r} split ({data_info['errors']:,} unreadable) at thresholds "
+        f"{console.count(data_info['evaluated'], 'image')} of the {split!r} split "
+        f"({data_info['errors']:,} unreadable) at thresholds "
         f"image {h['image_threshold']:.3g} / pixel {h['pixel_threshold']:.3g} in {time.perf_counter() - start:.1f} s"
     )
     console.result(f"report:  {os.path.join(out, 'report.html')}")

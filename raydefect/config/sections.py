@@ -302,6 +302,11 @@ class ScoreConfig:
     model_threads: int | None = _f(
         None, "torch threads per model actor on CPU; default: the node's CPUs divided by the actors (at least 1)."
     )
+    threshold: float | None = _f(
+        None,
+        "Image threshold for this run instead of the model's (`score --threshold`); recorded in the Parquet footer "
+        "(raydefect.threshold_override). To change the model's own: `raydefect thresholds`.",
+    )
     endpoint_override: str | None = _f(
         None, "S3-compatible endpoint for s3:// paths, e.g. http://minio:9000 (AWS_ENDPOINT_URL works too)."
     )
@@ -322,6 +327,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.threshold is None or 0 <= self.threshold <= 1, "score.threshold", "must be in [0, 1]")
         _check(self.commit_interval_s >= 0, "score.commit_interval_s", "must be >= 0 (0 commits every file)")
         _check(self.actor_cpus is None or self.actor_cpus > 0, "score.actor_cpus", "must be > 0")
         _check(self.task_cpus > 0, "score.task_cpus", "must be > 0")

@@ -100,6 +100,8 @@ def load_dataset(path: str | Path) -> Dataset:
     root = Path(path)
     if root.name in (MANIFEST, DATASET_YAML) and root.is_file():
         root = root.parent
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder: a dataset is the folder `raydefect prepare` wrote; {_FIX}")
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; {_FIX}")
     manifest, info_path = root / MANIFEST, root / DATASET_YAML

@@ -13,14 +13,11 @@ import multiprocessing as mp
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from raydefect import console
-
-PROGRESS_EVERY_S = 2.0
 
 
 def fork_is_safe() -> bool:
@@ -47,9 +44,8 @@ def parallel_map(
     """``list(map(fn, items))`` in order: on `workers` forked processes when there are at least `processes_from`
     items and forking is safe, else on threads from `threads_from` items, else in this thread.
 
-    With `progress`, a line ``<progress>: i/n (s)`` is printed every few seconds.
+    With `progress`, a `console.Progress` named so (a bar on a terminal, else a line every few seconds).
     """
-    start = last = time.perf_counter()
     pool: Executor | None = None
     results: Iterable
     n = len(items)
@@ -62,14 +58,15 @@ def parallel_map(
     else:
         results = map(fn, items)
     out = []
+    bar = console.Progress(progress, n) if progress else None
     try:
-        for i, r in enumerate(results, 1):
+        for r in results:
             out.append(r)
-            now = time.perf_counter()
-            if progress and now - last >= PROGRESS_EVERY_S:
-                last = now
-                console.info(f"  {progress}: {i:,}/{n:,} ({now - start:.0f} s)")
+            if bar is not None:
+                bar.update()
     finally:
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return out

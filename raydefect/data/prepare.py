@@ -332,9 +332,9 @@ def prepare_dataset(
         else:
             candidates.append(c)
     n = len(candidates)
-    console.info(f"scanning {n:,} images ({listing.importer} layout) with {workers} workers")
+    console.info(f"scanning {console.count(n, 'image')} ({listing.importer} layout) with {workers} workers")
     scanner = Scanner(max_pixels, verify_pixels)
-    scanned: list[Scanned] = parallel_map(scanner, candidates, workers, PROCESS_MIN_ITEMS, 2, progress="scanned")
+    scanned: list[Scanned] = parallel_map(scanner, candidates, workers, PROCESS_MIN_ITEMS, 2, progress="scan")
 
     kept: list[Scanned] = []
     first_by_sha: dict[str, Scanned] = {}
@@ -485,8 +485,8 @@ def _write_dataset(
 
     rows, copies = _manifest_rows(listing, [kept[i] for i in order], [splits[i] for i in order], class_id, copy)
     if copies:
-        console.info(f"copying {len(copies):,} images into {out}")
-        parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copied")
+        console.info(f"copying {console.count(len(copies), 'image')} into {out}")
+        parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copy")
     _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
 
     counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from raydefect import __version__
 from raydefect.errors import ArtifactError
 from raydefect.models.artifact import unwrap
-from raydefect.paths import write_text_atomic
+from raydefect.paths import share_like_other_outputs, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +97,7 @@ def save_checkpoint(
     weights = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     try:
         save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
+        share_like_other_outputs(out / WEIGHTS)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), out / OPTIMIZER)
     except OSError:

@@ -10,6 +10,7 @@ rank computes the same metrics and takes the same early-stopping decision.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,6 +50,7 @@ from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, va
 from raydefect.models.artifact import unwrap
 from raydefect.models.losses import DefectLoss
 from raydefect.models.model import DefectModel
+from raydefect.paths import write_text_atomic
 
 #: Per-epoch keys besides the validation summary (``val_*``).
 TRAIN_KEYS = (
@@ -140,9 +142,11 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     grad_accum: int = 1,
     grad_clip: float = 0.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches``: forward, loss, backward, an optimiser + scheduler step every ``grad_accum``
-    batches (and at the end). Returns sums weighted by images (``loss``, ``loss_cls``...), ``images``, ``steps``."""
+    batches (and at the end). Returns sums weighted by images (``loss``, ``loss_cls``...), ``images``, ``steps``.
+    ``on_batch(images so far)`` after each batch (the progress within the epoch)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums = dict.fromkeys(_LOSS_PARTS, 0.0)
     images = steps = 0
@@ -173,6 +177,8 @@ def train_one_epoch(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+        if on_batch is not None:
+            on_batch(images)
     return {**sums, "images": float(images), "steps": float(steps)}
 
 
@@ -330,6 +336,7 @@ class Trainer:
         self.class_names = list(class_names)
         self.device = resolve_device(device)
         self.rank, self.world_size = world()
+        self.progress_file: Path | None = None  # see `_progress_writer`
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
         geometry = Geometry.from_data_config(cfg.data)
@@ -411,6 +418,24 @@ class Trainer:
         return value > self.state.best if self.cfg.schedule.mode == "max" else value < self.state.best
 
     # --------------------------------------------------------------------------------------------- epoch
+    def _progress_writer(self, epoch: int, rows: int) -> Callable[[int], None] | None:
+        """With `progress_file` (rank 0 under Ray Train): the epoch's images so far (this rank's times the world
+        size), at most once a second, for the driver's progress bar (`PROGRESS_FILE`)."""
+        path = self.progress_file
+        if path is None:
+            return None
+        last = [0.0]
+
+        def write(images: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or images >= rows:
+                last[0] = now
+                record = {"epoch": epoch, "images": images * self.world_size, "total": rows * self.world_size}
+                with contextlib.suppress(OSError):  # progress must never fail a training
+                    write_text_atomic(path, json.dumps(record))
+
+        return write
+
     def run_epoch(self, epoch: int, train_rows: Sequence[dict[str, Any]], val_rows: Sequence[dict[str, Any]]) -> dict:
         """Train on ``train_rows`` (this rank's share), validate on ``val_rows`` (all of them; each rank takes its
         slice), update early stopping and the history; return the epoch's flat metrics."""
@@ -454,6 +479,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             grad_accum=cfg.optim.grad_accum,
             grad_clip=cfg.optim.grad_clip,
+            on_batch=self._progress_writer(epoch, len(train_rows)),
         )
         train_seconds = time.perf_counter() - start
         lrs = group_lrs(self.optimizer)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+#: Rank 0's images done in the current epoch, for the driver's progress bar (hidden: a live figure, not a result).
+PROGRESS_FILE = ".progress.json"
 TEST_METRICS_FILE = "test_metrics.json"
 MODEL_DIR = "model"
 PLOTS_DIR = "plots"
@@ -342,8 +344,9 @@ def export_run(
     from raydefect.inference.device import resolve_device
     from raydefect.metrics import validation_summary
     from raydefect.metrics.common import json_safe
-    from raydefect.models.artifact import save_artifact
+    from raydefect.models.artifact import VALIDATION_SCORES_FILE, save_artifact
     from raydefect.models.model import DefectModel
+    from raydefect.models.retarget import validation_scores_csv
     from raydefect.viz.plots import plot_training_curves, write_metric_plots
 
     run_dir = Path(run_dir)
@@ -373,6 +376,7 @@ def export_run(
     val_rows = manifest_rows(dataset, "val")
     val = score(val_rows, 0.5)
     val_image, val_pixel = val.image.compute(), val.pixel.compute()
+    val_arrays = val.image.arrays()
     val_metrics = validation_summary(val_image, val_pixel)
     thresholds = {
         "image": _finite_threshold(val_metrics["val_image_threshold"]),
@@ -386,14 +390,21 @@ def export_run(
     test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
     test_path = None
     stats_rows = manifest_rows(dataset, "train", required=False) + val_rows
-    reference = validation_reference(val.image.arrays()["scores"], thresholds["image"], stats_rows, cfg, geometry)
+    reference = validation_reference(val_arrays["scores"], thresholds["image"], stats_rows, cfg, geometry)
     meta = save_artifact(
         model,
         run_dir / MODEL_DIR,
         thresholds=thresholds,
         metrics={**val_metrics, **test_metrics, "epoch": state.epoch},
-        extra={"run": run_dir.name, "dataset": str(dataset.root), "epoch": state.epoch, **(extra or {})},
+        extra={
+            "run": run_dir.name,
+            "dataset": str(dataset.root),
+            "epoch": state.epoch,
+            "thresholds_chosen": thresholds_chosen(val_image, val_pixel),
+            **(extra or {}),
+        },
         reference=reference.to_dict(),
+        extra_files={VALIDATION_SCORES_FILE: validation_scores_csv(val_arrays["scores"], val_arrays["labels"])},
     )
     if test_payload is not None:
         test_payload["model_id"] = meta.model_id
@@ -401,7 +412,11 @@ def export_run(
     metrics_csv = run_dir / METRICS_FILE
     if metrics_csv.is_file():
         plots["training_curves"] = plot_training_curves(
-            metrics_csv, plots_dir / "training_curves.png", title=f"Training: {run_dir.name}"
+            metrics_csv,
+            plots_dir / "training_curves.png",
+            title=f"Training: {run_dir.name}",
+            best_epoch=state.epoch,
+            best_metric=cfg.schedule.metric,
         )
     return ExportResult(
         model_dir=run_dir / MODEL_DIR,
@@ -469,3 +484,20 @@ def set_aside_damaged_checkpoints(run_dir: str | Path) -> list[str]:
             os.replace(folder, dest)
             warnings.append(f"checkpoint {folder} (epoch {epoch}) is damaged: {e}; moved to {dest}")
     return warnings
+
+
+def thresholds_chosen(val_image: Any, val_pixel: Any) -> dict[str, str]:
+    """How training chose each threshold, in a sentence (model.yaml's ``extra.thresholds_chosen``; the report)."""
+    image = val_image.best
+    pixel = val_pixel.best
+    n, n_defect = val_image.n_images, val_image.n_defect
+    return {
+        "image": image.reason
+        if image.fallback
+        else f"the defect-score cut with the best F1 ({image.objective:.3f}) on {n} validation images "
+        f"({n_defect} defect)",
+        "pixel": pixel.reason
+        if pixel.fallback
+        else f"the pixel-probability cut with the best {pixel.criterion} ({pixel.objective:.3f}) on the validation "
+        "images' pixels",
+    }

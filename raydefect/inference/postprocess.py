@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,12 @@ def upsample_prob(mask_prob: np.ndarray, width: int, height: int, geometry: str 
         return prob
     resized = Image.fromarray(prob).resize((int(width), int(height)), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def format_bbox(bbox: Sequence[int] | None) -> str:
+    """``x0 y0 x1 y1`` (x1, y1 exclusive); empty when there is no mask. The one text form of a bbox in every CSV
+    (predict's scores.csv, `scores extract`'s index.csv)."""
+    return "" if bbox is None else " ".join(str(int(v)) for v in bbox)
 
 
 def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:

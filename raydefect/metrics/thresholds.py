@@ -106,3 +106,45 @@ def choose_image_threshold(scores: Any, labels: Any, fallback: float = DEFAULT_F
         lower = uniq[a - 1] if a > 0 else uniq[0]
         value = float((lower + uniq[b]) / 2)
     return ThresholdChoice(value, float(f1[a]), "f1")
+
+
+#: Target image recalls the report and `raydefect thresholds` tabulate.
+TARGET_RECALLS: tuple[float, ...] = (0.9, 0.95, 0.99, 0.999)
+
+
+def thresholds_at_recall(scores: Any, labels: Any, recalls: Any = TARGET_RECALLS) -> list[dict[str, Any]]:
+    """For each target recall: the highest defect-score threshold whose recall on these images reaches it, with the
+    precision, recall and false-alarm rate there (``score >= threshold`` is a defect).
+
+    The threshold is the k-th highest defect image's score, k = ceil(target * defect images): with few defect images
+    several targets give the same threshold (30 defect images cannot tell 0.99 from 0.999). Without defect images
+    every threshold is NaN."""
+    s = to_numpy(scores, np.float64).ravel()
+    y = to_numpy(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in length")
+    defect = np.sort(s[y])[::-1]
+    normal = s[~y]
+    out = []
+    for target in recalls:
+        if not 0 < float(target) <= 1:
+            raise ValueError(f"target recall must be in (0, 1], got {target}")
+        if defect.size == 0:
+            out.append({"target_recall": float(target), "threshold": math.nan, "recall": math.nan,
+                        "precision": math.nan, "false_alarm_rate": math.nan, "defects_missed": 0})  # fmt: skip
+            continue
+        k = min(defect.size, max(1, math.ceil(float(target) * defect.size - 1e-9)))
+        threshold = float(defect[k - 1])
+        caught = int((defect >= threshold).sum())
+        alarms = int((normal >= threshold).sum())
+        out.append(
+            {
+                "target_recall": float(target),
+                "threshold": threshold,
+                "recall": caught / defect.size,
+                "precision": caught / (caught + alarms),
+                "false_alarm_rate": alarms / normal.size if normal.size else math.nan,
+                "defects_missed": int(defect.size - caught),
+            }
+        )
+    return out

@@ -38,6 +38,7 @@ from raydefect.config import ModelConfig
 from raydefect.config import build_section as _build_section
 from raydefect.errors import ArtifactError, OutputError, RaydefectError
 from raydefect.geometry import Geometry
+from raydefect.paths import share_like_other_outputs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+#: Optional: the validation images' defect scores and labels the image threshold was chosen on (CSV: defect_score,
+#: label), so that `raydefect thresholds` can move the operating point to a target recall without the data.
+VALIDATION_SCORES_FILE = "validation_scores.csv"
 META_FILE = "model.yaml"
 # ModelConfig fields that only matter while training; they do not change predictions, so not the model id.
 _TRAINING_ONLY = ("pretrained", "weights", "drop_path_rate", "dropout")
@@ -304,10 +308,12 @@ def save_artifact(
     class_names: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     reference: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ArtifactMeta:
     """Write ``model.safetensors`` + ``model.yaml`` atomically into ``out_dir``; returns the metadata written.
 
     ``reference``: the validation distribution (`metrics.drift.Reference.to_dict`), stored as is.
+    ``extra_files``: name -> bytes of optional files written beside them (e.g. `VALIDATION_SCORES_FILE`).
     ``model_cfg``, ``image_size`` and ``class_names`` default to the model's own and must agree with it if given.
     An existing artifact in ``out_dir`` is replaced; any other non-empty folder is refused.
     """
@@ -337,6 +343,7 @@ def save_artifact(
         os.chmod(tmp, 0o755)
         weights_path = tmp / WEIGHTS_FILE
         save_file(state, str(weights_path), metadata={"format": "pt"})
+        share_like_other_outputs(weights_path)
         meta = ArtifactMeta(
             model_id="",
             backbone=spec.name,
@@ -361,13 +368,9 @@ def save_artifact(
             os.fsync(f.fileno())
         with open(weights_path, "rb+") as f:
             os.fsync(f.fileno())
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        install_folder(tmp, out)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
@@ -378,6 +381,17 @@ def save_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def install_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` in the place of `out` (a previous artifact there moved aside, then removed)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_artifact(path: str | Path, device: str = "cpu", *, verify: bool = True) -> LoadedModel:

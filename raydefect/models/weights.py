@@ -56,7 +56,7 @@ def create_pretrained(spec: BackboneSpec, kwargs: Mapping[str, Any]) -> nn.Modul
         return timm.create_model(f"{spec.timm_name}.{spec.pretrained_tag}", pretrained=True, **kwargs)
     except OSError as e:  # huggingface_hub's offline / not-found / HTTP / gated errors are all OSErrors
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        where = "HF_HUB_OFFLINE is set and they are not in the local cache" if offline else first_line(e)
+        where = "HF_HUB_OFFLINE is set and they are not in the local cache" if offline else first_line(e, 400)
         raise WeightsError(
             f"cannot get pretrained weights for {spec.name} ({spec.hf_hub_id}): {where}. Fix: {how_to_get(spec)}"
         ) from e
@@ -271,8 +271,9 @@ def check_weights_available(model_cfg: Any) -> None:
     """Cheap pre-flight on the driver, before workers start: the weights a `ModelConfig` asks for can be had.
 
     ``model.weights``: the file exists and has a known extension (whether it fits is checked when loading).
-    ``model.pretrained``: the backbone has pretrained weights and, with ``HF_HUB_OFFLINE`` set, they are in the local
-    Hugging Face cache. Raises the same `WeightsError` the worker would, without reading tensors or downloading.
+    ``model.pretrained``: the backbone has pretrained weights and they are in the local
+    Hugging Face cache, else (online) the hub answers within seconds. Raises the same `WeightsError` the worker
+    would, without reading tensors or downloading.
     """
     spec = resolve_backbone(model_cfg.backbone)
     if model_cfg.weights:
@@ -293,18 +294,51 @@ def check_weights_available(model_cfg: Any) -> None:
             f"model.backbone '{spec.name}' is random-init only and has no pretrained weights; "
             "set --set model.pretrained=false (or pick a DINOv3/DINOv2 backbone from `raydefect models`)"
         )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-        return  # online: the hub decides (a failure in the worker is reported with the same fix)
     from huggingface_hub import try_to_load_from_cache
 
     repo = spec.hf_hub_id
-    if not any(
-        isinstance(try_to_load_from_cache(repo, name), str) for name in ("model.safetensors", "pytorch_model.bin")
-    ):
-        raise WeightsError(
-            f"cannot get pretrained weights for {spec.name} ({repo}): HF_HUB_OFFLINE is set and they are not in the "
-            f"local cache. Fix: {how_to_get(spec)}"
-        )
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in ("model.safetensors", "pytorch_model.bin")):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        where = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    else:
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            return  # the hub answers: it decides (a failure in the worker is reported with the same fix)
+        where = f"they are not in the local cache and the Hugging Face hub cannot be reached ({unreachable})"
+    raise WeightsError(f"cannot get pretrained weights for {spec.name} ({repo}): {where}. Fix: {how_to_get(spec)}")
+
+
+#: Seconds the pre-flight waits for the Hugging Face hub to answer before calling it unreachable (the hub client
+#: itself retries a dead network for minutes, inside every worker).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached from here, or None when it answers at all (any
+    HTTP status: a gated or missing repo is the hub's to report). One request through the hub client's own session
+    (its proxies and certificates), in a thread so a hung name lookup cannot hold the run past `timeout`."""
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    box: dict[str, str | None] = {}
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            box["reason"] = None
+        except Exception as e:  # the HTTP client's connect / DNS / TLS / timeout errors
+            box["reason"] = first_line(e)
+
+    thread = threading.Thread(target=probe, daemon=True, name="raydefect-hub-probe")
+    thread.start()
+    thread.join(timeout + 1.0)
+    if "reason" not in box:
+        return f"{constants.ENDPOINT}: no answer in {timeout:.0f} s"
+    reason = box["reason"]
+    return None if reason is None else f"{constants.ENDPOINT}: {reason}"
 
 
 @contextlib.contextmanager

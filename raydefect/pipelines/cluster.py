@@ -27,11 +27,60 @@ def resolve_address(address: str | None) -> str | None:
     return address
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> dict[str, Any]:
+#: The file in the run / output folder that Ray's and other libraries' notices go to (see `route_notices`).
+NOTICES_LOG = "_raydefect-notices.log"  # "_": pandas and pyarrow skip it in a scores folder
+_routed: dict[str, Any] = {}
+
+
+def route_notices(folder: str | os.PathLike | None) -> str | None:
+    """In the `raydefect` command without -v (`console.notice_routing`): what Ray and other libraries say to the
+    console goes to `folder`/`NOTICES_LOG` (default: a raydefect-logs folder in the temp folder) instead, so users see
+    raydefect's lines and real errors only. That is: C++ log lines written to the process's stderr (file descriptor
+    2, pointed at the log; Python's sys.stderr keeps the terminal), Python warnings and library log records. Raylet
+    notices ("(raylet) WARNING: 8 PYTHON worker processes have been started...") reach a driver only through
+    ``log_to_driver``, which `connect` turns off without -v (they stay in Ray's session logs). Once per process;
+    returns the log file, or None when notices stay on the console."""
+    if not console.notice_routing():
+        return None
+    if "path" in _routed:
+        return _routed["path"]
+    import tempfile
+
+    base = folder if folder is not None and not str(folder).startswith(("s3://", "gs://")) else None
+    target = os.path.join(base or os.path.join(tempfile.gettempdir(), "raydefect-logs"), NOTICES_LOG)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        log = open(target, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    except OSError:
+        return None  # an unwritable folder: the notices stay where they were
+    import ray  # noqa: F401  (its loggers and handlers exist from here on: moved below with the others)
+
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if hasattr(v, "handlers"))]
+    for handler in (h for lg in loggers for h in lg.handlers):  # library records: to the log
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setStream(log)
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    sys.stderr = terminal
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the log
+    logging.getLogger("py.warnings").addHandler(logging.StreamHandler(log))
+    logging.getLogger("py.warnings").propagate = False
+    _routed.update(path=target, log=log)
+    return target
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Initialise Ray once per process and return the cluster's resources.
 
     Re-entrant: when Ray is already initialised (tests share one session, a job calls several pipelines), the
-    existing connection is used.
+    existing connection is used. ``log_dir``: the run / output folder, where `route_notices` writes.
     """
     resolved = resolve_address(address)
     if resolved and resolved.startswith("ray://"):
@@ -55,6 +104,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if not ray.is_initialized():
         if resolved and resolved != "auto":
             _check_reachable(resolved)
+        route_notices(log_dir)
         verbose = console.verbosity() >= 1
         if not verbose:
             # "Token authentication is enabled for this Ray cluster" at every embedded start: the secure default,

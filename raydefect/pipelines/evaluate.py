@@ -80,7 +80,8 @@ def evaluate_on_ray(
     if actors is None:
         actors = int(gpus) if use_gpu else max(1, min(4, int(cluster_cpus()) // 2))
     console.info(
-        f"evaluating {len(records):,} images on Ray Data with {actors} model actor(s) ({'GPU' if use_gpu else 'CPU'})"
+        f"evaluating {console.count(len(records), 'image')} on Ray Data with {actors} model actor(s) "
+        f"({'GPU' if use_gpu else 'CPU'})"
     )
     ds = ray.data.from_items([{k: r[k] for k in RECORD_FIELDS} for r in records])
     results = ds.map_batches(
@@ -100,11 +101,13 @@ def evaluate_on_ray(
     )
     rows: list[dict[str, Any]] = []
     image_acc, pixel_acc = new_accumulators(meta, dataset_classes, num_bins, fpr_limit)
-    for out in results.iter_rows():
-        batch_rows, img, px = pickle.loads(out["result"])
-        rows += batch_rows
-        image_acc.merge(img)
-        pixel_acc.merge(px)
+    with console.progress("evaluate", len(records)) as bar:
+        for out in results.iter_rows():
+            batch_rows, img, px = pickle.loads(out["result"])
+            rows += batch_rows
+            image_acc.merge(img)
+            pixel_acc.merge(px)
+            bar.update(len(batch_rows))
     rows.sort(key=lambda r: r["index"])
     return rows, image_acc, pixel_acc
 

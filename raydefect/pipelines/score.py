@@ -60,7 +60,7 @@ from raydefect.scoring.sources import InputSpec, resolve_input
 from raydefect.scoring.storage import Storage, absolute
 from raydefect.scoring.store import ScoreStore
 
-PROGRESS_EVERY_S = 10.0
+PROGRESS_POLL_S = 1.0
 
 
 # --- the pipeline ----------------------------------------------------------------------------------------------
@@ -112,6 +112,8 @@ def _setup(model: str, input_: str, out: str, sc: ScoreConfig) -> _Setup:
         meta = read_artifact_meta(model)
         if meta.computed_model_id() != meta.model_id:  # model.yaml edited by hand: the id describes what runs
             meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
+        if sc.threshold is not None:  # this run only: rows stay the model's (its id), the footer says so
+            meta = dataclasses.replace(meta, thresholds={**meta.thresholds, "image": float(sc.threshold)})
         with _waiting_for("--input", input_):
             spec = resolve_input(input_, storage)
         return _Setup(meta, storage, spec, ScoreStore(out, storage), model, fetched)
@@ -130,7 +132,7 @@ def _remote_args(sc: ScoreConfig, input_: str, out: str, spec: InputSpec) -> dic
 
 def _pending(s: _Setup, sc: ScoreConfig, out: str, remote_args: dict, known_ref: list, counter: Any, tasks: int) -> Any:
     """listing -> drop what is already scored (stat key): the images a run will score; `tasks` listing tasks at once."""
-    ds = listing_dataset(s.spec, s.storage, sc, out, remote_args, tasks)
+    ds = listing_dataset(s.spec, s.storage, sc, out, remote_args, tasks, counter)
     return ds.map_batches(
         filter_known,
         batch_format="pyarrow",
@@ -211,7 +213,7 @@ def _run(
     report = ScoreReport(run_id, meta.model_id, store.out, input_)
     with store.lock(run_id), ExitStack() as stack:
         report.recovery = store.recover(run_id)
-        connect(address)
+        connect(address, log_dir=None if is_remote(store.out) else store.out)
         stack.enter_context(sigterm_as_interrupt())  # after ray.init, whose C++ handler only dumps a stack
         quiet_ray_data()
         remote_args = _remote_args(sc, input_, out, s.spec)
@@ -323,7 +325,7 @@ def _score_stages(
         fn_kwargs={
             "staging": store.staging(run_id),
             "storage": storage,
-            "metadata": file_metadata(meta, run_id, sc.incremental_key),
+            "metadata": file_metadata(meta, run_id, sc.incremental_key, threshold_override=sc.threshold),
             "key_mode": sc.incremental_key,
         },
         num_cpus=0,
@@ -454,11 +456,14 @@ def _snapshot(counter: Any) -> dict[str, int]:
 
 
 def _progress(counter: Any, start: float, stop: threading.Event, state: dict) -> None:
-    while not stop.wait(PROGRESS_EVERY_S):
-        c = _snapshot(counter)
-        elapsed = time.perf_counter() - start
-        scored = c.get("scored", 0)
-        console.info(
-            f"  {elapsed:6.0f} s  listed {c.get('listed', 0):,}  already scored {c.get('skipped', 0):,}  "
-            f"scored {scored:,} ({scored / elapsed:,.1f}/s)  committed {state['committed']:,}"
-        )
+    """Images scored of those to score (known once listing ends: a percentage and an ETA from then on)."""
+    with console.progress("score") as bar:
+        while not stop.wait(PROGRESS_POLL_S):
+            c = _snapshot(counter)
+            scored = c.get("scored", 0)
+            listed = c.get("parts_total", 0) and c.get("parts_listed", 0) >= c["parts_total"]
+            if listed and bar.total is None:
+                bar.set_total(max(scored, c.get("listed", 0) - c.get("skipped", 0) - c.get("repeated", 0)))
+            bar.note(f"listed {c.get('listed', 0):,}, already scored {c.get('skipped', 0):,}, "
+                     f"committed {state['committed']:,}")  # fmt: skip
+            bar.set_done(scored)

@@ -29,12 +29,13 @@ def _count(counter: Any, **values: int) -> None:
         counter.add.remote(values)
 
 
-def _list_part(batch: dict[str, np.ndarray], spec: InputSpec, storage: Storage, filt: ListFilter):
+def _list_part(batch: dict[str, np.ndarray], spec: InputSpec, storage: Storage, filt: ListFilter, counter: Any = None):
     for raw in batch["part"]:
         d = json.loads(raw)
         part = ListPart(walk=d["walk"], files=tuple(tuple(f) for f in d["files"]))
         for rows in walk(part, spec, storage, filt):
             yield listing_table(rows)
+        _count(counter, parts_listed=1)  # all parts listed: the driver knows how many images there are to score
 
 
 def _manifest_rows(table: pa.Table, column: str, base: str, storage: Storage) -> pa.Table:
@@ -183,7 +184,10 @@ def light_stage(tasks: int) -> dict[str, Any]:
     return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, tasks))}
 
 
-def listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict, tasks: int) -> Any:
+def listing_dataset(
+    spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str, remote_args: dict, tasks: int, counter: Any = None
+) -> Any:
+    """The images `spec` names, listed in parallel parts (counted in `counter`: parts_total, then parts_listed)."""
     import ray
 
     if spec.kind == "manifest":
@@ -231,11 +235,12 @@ def listing_dataset(spec: InputSpec, storage: Storage, sc: ScoreConfig, out: str
         raise DataError(f"--input {spec.text}: no {what} found; check the path (and score.extensions)")
     items = [{"part": json.dumps({"walk": p.walk, "files": [list(f) for f in p.files]})} for p in parts]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    _count(counter, parts_total=len(items))
     return ds.map_batches(
         _list_part,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"spec": spec, "storage": storage, "filt": filt},
+        fn_kwargs={"spec": spec, "storage": storage, "filt": filt, "counter": counter},
         **light_stage(tasks),
         **remote_args,
     )

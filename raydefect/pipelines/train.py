@@ -28,6 +28,7 @@ Console. A `UserCallback` (on the Train controller, which runs on the driver's n
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -53,6 +54,7 @@ from raydefect import console
 from raydefect.config import Config
 from raydefect.engine.run import (
     METRICS_FILE,
+    PROGRESS_FILE,
     ExportResult,
     append_metrics_row,
     best_epoch,
@@ -117,16 +119,39 @@ class _ProgressPrinter(threading.Thread):
         self.path = path
         self.printed = after_epoch
         self.stop_event = threading.Event()
+        self.bar: console.Progress | None = None  # the current epoch's images (rank 0's `PROGRESS_FILE`)
+        self.bar_epoch = 0
 
     def poll(self) -> None:
         try:
             rows = read_metrics_csv(self.path)
         except (OSError, ValueError, KeyError):
-            return  # half-written: next time
+            rows = []  # half-written: next time
         for row in rows:
             if int(row["epoch"]) > self.printed:
+                if self.bar_epoch <= int(row["epoch"]):  # not a later epoch's bar that is already running
+                    self._close_bar()
                 console.info(console_row(row))
                 self.printed = int(row["epoch"])
+        self._poll_batches()
+
+    def _poll_batches(self) -> None:
+        try:
+            live = json.loads((self.path.parent / PROGRESS_FILE).read_text(encoding="utf-8"))
+            epoch, images, total = int(live["epoch"]), int(live["images"]), int(live["total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if epoch <= self.printed or epoch < self.bar_epoch or (self.bar is None and epoch == self.bar_epoch):
+            return  # that epoch's row is out, or its bar was shown and closed: done
+        if self.bar is None or epoch != self.bar_epoch:
+            self._close_bar()
+            self.bar, self.bar_epoch = console.Progress(f"epoch {epoch}", total), epoch
+        self.bar.set_done(min(images, total))
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):
@@ -136,6 +161,7 @@ class _ProgressPrinter(threading.Thread):
         self.stop_event.set()
         self.join(timeout=5)
         self.poll()
+        self._close_bar()
 
 
 def uses_gpu(cfg: Config) -> bool:
@@ -241,7 +267,7 @@ def run_training(
 
     from raydefect.pipelines.cluster import connect, quiet_ray_data
 
-    connect(address)
+    connect(address, log_dir=run_dir)
     use_gpu, resources = _worker_resources(cfg)
     quiet_ray_data()
     trainer = _trainer(

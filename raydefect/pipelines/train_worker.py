@@ -19,6 +19,7 @@ from ray.train import (
 
 from raydefect.config import Config
 from raydefect.engine.run import (
+    PROGRESS_FILE,
     checkpoint_name,
 )
 
@@ -136,6 +137,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             trainer.restore(folder)
     elif config.get("resume_from"):  # the driver set damaged checkpoints aside and chose the newest good one
         trainer.restore(config["resume_from"])
+    if rank == 0:
+        trainer.progress_file = Path(config["run_dir"]) / PROGRESS_FILE
     if config.get("pid_file") and rank == 0:
         Path(config["pid_file"]).write_text(f"{os.getpid()}\n", encoding="utf-8")
     val_rows = _rows(ray.train.get_dataset_shard("val"))

@@ -141,14 +141,14 @@ def tune_study(
     from raydefect.pipelines.cluster import connect
     from raydefect.pipelines.train import uses_gpu
 
-    resources = connect(address)
+    resources = connect(address, log_dir=study.root)
     use_gpu = uses_gpu(trial_config(base, {}))
     n_parallel = concurrency(base, use_gpu, resources)
     fail_rule = os.environ.get(FAIL_TRIALS_ENV) or None
     payload = {"base": base.to_dict(), "trials_dir": str(study.trials_dir), "fail_rule": fail_rule}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, study=payload), TRIAL_DRIVER_RESOURCES)
     keys = parsed.keys
-    callback = StudyCallback(str(study.root), t.metric, t.mode, keys, base)
+    callback = StudyCallback(str(study.root), t.metric, t.mode, keys, base, total=t.num_samples)
     study.trials_dir.mkdir(parents=True, exist_ok=True)
 
     verbose = console.verbosity() >= 1
@@ -223,7 +223,8 @@ def _open_study(
         from raydefect.engine.run import prepare_runs_dir
         from raydefect.pipelines.cluster import connect
 
-        connect(address)  # before the study folder exists: an unreachable cluster must not leave a study behind
+        # before the study folder exists: an unreachable cluster must not leave a study behind
+        connect(address, log_dir=root.parent)
         prepare_runs_dir(root.parent)
         base = cfg.replace(**{"tune.name": study_name, "tune.space": str(parsed.source)})
         study = write_study(root, study_name, base, raw, parsed.source)

@@ -22,6 +22,7 @@ from raydefect.tuning.study import (
     ERROR,
     TERMINATED,
     collect_trials,
+    rank,
     trial_config,
     write_driver_record,
     write_trial_record,
@@ -141,9 +142,13 @@ class StudyCallback(tune.Callback):
     """On the driver: prints trial starts/ends, writes each trial's Tune status into its folder and rewrites
     trials.csv whenever a trial ends and when the study stops (so the record is complete after an interruption)."""
 
-    def __init__(self, root: str, metric: str, mode: str, keys: list[str], base: Config | None = None) -> None:
+    def __init__(
+        self, root: str, metric: str, mode: str, keys: list[str], base: Config | None = None, total: int | None = None
+    ) -> None:
         self.root, self.metric, self.mode, self.keys, self.base = root, metric, mode, keys, base
         self.to_release: dict[str, float] = {}  # trial id -> when it ended
+        self.progress: console.Progress | None = None  # trials ended of `total`, best so far: from the first start
+        self.total = total
 
     def _release_due(self, now: float, force: bool = False) -> None:
         for trial_id, ended in list(self.to_release.items()):
@@ -184,8 +189,15 @@ class StudyCallback(tune.Callback):
                 f"trial {row.trial_id} {row.status} after {row.epochs}/{row.planned_epochs} epochs "
                 f"({row.duration_s:.0f} s): {what}"
             )
+            if self.progress is not None:
+                ranked = rank(rows, self.mode)
+                if ranked:
+                    self.progress.note(f"best {self.metric} {ranked[0].metric_best:.4g} (trial {ranked[0].trial_id})")
+                self.progress.update(1)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.progress is None:
+            self.progress = console.Progress("tune", self.total, unit="trial")
         values = config_params(trial.config)
         shown = ", ".join(f"{k}={short_value(v)}" for k, v in values.items())
         console.info(f"trial {trial.trial_id} started: {shown}")
@@ -220,6 +232,8 @@ class StudyCallback(tune.Callback):
         for trial in trials:  # after Ctrl-C / SIGTERM the unfinished ones are still RUNNING or PENDING
             self._mark(trial, str(trial.status))
         self._refresh()
+        if self.progress is not None:
+            self.progress.close()
 
 
 def short_value(value: Any) -> str:

@@ -25,12 +25,13 @@ import pyarrow.compute as pc
 
 from raydefect.errors import DataError, ImageError, OutputError, first_line
 from raydefect.imaging import decode_image, decode_png_mask, encode_png
+from raydefect.inference.postprocess import format_bbox
 from raydefect.paths import is_uri
 from raydefect.scoring.records import RunRecord
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.storage import Storage
 from raydefect.scoring.store import ScoreStore
-from raydefect.viz.overlay import render_overlay, save_png
+from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
                    "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
@@ -312,7 +313,10 @@ def extract(
                     r["path"], f"now {image.shape[1]}x{image.shape[0]}, scored at {mask.shape[1]}x{mask.shape[0]}"
                 )
             label = r["defect_class"] if r["is_defect"] else "normal"
-            save_png(render_overlay(image, mask, r["defect_score"], label), str(dest / overlay_name))
+            colour = class_colour(_class_index(r, label))
+            empty = "mask empty: no pixel above the pixel threshold" if r["is_defect"] and not mask.any() else None
+            picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty)
+            save_png(picture, str(dest / overlay_name))
             overlays += 1
         except (OSError, ImageError) as e:
             note, overlay_name = f"no overlay: {e}", ""
@@ -324,7 +328,7 @@ def extract(
                 "defect_score": r["defect_score"],
                 "defect_class": r["defect_class"],
                 "mask_area_px": r["mask_area_px"],
-                "bbox": r["bbox"],
+                "bbox": format_bbox(r["bbox"]),
                 "mask": f"{stem}_mask.png",
                 "overlay": overlay_name,
                 "note": note,
@@ -354,6 +358,15 @@ def extract(
         "no_overlay": [r for r in index if r["note"]],
         "removed": removed,
     }
+
+
+def _class_index(row: dict[str, Any], label: str) -> int:
+    """`label`'s index among the model's classes (the keys of the row's ``class_scores``, in the model's order), so
+    that a class has the colour `raydefect predict` and the evaluation report give it (0, green: normal)."""
+    names = [name for name, _ in row.get("class_scores") or []]
+    if label in names:
+        return names.index(label)
+    return 1 if row.get("is_defect") else 0
 
 
 def _remove_previous_extract(dest: Path) -> int:

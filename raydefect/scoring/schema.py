@@ -74,9 +74,15 @@ def conform(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def file_metadata(meta: ArtifactMeta, run_id: str, key_mode: str) -> dict[str, str]:
-    """Key-value metadata stored in every Parquet footer (readable with ``pq.read_metadata(f).metadata``)."""
+def file_metadata(
+    meta: ArtifactMeta, run_id: str, key_mode: str, threshold_override: float | None = None
+) -> dict[str, str]:
+    """Key-value metadata stored in every Parquet footer (readable with ``pq.read_metadata(f).metadata``).
+    ``threshold_override``: the image threshold of `score --threshold`, in place of the model's for this run
+    (``thresholds`` then holds it too)."""
+    override = {} if threshold_override is None else {"image": float(threshold_override)}
     return {
+        f"{META_PREFIX}threshold_override": json.dumps(override),
         f"{META_PREFIX}schema_version": str(SCHEMA_VERSION),
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}model_id": meta.model_id,
@@ -103,7 +109,7 @@ def read_file_metadata(raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
         if not key.startswith(META_PREFIX):
             continue
         value: Any = v.decode()
-        if key.endswith(("thresholds", "class_names", "reference")):
+        if key.endswith(("thresholds", "class_names", "reference", "threshold_override")):
             value = json.loads(value)
         out[key[len(META_PREFIX) :]] = value
     return out

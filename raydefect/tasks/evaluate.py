@@ -42,7 +42,7 @@ from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
 from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator
 from raydefect.metrics.common import json_safe
-from raydefect.tasks.evaluation import Evaluation, summarize, write_per_image_csv
+from raydefect.tasks.evaluation import Evaluation, card_note, summarize, write_per_image_csv
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
 if TYPE_CHECKING:
@@ -230,9 +230,10 @@ def evaluate_records(
     image_acc, pixel_acc = evaluator.new_accumulators()
     rows: list[dict[str, Any]] = []
     try:
-        for start in range(0, len(records), batch_size):
-            rows += evaluator.evaluate_batch(records[start : start + batch_size], image_acc, pixel_acc)
-            console.debug(f"evaluated {min(start + batch_size, len(records)):,}/{len(records):,} images")
+        with console.progress("evaluate", len(records)) as bar:
+            for start in range(0, len(records), batch_size):
+                rows += evaluator.evaluate_batch(records[start : start + batch_size], image_acc, pixel_acc)
+                bar.update(len(records[start : start + batch_size]))
     finally:
         evaluator.close()
     rows.sort(key=lambda r: r["index"])
@@ -286,7 +287,7 @@ def render_galleries(
             ).mask
             truth = item.truth if item.truth is not None else np.zeros((h, w), bool)
             cls = row["predicted_class"]
-            note = None if math.isnan(row["iou"]) else f"IoU {row['iou']:.3f}"
+            note = card_note(cls, mask, truth, row["iou"])
             overlay = render_overlay(
                 item.image,
                 mask,
@@ -301,7 +302,8 @@ def render_galleries(
             rel = f"{GALLERY_DIR}/{key}/{n:02d}_{stem}.png"
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             save_png(overlay, str(out_dir / rel))
-            written[key].append({**_caption(row), "png": rel})
+            shown = {} if mask.any() or truth.any() else {"iou": None}  # two empty masks: no IoU to show
+            written[key].append({**_caption(row), **shown, "note": note, "png": rel})
     return written
 
 
@@ -323,6 +325,7 @@ def write_evaluation(
         raise OutputError(f"cannot create {out}: {e.strerror or e}; choose a writable --out") from None
     start = time.perf_counter()
     plots = write_metric_plots(out, evaluation.image, evaluation.pixel)
+    plots["score_histogram"] = _score_histogram(evaluation, out)
     galleries: dict[str, list[dict[str, Any]]] = {}
     if predictor is not None and gallery_size > 0:
         chosen = {k: rows[:gallery_size] for k, rows in evaluation.galleries.items()}
@@ -354,6 +357,21 @@ def write_evaluation(
     return paths
 
 
+def _score_histogram(evaluation: Evaluation, out: Path) -> Path:
+    from raydefect.viz.plots import plot_score_histogram
+
+    scored = [r for r in evaluation.rows if not r.get("error")]
+    story = evaluation.metrics["thresholds"]
+    marks = [(r["target_recall"], r["threshold"]) for r in story["validation_at_recall"] or story["at_recall"]]
+    return plot_score_histogram(
+        [r["defect_score"] for r in scored],
+        [r["label"] == 1 for r in scored],
+        out / "score_histogram.png",
+        threshold=story["image"],
+        recall_thresholds=[(t, v) for t, v in marks if v is not None],
+    )
+
+
 Scorer = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator]]
 
 
@@ -377,7 +395,7 @@ def run_evaluation(
     start = time.perf_counter()
     records = split_records(dataset.split(split))
     if scorer is None:
-        console.info(f"evaluating {len(records):,} images of the {split!r} split locally")
+        console.info(f"evaluating {console.count(len(records), 'image')} of the {split!r} split locally")
         rows, image_acc, pixel_acc = evaluate_records(Evaluator(predictor, dataset.class_names), records, batch_size)
     else:
         rows, image_acc, pixel_acc = scorer(records)

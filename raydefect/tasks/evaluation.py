@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import __version__
+from raydefect.console import count
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
 from raydefect.metrics.common import json_safe, nanmean, safe_div
 from raydefect.viz.report import GALLERIES
@@ -94,7 +95,7 @@ def summarize(
     if no_mask:
         notes.append(f"{no_mask} defect images have no mask: left out of the pixel metrics")
     if errors:
-        notes.append(f"{len(errors)} images could not be read and are left out of every metric (see 'errors')")
+        notes.append(f"{count(len(errors), 'image')} could not be read and are left out of every metric (see 'errors')")
     metrics = {
         "raydefect_version": __version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -121,6 +122,7 @@ def summarize(
         "image": image.to_dict(),
         "pixel": pixel.to_dict(),
         "per_class": per_class_table(image, rows),
+        "thresholds": threshold_story(meta, scored, model_path),
         "notes": notes,
         "errors": errors,
     }
@@ -187,3 +189,41 @@ def write_per_image_csv(path: Path, rows: Sequence[dict[str, Any]], class_names:
             values = [r.get(c) for c in columns]
             values[columns.index("is_defect")] = "" if r.get("error") else int(r["is_defect"])
             writer.writerow([_fmt(v) for v in values] + [_fmt(p) for p in probs])
+
+
+def card_note(called: str, mask: np.ndarray, truth: np.ndarray, iou: float) -> str | None:
+    """The line under a gallery card's label. The IoU only where a mask was drawn or one was there to find: an image
+    called defective with nothing above the pixel threshold says exactly that (the IoU of two empty masks is 1 by
+    convention, and "IoU 1.000" beside an empty picture read as a perfect mask)."""
+    scored = "" if math.isnan(iou) or not truth.any() else f"IoU {iou:.3f}"
+    if not mask.any() and called != "normal":
+        return f"called {called}, mask empty: no pixel above the pixel threshold" + (f" ({scored})" if scored else "")
+    return scored or None if (mask.any() or truth.any()) else None
+
+
+#: How training chose each threshold, for a model that predates ``extra.thresholds_chosen`` in its model.yaml.
+DEFAULT_CHOICE = {
+    "image": "the defect-score cut with the best F1 on the validation split (chosen by the training run)",
+    "pixel": "the pixel-probability cut with the best mean Dice on the validation split (chosen by the training run)",
+}
+
+
+def threshold_story(meta: ArtifactMeta, scored: Sequence[dict[str, Any]], model_path: str = "") -> dict[str, Any]:
+    """How each stored threshold was chosen, and the image thresholds for the target recalls (`TARGET_RECALLS`) on
+    the evaluated images and, when the model stores them, on its validation images (what `raydefect thresholds
+    --image-recall` uses)."""
+    from raydefect.metrics.thresholds import thresholds_at_recall
+    from raydefect.models.retarget import read_validation_scores
+
+    chosen = {**DEFAULT_CHOICE, **dict(meta.extra.get("thresholds_chosen") or {})}
+    scores = [r["defect_score"] for r in scored]
+    labels = [r["label"] == 1 for r in scored]
+    validation = read_validation_scores(model_path) if model_path else None
+    return {
+        "image": meta.image_threshold,
+        "pixel": meta.pixel_threshold,
+        "how": {"image": chosen["image"], "pixel": chosen["pixel"]},
+        "derived_from": meta.extra.get("derived_from"),
+        "at_recall": thresholds_at_recall(scores, labels),
+        "validation_at_recall": None if validation is None else thresholds_at_recall(*validation),
+    }

@@ -29,6 +29,7 @@ from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
 from raydefect.inference import MaskResult, Predictor, Preprocessor, decide, infer_images, postprocess
+from raydefect.inference.postprocess import format_bbox
 from raydefect.paths import glob_files, has_glob, printable_path
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
@@ -67,7 +68,7 @@ def list_images(
             found.append(text)
         else:
             raise DataError(f"{name} {item}: no such file or folder; pass a folder, a quoted glob or an image file")
-    unique = sorted(dict.fromkeys(os.path.normpath(p) for p in found))
+    unique = sorted(dict.fromkeys(os.path.abspath(p) for p in found))  # absolute, as the scores table holds them
     if not unique:
         raise DataError(
             f"{name} {', '.join(str(s) for s in specs)}: no image files found (extensions {', '.join(exts)}); "
@@ -154,11 +155,6 @@ def class_columns(class_names: Sequence[str]) -> list[str]:
 
     taken: set[str] = set()
     return [f"p_{class_key(name, taken)}" for name in class_names]
-
-
-def format_bbox(bbox: tuple[int, int, int, int] | None) -> str:
-    """``x0 y0 x1 y1`` (x1, y1 exclusive); empty when there is no mask."""
-    return "" if bbox is None else " ".join(str(int(v)) for v in bbox)
 
 
 def default_workers() -> int:
@@ -339,12 +335,20 @@ def predict_images(
         target.parent.mkdir(parents=True, exist_ok=True)
         save_png(render_overlay(item.image, mask, score, label, colour=colour), str(target))
 
-    console.info(f"predicting {len(paths):,} images with model {meta.model_id} ({meta.backbone}, {pre.image_size} px)")
+    console.info(
+        f"predicting {console.count(len(paths), 'image')} with model {meta.model_id} "
+        f"({meta.backbone}, {pre.image_size} px)"
+    )
     handle = _open_csv(out / SCORES_CSV)
     writes: list[Future] = []
     cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
     threads = cpu_threads(cpu, workers)
-    with handle, threads, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool:
+    with (
+        handle,
+        threads,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool,
+        console.progress("predict", len(paths)) as shown,
+    ):
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
         for batch in scored_batches(predictor, meta, pool, paths, decode, batch_size):
@@ -367,7 +371,7 @@ def predict_images(
             handle.flush()
             while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
                 _finish(writes.pop(0), out)
-            console.debug(f"{summary.images:,}/{len(paths):,} images")
+            shown.update(len(batch))
         for f in writes:
             _finish(f, out)
     summary.seconds = time.perf_counter() - start

@@ -15,11 +15,20 @@ from raydefect.viz.plots import draw_undefined, new_figure, save_figure
 _COLORS = ("#1f4e79", "#d9531e", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b")
 
 
+def start_order(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """Trials in the order they started (a trial that never recorded its start last, then by id): the order Optuna
+    saw their results in, which trial ids (assigned when queued) need not follow."""
+    return sorted(rows, key=lambda r: (not math.isfinite(r.started_at), r.started_at, r.trial_id))
+
+
 def plot_history(rows: Sequence[TrialRow], metric: str, mode: str, path: Path) -> Path:
-    """Each finished trial's best metric in trial order, and the best so far."""
+    """Each finished trial's best metric in start order (1, 2, ...: integer ticks), and the best so far."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
-    done = [(i, r) for i, r in enumerate(rows) if r.finished]
+    done = [(i, r) for i, r in enumerate(start_order(rows), start=1) if r.finished]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not done:
         draw_undefined(ax, "no finished trial yet")
     else:

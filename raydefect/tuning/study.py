@@ -271,6 +271,7 @@ class TrialRow:
     duration_s: float = math.nan
     train_s: float = 0.0  # sum of the epochs' seconds (training + validation) in this trial
     history: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = math.nan  # time.time() when the trial started (its start order; NaN if it never said)
 
     @property
     def finished(self) -> bool:
@@ -341,6 +342,7 @@ def collect_trials(
                 duration_s=duration,
                 train_s=sum(_finite(r.get("seconds")) for r in history if math.isfinite(_finite(r.get("seconds")))),
                 history=history,
+                started_at=_finite(start) if start is not None else math.nan,
             )
         )
     return rows

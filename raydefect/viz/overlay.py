@@ -10,10 +10,11 @@ extraction. Layout (a uint8 RGB array, ``scale * H`` high and ``2 * scale * W`` 
     +-------------------+-------------------+
 
 The contour is the morphological inner edge of the mask (``mask & ~erode(mask)``, scipy.ndimage), so it follows the
-pixels exactly and never leaves the mask. Text sits in a dark box, readable on any background. Colours come from a
-fixed palette by class index (`class_colour`), so one class has one colour in every picture. Small images are
-enlarged by an integer factor (nearest neighbour: pixels stay crisp, the mask stays exact) until the shorter side is
-at least `MIN_DISPLAY_SIDE`; huge ones are shrunk so that the longer side is at most `MAX_DISPLAY_SIDE`.
+pixels exactly and never leaves the mask. Text sits in a dark box, readable on any background, in the panel's corner
+that covers the least of the mask (top left when that is free), so a label never hides what it describes. Colours
+come from a fixed palette by class index (`class_colour`), so one class has one colour in every picture. Small images
+are enlarged by an integer factor (nearest neighbour: pixels stay crisp, the mask stays exact) until the shorter side
+is at least `MIN_DISPLAY_SIDE`; huge ones are shrunk so that the longer side is at most `MAX_DISPLAY_SIDE`.
 """
 
 from __future__ import annotations
@@ -137,13 +138,19 @@ def _fit(
 
 def _text_box(
     draw: ImageDraw.ImageDraw,
-    xy: tuple[int, int],
+    corners: Sequence[tuple[int, int, int, int]],
     lines: Sequence[str],
     font_px: int,
     swatch: tuple[int, int, int] | None,
     max_width: int,
-) -> None:
-    """Dark rounded box with white text at xy; a coloured square before the first line says which colour is which."""
+    avoid: np.ndarray | None = None,
+) -> tuple[int, int, int, int]:
+    """Dark rounded box with white text; a coloured square before the first line says which colour is which.
+
+    ``corners``: (x, y, x_sign, y_sign) anchors, tried in order: the box's corner sits at (x, y) and grows right/down
+    (sign +1) or left/up (-1). ``avoid``: a bool array in canvas coordinates (the mask): the box goes to the first
+    anchor covering the fewest of its pixels, so the label never hides the mask when a free corner exists.
+    Returns the box (x0, y0, x1, y1)."""
     pad = max(2, round(font_px * 0.3))
     line_h = round(font_px * 1.25)
     sw = line_h - 2 * max(1, pad // 2) if swatch is not None else 0
@@ -153,7 +160,18 @@ def _text_box(
     widths = [int(draw.textlength(t, font=font)) for t in lines]
     box_w = max(widths) + sw + gap + 2 * pad
     box_h = line_h * len(lines) + 2 * pad
-    x, y = xy
+
+    def place(corner: tuple[int, int, int, int]) -> tuple[int, int]:
+        cx, cy, sx, sy = corner
+        return (cx if sx > 0 else cx - box_w), (cy if sy > 0 else cy - box_h)
+
+    def covered(xy: tuple[int, int]) -> int:
+        if avoid is None:
+            return 0
+        x0, y0 = max(0, xy[0]), max(0, xy[1])
+        return int(avoid[y0 : xy[1] + box_h + 1, x0 : xy[0] + box_w + 1].sum())
+
+    x, y = min((place(c) for c in corners), key=covered)  # min keeps the first of equals: top left by default
     draw.rounded_rectangle((x, y, x + box_w, y + box_h), radius=pad, fill=(0, 0, 0, 170))
     if swatch is not None:
         sy = y + pad + (line_h - sw) // 2
@@ -161,6 +179,13 @@ def _text_box(
     for i, text in enumerate(lines):
         tx = x + pad + (sw + gap if i == 0 else 0)
         draw.text((tx, y + pad + i * line_h), text, font=font, fill=(255, 255, 255, 255))
+    return x, y, x + box_w, y + box_h
+
+
+def _corners(x0: int, width: int, height: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """A panel's four label anchors (see `_text_box`): top left, top right, bottom left, bottom right."""
+    x1, y1 = x0 + width - margin, height - margin
+    return [(x0 + margin, margin, 1, 1), (x1, margin, -1, 1), (x0 + margin, y1, 1, -1), (x1, y1, -1, -1)]
 
 
 def render_overlay(
@@ -223,9 +248,13 @@ def render_overlay(
     margin = max(2, font_px // 4)
     text = label_text if score is None else f"{label_text}  defect score {score:.3f}"
     lines = [text] + ([note] if note else [])
-    _text_box(draw, (panel_w + margin, margin), lines, font_px, tuple(int(c) for c in col), panel_w - 2 * margin)
+    blank = np.zeros((panel_h, panel_w), bool)
+    avoid = np.concatenate([blank if truth is None else truth, blank if pred is None else pred], axis=1)
+    swatch = tuple(int(c) for c in col)
+    _text_box(draw, _corners(panel_w, panel_w, panel_h, margin), lines, font_px, swatch, panel_w - 2 * margin, avoid)
     if true_text:
-        _text_box(draw, (margin, margin), [true_text], font_px, TRUTH_COLOUR, panel_w - 2 * margin)
+        room = panel_w - 2 * margin
+        _text_box(draw, _corners(0, panel_w, panel_h, margin), [true_text], font_px, TRUTH_COLOUR, room, avoid)
     draw.line([(panel_w, 0), (panel_w, panel_h)], fill=(255, 255, 255, 200), width=1)  # panel separator
     out = Image.alpha_composite(canvas, layer).convert("RGB")
     return np.asarray(out)

@@ -222,6 +222,48 @@ def plot_iou_histogram(
     return save_figure(fig, path)
 
 
+def plot_score_histogram(
+    scores: Any,
+    labels: Any,
+    path: str | Path,
+    *,
+    threshold: float,
+    recall_thresholds: Sequence[tuple[float, float]] = (),
+    bins: int = 40,
+) -> Path:
+    """Defect scores of normal and of defect images (side by side, not stacked), the stored image threshold as a
+    solid line and (target recall, threshold) pairs as dotted ones: where the operating point sits between them."""
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, bool)
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    groups = [(s[~y], "normal images", "#2e8b57"), (s[y], "defect images", "#b3261e")]
+    for data, name, colour in groups:
+        if data.size:
+            ax.hist(data, bins=edges, color=colour, alpha=0.55, label=f"{name} (n = {data.size})", edgecolor="white")
+    if not s.size:
+        draw_undefined(ax, "no images")
+    ax.axvline(threshold, color="black", lw=2, label=f"stored image threshold {threshold:.3g}")
+    same: dict[float, list[float]] = {}  # few defect images: several targets share one threshold, one label
+    for target, value in recall_thresholds:
+        if math.isfinite(value):
+            same.setdefault(value, []).append(target)
+    for value, targets in same.items():
+        ax.axvline(value, color=_GREY, ls=":", lw=1.5)
+        text = "recall " + " / ".join(f"{t:g}" for t in targets)
+        ax.annotate(text, xy=(value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555")  # fmt: skip
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("Defect score (score >= threshold: called defective)")
+    ax.set_ylabel("Images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Defect scores of normal and defect images")
+    ax.legend(loc="upper center", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
 def _read_metrics_csv(path: Path) -> tuple[list[str], dict[str, np.ndarray], list[str]]:
     """Columns as float arrays (one row per epoch, the last row of a repeated epoch wins) plus the stage column."""
     try:
@@ -257,8 +299,13 @@ def plot_training_curves(
     *,
     metrics: Sequence[str] | None = None,
     title: str | None = None,
+    best_epoch: int | None = None,
+    best_metric: str | None = None,
 ) -> Path:
     """Loss and validation metrics against epoch from a run's metrics.csv, stage changes marked.
+
+    ``best_epoch``: the epoch the model was exported from, marked in every panel (a solid green line) and, when
+    ``best_metric`` is a column, as a star on that metric's curve with its value.
 
     Reads columns `epoch` (required), every column whose name contains "loss", the `metrics` columns (default: the
     `DEFAULT_CURVE_METRICS` present) and, when present, `stage` (dashed lines where it changes) and `lr` (a third
@@ -317,9 +364,30 @@ def plot_training_curves(
             color="#555555",
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
         )
+    if best_epoch is not None:
+        _mark_best(axes, data, best_epoch, best_metric)
     axes[-1].set_xlabel("Epoch")
     axes[0].set_title(title or f"Training curves: {csv_path.parent.name or csv_path.name}")
     return save_figure(fig, path)
+
+
+#: The colour of the best epoch's marks in the training curves.
+BEST_COLOUR = "#2e8b57"
+
+
+def _mark_best(axes: Any, data: dict[str, np.ndarray], best_epoch: int, metric: str | None) -> None:
+    """The exported (best) epoch: a line through every panel, and a labelled star on the metric that chose it."""
+    for ax in axes:
+        ax.axvline(best_epoch, color=BEST_COLOUR, lw=1.5, alpha=0.8, zorder=1)
+    hit = np.flatnonzero(data["epoch"] == best_epoch)
+    value = float(data[metric][hit[0]]) if metric in data and hit.size else math.nan
+    label = f"best epoch {best_epoch}" + (f": {metric} {value:.3f}" if math.isfinite(value) else "")
+    if math.isfinite(value):
+        axes[1].plot([best_epoch], [value], marker="*", ms=14, color=BEST_COLOUR, zorder=4, ls="none", label=label)
+        axes[1].legend(loc="best", fontsize=8)
+    else:
+        axes[1].annotate(label, xy=(best_epoch, 0.02), xycoords=("data", "axes fraction"), xytext=(4, 4),
+                         textcoords="offset points", fontsize=8, color=BEST_COLOUR)  # fmt: skip
 
 
 def write_metric_plots(out_dir: str | Path, image: Any = None, pixel: Any = None) -> dict[str, Path]:

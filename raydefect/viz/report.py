@@ -152,6 +152,8 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
     figures = []
     for g in entries:
         iou = "" if g.get("iou") is None else f" &middot; IoU {format_number(g['iou'])}"
+        if g.get("note") and "mask empty" in g["note"]:
+            iou = f" &middot; {_e(g['note'])}"
         figures.append(
             f'<figure><img src="{data_uri(out_dir / g["png"])}" alt="{_e(g["file"])}" title="{_e(g["image"])}">'
             f"<figcaption><b>{_e(g['file'])}</b><br>defect score {format_number(g['defect_score'])} &middot; "
@@ -159,6 +161,51 @@ def _gallery(entries: Sequence[dict[str, Any]], out_dir: Path) -> str:
             "</figcaption></figure>"
         )
     return '<div class="gallery">' + "".join(figures) + "</div>"
+
+
+def _recall_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["target recall", "image threshold", "recall", "precision", "false alarm rate", "defects missed"]
+    return html_table(
+        head,
+        [
+            [format_number(r["target_recall"]), format_number(r["threshold"]), format_number(r["recall"]),
+             format_number(r["precision"]), format_number(r["false_alarm_rate"]), format_number(r["defects_missed"])]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
+def _thresholds(story: dict[str, Any], out_dir: Path, plots: dict[str, str]) -> str:
+    """The threshold story: how each was chosen, the score histogram, the image thresholds for target recalls."""
+    parts = [
+        "<h2>Thresholds</h2>",
+        html_table(
+            ["threshold", "value", "how it was chosen"],
+            [
+                ["image (defect score)", format_number(story["image"]), _e(story["how"]["image"])],
+                ["pixel (mask probability)", format_number(story["pixel"]), _e(story["how"]["pixel"])],
+            ],
+        ),
+    ]
+    if story.get("derived_from"):
+        parts.append(f'<p class="what">Thresholds moved from model {_e(story["derived_from"])}.</p>')
+    if "score_histogram" in plots:
+        parts.append(
+            f'<figure><img src="{data_uri(out_dir / plots["score_histogram"])}" alt="score histogram">'
+            "<figcaption>Defect scores of normal and defect images: the solid line is the stored image threshold, "
+            "dotted lines the thresholds for the target recalls below.</figcaption></figure>"
+        )
+    if story.get("validation_at_recall"):
+        parts.append("<h3>Image thresholds for target recalls, on the validation images</h3>")
+        parts.append(_recall_table(story["validation_at_recall"]))
+    parts.append("<h3>Image thresholds for target recalls, on this split</h3>")
+    parts.append(
+        '<p class="what">To use one: <code>raydefect thresholds MODEL --image-recall 0.99</code> writes the model '
+        "with that threshold (chosen on its validation images); <code>raydefect score --threshold VALUE</code> "
+        "uses a value for one run.</p>"
+    )
+    parts.append(_recall_table(story["at_recall"]))
+    return "\n".join(parts)
 
 
 def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
@@ -213,6 +260,8 @@ def render_report(metrics: dict[str, Any], out_dir: str | Path) -> str:
                 f"<figcaption>{_e(caption)}</figcaption></figure>"
             )
     parts.append("</div>")
+    if metrics.get("thresholds"):
+        parts.append(_thresholds(metrics["thresholds"], out_dir, plots))
     parts.append("<h2>Per class</h2>" + _per_class(metrics))
     galleries = metrics.get("galleries", {})
     parts.append(
