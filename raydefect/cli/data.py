@@ -162,6 +162,24 @@ def synth_cmd(
     "--class-regex", metavar="RE", help="Generic layout: the class from the path (named group 'class' or group 1)."
 )
 @click.option("--normal-class", metavar="NAME", help="Generic layout: the class (from --class-regex) of normal images.")
+@click.option(
+    "--mask-format",
+    type=click.Choice(["binary", "index"]),
+    default="binary",
+    show_default=True,
+    help="binary: defect = value >= 128. index: pixel value = class id, 0 = background (palette PNGs by index); "
+    "the image's class is the class with the largest area.",
+)
+@click.option(
+    "--class-names",
+    metavar="A,B,C|FILE",
+    help="Names of class ids 1, 2, ... (index masks, --rle-csv): a,b,c or a YAML map file ('1: scratch').",
+)
+@click.option("--coco", type=click.Path(), help="COCO JSON layout (CVAT, Label Studio): polygons and RLE.")
+@click.option("--rle-csv", type=click.Path(), help="Run-length CSV layout (Severstal: ImageId,ClassId,EncodedPixels).")
+@click.option(
+    "--image-dir", type=click.Path(), help="With --coco/--rle-csv: the images' folder [default: the file's folder]."
+)
 @click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option(
@@ -192,6 +210,11 @@ def prepare_cmd(
     mask_template: str | None,
     class_regex: str | None,
     normal_class: str | None,
+    mask_format: str,
+    class_names: str | None,
+    coco: str | None,
+    rle_csv: str | None,
+    image_dir: str | None,
     split_text: str,
     seed: int,
     copy: bool,
@@ -207,6 +230,9 @@ def prepare_cmd(
       classic  --defect-images DIR --defect-masks DIR --normal-images DIR
       MVTec AD --mvtec DIR/bottle
       generic  --images 'GLOB' --mask-template TEMPLATE [--class-regex RE --normal-class NAME]
+      COCO     --coco annotations.json [--image-dir DIR]
+      RLE CSV  --rle-csv train.csv --image-dir train_images [--class-names a,b,c]
+    Class-index masks: add --mask-format index [--class-names a,b,c] to the classic or generic layout.
     \b
     The magnetic tile data set, for example:
       raydefect prepare --images 'magnetic_tile/MT_*/Imgs/*.jpg' --mask-template '{parent}/{stem}.png' \\
@@ -217,14 +243,26 @@ def prepare_cmd(
     Re-running into the same --out keeps every old image in its split.
     """
     from raydefect import console
-    from raydefect.data.importers import listing_from_options
+    from raydefect.data.label_importers import listing_with_labels
     from raydefect.data.prepare import prepare_dataset
     from raydefect.data.splits import parse_split
 
     cfg = build_config(config_name, sets, **{"data.max_image_pixels": max_pixels})
     fractions = parse_split(split_text)
-    listing = listing_from_options(
-        defect_images, defect_masks, normal_images, mvtec, images, mask_template, class_regex, normal_class
+    listing = listing_with_labels(
+        coco=coco,
+        rle_csv=rle_csv,
+        image_dir=image_dir,
+        mask_format=mask_format,
+        class_names=class_names,
+        defect_images=defect_images,
+        defect_masks=defect_masks,
+        normal_images=normal_images,
+        mvtec=mvtec,
+        images=images,
+        mask_template=mask_template,
+        class_regex=class_regex,
+        normal_class=normal_class,
     )
     report = prepare_dataset(
         listing,
