@@ -163,3 +163,47 @@ def test_ray_evaluation_gives_the_local_pixel_classes(ray_session, trained, tmp_
     on_ray = evaluate(run / "model", ds.root, tmp_path / "ray", use_ray=True, batch_size=3, gallery_size=0)
     assert on_ray.metrics["pixel_classes"]["confusion"] == local.metrics["pixel_classes"]["confusion"]
     assert on_ray.metrics["pixel_classes"]["pixels"] == 10 * SIZE * SIZE
+
+
+def test_class_ids_and_areas_at_the_image_size():
+    from raydefect.inference import class_areas, class_ids
+
+    prob = np.zeros((4, 4), np.float32)
+    prob[:2] = 0.9  # the top half is defect
+    probs = np.zeros((3, 4, 4), np.float32)
+    probs[0] = 0.9  # background wins everywhere, but never above the threshold
+    probs[1, :, :2], probs[2, :, 2:] = 0.1, 0.1  # left half class 1, right half class 2
+    ids = class_ids(prob, probs, 8, 8, 0.5)
+    assert ids.shape == (8, 8) and set(np.unique(ids[4:])) == {0}
+    assert (ids[:4, :4] == 1).all() and (ids[:4, 4:] == 2).all()
+    assert class_areas(ids, ["normal", "a", "b"]) == {"a": 16, "b": 16}
+
+
+def test_overlay_colours_each_class():
+    from raydefect.viz.overlay import class_colour, render_overlay
+
+    image = np.full((64, 64), 128, np.uint8)
+    ids = np.zeros((64, 64), np.uint8)
+    ids[40:60, 4:24], ids[40:60, 34:54] = 1, 2  # the bottom half: the label is written at the top
+    out = render_overlay(image, ids > 0, 0.9, "a", classes=ids, scale=1.0)
+    right = out[:, 64:]
+    assert tuple(right[59, 10]) == class_colour(1) and tuple(right[59, 40]) == class_colour(2)  # the contours
+    assert tuple(right[62, 10]) == (128, 128, 128)  # outside every class: the image
+
+
+@pytest.mark.slow
+def test_predict_writes_class_areas(trained, tmp_path):
+    import csv
+
+    from raydefect.tasks.predict import predict_images
+
+    ds, run, _ = trained
+    images = [str(p) for p in ds.frame("test")["image"]]
+    predict_images(run / "model", images, tmp_path / "out", device="cpu")
+    with open(tmp_path / "out" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(images) and all(r["class_area_px"] for r in rows)
+    for r in rows:
+        areas = json.loads(r["class_area_px"])
+        assert set(areas) <= set(CLASSES) and sum(areas.values()) == int(r["mask_area_px"])
+    assert len(list((tmp_path / "out" / "overlays").rglob("*.png"))) == len(images)

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from raydefect.errors import CorruptImageError, DataError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, read_bytes
+from raydefect.imaging import DEFAULT_MAX_PIXELS, DEFECT_COLOURS, read_bytes
 
 MASK_FORMATS = ("binary", "index")
 INDEX, COCO, RLE = "index", "coco", "rle"
@@ -275,16 +275,9 @@ def remap(raster: ClassRaster, class_id: dict[str, int]) -> np.ndarray:
     return lut[raster.array]
 
 
-#: colours of class ids 1, 2, ... in stored index masks and overlays (0, background, is black); they repeat after 10
-CLASS_COLOURS = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-)  # fmt: skip
-
-
 def class_palette() -> list[int]:
-    """A 256-entry PNG palette: 0 black, then `CLASS_COLOURS` repeated."""
-    colours = [(0, 0, 0)] + [CLASS_COLOURS[i % len(CLASS_COLOURS)] for i in range(255)]
+    """A 256-entry PNG palette: 0 black, then the overlays' class colours (`imaging.DEFECT_COLOURS`) repeated."""
+    colours = [(0, 0, 0)] + [DEFECT_COLOURS[i % len(DEFECT_COLOURS)] for i in range(255)]
     return [v for rgb in colours for v in rgb]
 
 

@@ -149,7 +149,9 @@ def load_dataset(path: str | Path) -> Dataset:
 def _check_inside(root: Path, manifest: Path, table: Any) -> None:
     """A self-contained (``--copy``) dataset names its files relative to its folder; a hand-edited row with an
     absolute path or ``..`` climbing out would make readers (and anything copying the folder) leave it."""
-    for column in ("image", "mask"):
+    for column in ("image", "mask", "class_mask"):
+        if column not in table.column_names:  # class_mask: only datasets with per-pixel classes
+            continue
         for i, value in enumerate(table.column(column).to_pylist()):
             if value is None:
                 continue

@@ -40,10 +40,18 @@ from raydefect.data.labels import decode_class_mask
 from raydefect.data.pool import cpu_workers
 from raydefect.errors import ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
-from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
+from raydefect.inference import (
+    Predictor,
+    Preprocessor,
+    class_ids,
+    decide,
+    infer_images,
+    postprocess,
+    upsample_prob,
+)
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator
 from raydefect.metrics.common import json_safe
-from raydefect.metrics.pixel_classes import PixelClassAccumulator, class_map
+from raydefect.metrics.pixel_classes import PixelClassAccumulator
 from raydefect.tasks.evaluation import Evaluation, summarize, write_per_image_csv
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
@@ -210,7 +218,7 @@ class Evaluator:
             ious, dices = pixel_acc.update(prob_maps, truths) if with_mask else (np.zeros(0), np.zeros(0))
             pixel_of = {k: j for j, k in enumerate(with_mask)}
             if self.class_acc is not None and "pixel_class_probs" in out:
-                self._update_classes(ok, with_mask, prob_maps, out["pixel_class_probs"])
+                self._update_classes(ok, with_mask, out["mask_prob"], out["pixel_class_probs"])
             for k, item in enumerate(ok):
                 is_defect, pred_class = decide(scores[k], out["class_probs"][k], self.meta)
                 j = pixel_of.get(k)
@@ -244,20 +252,19 @@ class Evaluator:
         return done
 
     def _update_classes(
-        self, ok: list[_Loaded], with_mask: list[int], prob_maps: list[np.ndarray], class_probs: np.ndarray
+        self, ok: list[_Loaded], with_mask: list[int], mask_prob: np.ndarray, class_probs: np.ndarray
     ) -> None:
         """Per-pixel classes at each image's own size, as inference reports them (`metrics.pixel_classes.class_map`),
         against the class masks; a normal image's truth is all background."""
         if self.class_acc is None:
             return
         mode = self.meta.geometry.mode
-        for j, k in enumerate(with_mask):
+        for k in with_mask:
             item = ok[k]
             h, w = item.image.shape[:2]
             if item.truth is not None and item.classes is None:  # a defect image without per-pixel classes
                 continue
-            probs = np.stack([upsample_prob(c, w, h, mode) for c in class_probs[k]])
-            pred = class_map(prob_maps[j][None], probs[None], self.meta.pixel_threshold)[0]
+            pred = class_ids(mask_prob[k], class_probs[k], w, h, self.meta.pixel_threshold, mode)
             truth = item.classes if item.classes is not None else np.zeros((h, w), np.uint8)
             self.class_acc.update(pred, truth)
 
