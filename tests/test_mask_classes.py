@@ -207,3 +207,16 @@ def test_predict_writes_class_areas(trained, tmp_path):
         areas = json.loads(r["class_area_px"])
         assert set(areas) <= set(CLASSES) and sum(areas.values()) == int(r["mask_area_px"])
     assert len(list((tmp_path / "out" / "overlays").rglob("*.png"))) == len(images)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_carries_the_class_masks(ray_session, trained, make_train_config, tmp_path):
+    from raydefect.pipelines.train import run_training
+
+    ds, _, _ = trained
+    cfg = make_train_config(ds.root, tmp_path / "runs", "model.mask_classes=true", "schedule.full_epochs=0")
+    result = run_training(cfg, name="classes", show_progress=False)
+    assert all("val_class_mean_iou" in r for r in result.history)
+    test = json.loads((tmp_path / "runs" / "classes" / "test_metrics.json").read_text())
+    assert set(test["pixel_classes"]["iou"]) == set(CLASSES)
