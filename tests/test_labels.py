@@ -300,3 +300,19 @@ def test_prepare_cli_reads_each_label_format(index_raw, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["prepare", "--coco", str(coco), "--class-names", "a", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "categories name the classes" in res.output
+
+
+def test_coco_box_without_segmentation_is_its_rectangle(tmp_path):
+    root = tmp_path / "coco"
+    _image(root / "a.png", 1)
+    _image(root / "b.png", 2)
+    data = {
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+        "categories": [{"id": 1, "name": "dent"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [4, 6, 10, 5]}],
+    }
+    (root / "ann.json").write_text(json.dumps(data))
+    prepare_dataset(import_coco(root / "ann.json"), tmp_path / "ds", split=(0.5, 0.5, 0.0))
+    row = next(r for _, r in load_dataset(tmp_path / "ds").frame().iterrows() if r["label"] == 1)
+    assert dict(row["class_area_px"]) == {"dent": 50}
+    assert (decode_class_mask(row["class_mask"])[6:11, 4:14] == 1).all()

@@ -94,6 +94,12 @@ def _categories(data: dict, path: Path) -> dict[int, str]:
     return out
 
 
+def _box_polygon(bbox: list) -> list[list[float]]:
+    """COCO ``bbox`` [x, y, width, height] -> the rectangle as one polygon."""
+    x, y, w, h = (float(v) for v in bbox)
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
 def import_coco(coco: str | Path, image_dir: str | Path | None = None) -> Listing:
     """A COCO JSON (CVAT, Label Studio): images from ``image_dir`` (default: the JSON's folder) by ``file_name``;
     categories are the classes; an image without annotations is normal."""
@@ -125,9 +131,9 @@ def import_coco(coco: str | Path, image_dir: str | Path | None = None) -> Listin
         aid = ann.get("id", "?") if isinstance(ann, dict) else "?"
         try:
             iid, cid = int(ann["image_id"]), int(ann["category_id"])
-            seg = ann["segmentation"]
+            seg = ann.get("segmentation") or _box_polygon(ann["bbox"])  # a box drawn as a box: its rectangle
         except (KeyError, TypeError, ValueError):
-            detail = f"annotation {aid} needs 'image_id', 'category_id' and 'segmentation'; fix or drop it"
+            detail = f"annotation {aid} needs 'image_id', 'category_id' and 'segmentation' or 'bbox'; fix or drop it"
             listing.problems.append(Problem(str(path), "bad annotation", SKIPPED, detail))
             continue
         entry = images.get(iid)
