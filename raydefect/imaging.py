@@ -30,6 +30,18 @@ from raydefect.errors import CorruptImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb threshold
 MASK_THRESHOLD = 128
+#: Defect classes in class-index order (1, 2, ...): saturated, distinct on grey metal, wrapping after 8. Overlays,
+#: reports and the palette of stored class masks all use them.
+DEFECT_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 59, 48),  # red
+    (255, 204, 0),  # yellow
+    (0, 199, 255),  # cyan
+    (191, 90, 242),  # purple
+    (255, 149, 0),  # orange
+    (255, 55, 175),  # pink
+    (10, 132, 255),  # blue
+    (172, 142, 104),  # brown
+)
 
 # Truncated files must fail loudly, never decode to half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

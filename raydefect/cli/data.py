@@ -173,6 +173,24 @@ def synth_cmd(
     "--class-regex", metavar="RE", help="Generic layout: the class from the path (named group 'class' or group 1)."
 )
 @click.option("--normal-class", metavar="NAME", help="Generic layout: the class (from --class-regex) of normal images.")
+@click.option(
+    "--mask-format",
+    type=click.Choice(["binary", "index"]),
+    default="binary",
+    show_default=True,
+    help="binary: defect = value >= 128. index: pixel value = class id, 0 = background (palette PNGs by index); "
+    "the image's class is the class with the largest area.",
+)
+@click.option(
+    "--class-names",
+    metavar="A,B,C|FILE",
+    help="Names of class ids 1, 2, ... (index masks, --rle-csv): a,b,c or a YAML map file ('1: scratch').",
+)
+@click.option("--coco", type=click.Path(), help="COCO JSON layout (CVAT, Label Studio): polygons and RLE.")
+@click.option("--rle-csv", type=click.Path(), help="Run-length CSV layout (Severstal: ImageId,ClassId,EncodedPixels).")
+@click.option(
+    "--image-dir", type=click.Path(), help="With --coco/--rle-csv: the images' folder [default: the file's folder]."
+)
 @click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option(
@@ -211,6 +229,11 @@ def prepare_cmd(
     mask_template: str | None,
     class_regex: str | None,
     normal_class: str | None,
+    mask_format: str,
+    class_names: str | None,
+    coco: str | None,
+    rle_csv: str | None,
+    image_dir: str | None,
     split_text: str,
     seed: int,
     copy: bool,
@@ -227,6 +250,9 @@ def prepare_cmd(
       classic  --defect-images DIR --defect-masks DIR --normal-images DIR
       MVTec AD --mvtec DIR/bottle
       generic  --images 'GLOB' --mask-template TEMPLATE [--class-regex RE --normal-class NAME]
+      COCO     --coco annotations.json [--image-dir DIR]
+      RLE CSV  --rle-csv train.csv --image-dir train_images [--class-names a,b,c]
+    Class-index masks: add --mask-format index [--class-names a,b,c] to the classic or generic layout.
     \b
     The magnetic tile data set, for example:
       raydefect prepare --images 'magnetic_tile/MT_*/Imgs/*.jpg' --mask-template '{parent}/{stem}.png' \\
@@ -238,20 +264,35 @@ def prepare_cmd(
     checked in a review set (`raydefect review`): new images join the splits by the same rules.
     """
     from raydefect import console
-    from raydefect.data.importers import listing_from_options
+    from raydefect.data.label_importers import listing_with_labels
     from raydefect.data.prepare import prepare_dataset
     from raydefect.data.splits import parse_split
 
     cfg = build_config(config_name, sets, **{"data.max_image_pixels": max_pixels})
     fractions = parse_split(split_text)
-    layout = (defect_images, defect_masks, normal_images, mvtec, images, mask_template, class_regex, normal_class)
+    layout = {
+        "defect_images": defect_images,
+        "defect_masks": defect_masks,
+        "normal_images": normal_images,
+        "mvtec": mvtec,
+        "images": images,
+        "mask_template": mask_template,
+        "class_regex": class_regex,
+        "normal_class": normal_class,
+    }
+    labels = {"coco": coco, "rle_csv": rle_csv, "image_dir": image_dir}
+    given = any(layout.values()) or any(v is not None for v in labels.values())
     if reviewed:
         from raydefect.data.importers import import_reviewed, listing_from_dataset, merge_listings
 
-        base = listing_from_options(*layout) if any(layout) else listing_from_dataset(out)
+        base = (
+            listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout)
+            if given
+            else listing_from_dataset(out)
+        )
         listing = merge_listings(base, import_reviewed(reviewed))
     else:
-        listing = listing_from_options(*layout)
+        listing = listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout)
     report = prepare_dataset(
         listing,
         out,

@@ -106,6 +106,11 @@ class ModelConfig:
     head_hidden: int = _f(256, "Hidden units of the classification head.")
     dropout: float = _f(0.1, "Dropout before the classifier.")
     drop_path_rate: float = _f(0.1, "Stochastic depth of the backbone during fine-tuning.")
+    mask_classes: bool = _f(
+        False,
+        "Also predict each pixel's class (one channel per class plus background; needs a dataset prepared with "
+        "per-pixel classes, docs/labels.md). The binary defect mask stays.",
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone", "must not be empty; see `raydefect models`")
@@ -391,6 +396,7 @@ class Config:
         spec = resolve_backbone(self.model.backbone)  # cross-section: the ViT grid must tile the image
         if self.data.geometry == "tiles":
             check_image_size(spec, self.data.tile_size, key="data.tile_size")
+            _check(not self.model.mask_classes, "model.mask_classes", "is not available with data.geometry=tiles yet")
         else:
             check_image_size(spec, self.data.image_size, key="data.image_size")
         if self.tune.image_size is not None:

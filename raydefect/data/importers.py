@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydefect.config import IMAGE_EXTENSIONS
+from raydefect.data.labels import PixelSource
 from raydefect.errors import DataError
 from raydefect.paths import glob_files
 
@@ -47,6 +48,7 @@ class Candidate:
     mask: str | None  # absolute path of the expected mask (it may not exist); None for normal images
     defect_class: str  # "normal" for normal images
     label: int  # 0 normal, 1 defect, LABEL_FROM_MASK: decided by the mask's content
+    pixels: PixelSource | None = None  # per-pixel classes (index mask, COCO, run-length); None: a binary mask
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,17 @@ class Dataset:
         df["image"] = [self._absolute(p) for p in table.column("image").to_pylist()]
         # object dtype keeps None for "no mask" (a str column would turn it into NaN)
         df["mask"] = pd.Series([self._absolute(p) for p in table.column("mask").to_pylist()], dtype=object)
+        if self.has_class_masks:
+            df["class_mask"] = pd.Series(
+                [self._absolute(p) for p in table.column("class_mask").to_pylist()], dtype=object
+            )
         return df
+
+    @property
+    def has_class_masks(self) -> bool:
+        """Per-pixel classes: a ``class_mask`` column (index PNGs, dataset class ids) in a dataset that uses it.
+        Datasets prepared from binary masks, and older ones, have none."""
+        return bool(self.info.get("mask_classes")) and "class_mask" in self.table.column_names
 
     def split(self, name: str) -> pd.DataFrame:
         """Rows of one split with absolute paths; an empty split is an error that says how to fix it."""
@@ -141,7 +151,9 @@ def load_dataset(path: str | Path) -> Dataset:
 def _check_inside(root: Path, manifest: Path, table: Any) -> None:
     """A self-contained (``--copy``) dataset names its files relative to its folder; a hand-edited row with an
     absolute path or ``..`` climbing out would make readers (and anything copying the folder) leave it."""
-    for column in ("image", "mask"):
+    for column in ("image", "mask", "class_mask"):
+        if column not in table.column_names:  # class_mask: only datasets with per-pixel classes
+            continue
         for i, value in enumerate(table.column(column).to_pylist()):
             if value is None:
                 continue

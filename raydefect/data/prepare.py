@@ -44,6 +44,7 @@ from raydefect.data.importers import (
     Listing,
     Problem,
 )
+from raydefect.data.labels import INDEX, LabelProblem, PixelSource, encode_class_mask, rasterise, remap
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
 from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.data.splits import SPLITS, assign_splits, parse_split
@@ -77,6 +78,7 @@ class Scanned:
     mask_fraction: float = 0.0
     soft_pixels: int = 0
     flags: list[str] = field(default_factory=list)
+    class_areas: dict[str, int] = field(default_factory=dict)  # per-pixel classes: pixels per class
 
 
 def _image_problem(path: str, err: ImageError, what: str) -> Problem:
@@ -116,6 +118,8 @@ class Scanner:
             s.problems.append(_image_problem(c.image, e, "image"))
             return s
         s.label, s.defect_class = c.label, c.defect_class
+        if c.pixels is not None:
+            return self._scan_pixels(s, c, c.pixels)
         if c.label == 0 or c.mask is None:
             if c.label == 1:
                 s.problems.append(Problem(c.image, "missing mask", SKIPPED, "no mask file matches this image"))
@@ -141,6 +145,13 @@ class Scanner:
             s.problems.append(Problem(c.image, "mask size mismatch", SKIPPED, detail))
             return s
         area = mask.area
+        if area == 0 and mask.soft_pixels:  # values 1..127 only: class ids read as binary would vanish silently
+            detail = (
+                f"{mask.soft_pixels} pixels with values 1-127 and none >= {MASK_THRESHOLD} (binary masks mark defects "
+                f"with values >= {MASK_THRESHOLD}); if the values are class ids, prepare with --mask-format index"
+            )
+            s.problems.append(Problem(c.mask, "mask looks like class indices", SKIPPED, detail))
+            return s
         if c.label == LABEL_FROM_MASK and area == 0:
             s.label, s.defect_class, s.ok = 0, NORMAL, True
             return s
@@ -158,6 +169,41 @@ class Scanner:
         s.ok = True
         return s
 
+    def _scan_pixels(self, s: Scanned, c: Candidate, source: PixelSource) -> Scanned:
+        """Per-pixel classes: the image's class is the class with the largest area; several classes: flagged."""
+        if source.kind == INDEX and not os.path.isfile(source.file):
+            if c.label == LABEL_FROM_MASK:
+                s.label, s.defect_class, s.ok = 0, NORMAL, True
+            else:
+                s.problems.append(Problem(c.image, "missing mask", SKIPPED, f"expected {source.file}"))
+            return s
+        try:
+            raster = rasterise(source, s.width, s.height, self.max_pixels)
+        except ImageError as e:
+            s.problems.append(_image_problem(source.file, e, "mask"))
+            return s
+        except LabelProblem as e:
+            file, detail = (e.file, e.detail) if source.kind == INDEX else (c.image, f"{e.detail} ({e.file})")
+            s.problems.append(Problem(file, e.reason, SKIPPED, detail))
+            return s
+        s.mask, s.class_areas = c.mask, raster.areas
+        image_class = raster.image_class
+        if image_class is None:
+            if c.label == LABEL_FROM_MASK:
+                s.label, s.defect_class, s.ok = 0, NORMAL, True
+                return s
+            s.label = 1
+            s.flags.append("empty_mask")
+            s.problems.append(Problem(c.image, "empty mask", KEPT_FLAGGED, f"defect class {c.defect_class!r}"))
+            s.ok = True
+            return s
+        s.label, s.defect_class = 1, image_class
+        s.mask_fraction = sum(raster.areas.values()) / float(s.width * s.height)
+        if len(raster.areas) > 1:
+            s.flags.append("multi_class")
+        s.ok = True
+        return s
+
 
 def default_workers() -> int:
     """One worker per core: small images are CPU-bound Python, big ones decode-bound."""
@@ -166,6 +212,7 @@ def default_workers() -> int:
 
 PROCESS_MIN_ITEMS = 1000  # below this, a thread pool (no start-up cost) scans
 COPY_IMAGES, COPY_MASKS = "images", "masks"  # where --copy puts files, under the dataset folder
+CLASS_MASKS = "class_masks"  # per-pixel classes: the index masks prepare writes (binary ones go to masks/)
 
 
 def _safe(name: str) -> str:
@@ -201,6 +248,28 @@ class _Copier:
             mdest.write_bytes(encode_png(mask.astype(np.uint8) * 255))
 
 
+@dataclass(frozen=True)
+class _LabelWriter:
+    """Write one image's per-pixel classes into the dataset folder: the class mask (dataset class ids, a palette
+    PNG) and the binary defect mask (any class, 0/255) that every binary reader uses."""
+
+    root: Path
+    max_pixels: int
+    class_id: dict[str, int]
+
+    def __call__(self, item: tuple[Scanned, str, str]) -> None:
+        s, class_rel, mask_rel = item
+        if s.candidate.pixels is None:  # only per-pixel items are listed here
+            return
+        raster = rasterise(s.candidate.pixels, s.width, s.height, self.max_pixels)
+        ids = remap(raster, self.class_id)
+        binary = (ids > 0).astype(np.uint8) * 255
+        for rel, data in ((class_rel, encode_class_mask(ids)), (mask_rel, encode_png(binary))):
+            dest = _inside(self.root, rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+
+
 @dataclass
 class PrepareReport:
     """What `prepare_dataset` did, for the CLI summary and for callers."""
@@ -234,7 +303,7 @@ class PrepareReport:
 
 def _remove_stale(out: Path, referenced: set[str]) -> None:
     """Drop copies an earlier ``--copy`` run made that this manifest no longer references (only in our folders)."""
-    for folder in (COPY_IMAGES, COPY_MASKS):
+    for folder in (COPY_IMAGES, COPY_MASKS, CLASS_MASKS):
         root = out / folder
         if not root.is_dir():
             continue
@@ -299,6 +368,8 @@ def _manifest_table(rows: list[dict[str, Any]]):
             ("source", pa.string()),
             ("original_image", pa.string()),
             ("original_mask", pa.string()),
+            ("class_mask", pa.string()),
+            ("class_area_px", pa.map_(pa.string(), pa.int64())),
         ],
         metadata={"raydefect.dataset_schema_version": str(DATASET_SCHEMA_VERSION)},
     )
@@ -385,18 +456,26 @@ def _record_problems(
 
 
 def _manifest_rows(
-    listing: Listing, kept: list[Scanned], splits: list[str], class_id: dict[str, int], copy: bool
-) -> tuple[list[dict[str, Any]], list[tuple[Scanned, str, str | None]]]:
-    """(manifest rows, what ``--copy`` copies where) for the kept images, in manifest order."""
-    rows, copies = [], []
+    listing: Listing, kept: list[Scanned], splits: list[str], class_id: dict[str, int], copy: bool, out: Path
+) -> tuple[list[dict[str, Any]], list[tuple[Scanned, str, str | None]], list[tuple[Scanned, str, str]]]:
+    """(manifest rows, what ``--copy`` copies where, which class masks prepare writes where) for the kept images,
+    in manifest order. Written files are named relative to `out` with ``--copy``, else absolute."""
+    rows, copies, labels = [], [], []
     for s, split in zip(kept, splits, strict=True):
-        image, mask = s.candidate.image, s.mask
+        image, mask, class_mask = s.candidate.image, s.mask, None
+        stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
+        cls = _safe(s.defect_class)
+        pixels = s.candidate.pixels is not None and s.label == 1
+        if pixels:
+            class_mask, mask = f"{CLASS_MASKS}/{cls}/{stem}.png", f"{COPY_MASKS}/{cls}/{stem}.png"
+            labels.append((s, class_mask, mask))
+            if not copy:
+                class_mask, mask = str(out / class_mask), str(out / mask)
         if copy:
-            stem = f"{_safe(Path(image).stem)}-{s.sha1[:10]}"
-            cls = _safe(s.defect_class)
             image = f"{COPY_IMAGES}/{cls}/{stem}{Path(image).suffix.lower()}"
-            mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
-            copies.append((s, image, mask))
+            if not pixels:
+                mask = f"{COPY_MASKS}/{cls}/{stem}.png" if s.mask is not None else None
+            copies.append((s, image, None if pixels else mask))
         rows.append(
             {
                 "image": image,
@@ -415,9 +494,11 @@ def _manifest_rows(
                 "source": listing.importer,
                 "original_image": s.candidate.image,
                 "original_mask": s.mask,
+                "class_mask": class_mask,
+                "class_area_px": s.class_areas or None,
             }
         )
-    return rows, copies
+    return rows, copies, labels
 
 
 def _dataset_info(
@@ -448,6 +529,8 @@ def _dataset_info(
         "split_counts": {sp: sum(counts[c][sp] for c in classes) for sp in SPLITS},
         "problems": {f"{r} ({a})": k for (r, a), k in sorted(by_reason.items())},
         "mask_threshold": MASK_THRESHOLD,
+        "mask_classes": any(r["class_mask"] is not None for r in rows),
+        "multi_class_images": sum(1 for r in rows if "multi_class" in r["flags"]),
         "max_image_pixels": max_pixels,
         "verify_pixels": verify_pixels,
     }
@@ -476,18 +559,26 @@ def _write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     problems_csv = out / PROBLEMS_CSV
     by_reason = _record_problems(problems_csv, problems, strict, bool(kept), n)
-    defect_classes = sorted({s.defect_class for s in kept if s.defect_class != NORMAL})
+    pixel_classes = {name for s in kept for name in s.class_areas}
+    defect_classes = sorted({s.defect_class for s in kept if s.defect_class != NORMAL} | pixel_classes)
     classes = [NORMAL, *defect_classes]
     class_id = {c: i for i, c in enumerate(classes)}
     splits = assign_splits([(s.sha1, s.defect_class) for s in kept], split, seed, previous)
     kept_previous = sum(1 for s in kept if s.sha1 in previous)
     order = sorted(range(len(kept)), key=lambda i: (class_id[kept[i].defect_class], kept[i].candidate.image))
 
-    rows, copies = _manifest_rows(listing, [kept[i] for i in order], [splits[i] for i in order], class_id, copy)
+    rows, copies, labels = _manifest_rows(
+        listing, [kept[i] for i in order], [splits[i] for i in order], class_id, copy, out
+    )
     if copies:
         console.info(f"copying {console.count(len(copies), 'image')} into {out}")
         parallel_map(_Copier(out, max_pixels), copies, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="copy")
-    _remove_stale(out, {p for _, image, mask in copies for p in (image, mask) if p is not None})
+    if labels:
+        console.info(f"writing {console.count(len(labels), 'class mask')} into {out}")
+        writer = _LabelWriter(out, max_pixels, class_id)
+        parallel_map(writer, labels, workers, PROCESS_MIN_ITEMS, threads_from=2, progress="class masks")
+    written = [p for _, image, mask in copies for p in (image, mask)] + [p for _, c, m in labels for p in (c, m)]
+    _remove_stale(out, {p for p in written if p is not None})
 
     counts = {c: dict.fromkeys(SPLITS, 0) for c in classes}
     for r in rows:

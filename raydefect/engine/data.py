@@ -33,6 +33,7 @@ from PIL import Image
 
 from raydefect import console
 from raydefect.config import DataConfig
+from raydefect.data.labels import decode_class_mask
 from raydefect.errors import DataError, ImageError
 from raydefect.geometry import Box, cut_tiles, fit_mask, letterbox_box, sample_tile, scale_image, scale_mask
 from raydefect.imaging import decode_image, decode_mask
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
     from raydefect.data.manifest import Dataset
 
 #: The columns of a training row (what crosses Ray Data). ``key`` is a stable integer per image (from its SHA-1);
-#: ``mask_valid`` is False for a defect image whose mask is missing or empty (its pixels are unknown).
-ROW_COLUMNS = ("image", "mask", "label", "class_id", "key", "mask_valid")
+#: ``mask_valid`` is False for a defect image whose mask is missing or empty (its pixels are unknown);
+#: ``class_mask`` is the image's class-id mask in a dataset with per-pixel classes, else None.
+ROW_COLUMNS = ("image", "mask", "label", "class_id", "key", "mask_valid", "class_mask")
 
 
 def _key(sha1: Any, path: str) -> int:
@@ -60,6 +62,7 @@ def manifest_rows(dataset: Dataset, split: str, *, required: bool = True) -> lis
     df = dataset.split(split) if required else dataset.frame(split)
     names = dataset.class_names
     index = {name: i for i, name in enumerate(names)}
+    with_classes = dataset.has_class_masks
     rows = []
     for rec in df.to_dict("records"):
         cls = str(rec["defect_class"])
@@ -84,9 +87,14 @@ def manifest_rows(dataset: Dataset, split: str, *, required: bool = True) -> lis
                 "class_id": class_id,
                 "key": _key(rec.get("sha1"), str(rec["image"])),
                 "mask_valid": label == 0 or (mask is not None and has_pixels),
+                "class_mask": _text(rec.get("class_mask")) if with_classes else None,
             }
         )
     return rows
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def subset_rows(rows: Sequence[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
@@ -134,7 +142,8 @@ class Augmenter:
         self.size = cfg.image_size
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 HxWx3 and bool HxW -> float32 SxSx3 in [0, 255] and bool SxS."""
+        """uint8 HxWx3 and bool HxW -> float32 SxSx3 in [0, 255] and bool SxS. A uint8 class-id mask comes back
+        as uint8 class ids, placed the same way."""
         cfg, s = self.cfg, self.size
         h, w = mask.shape
         box = (0.0, 0.0, float(w), float(h))
@@ -169,14 +178,31 @@ def _resample(
     if geometry == "aspect":
         target = letterbox_box(max(1, round(box[2] - box[0])), max(1, round(box[3] - box[1])), size)
     img = np.zeros((size, size, 3), dtype=np.uint8)
-    msk = np.zeros((size, size), dtype=bool)
     part = Image.fromarray(image).resize((target.w, target.h), Image.Resampling.BILINEAR, box=box)
+    img[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part)
+    if mask.dtype != bool:  # class ids: nearest keeps them
+        ids = np.zeros((size, size), dtype=np.uint8)
+        part_ids = Image.fromarray(mask.astype(np.uint8)).resize(
+            (target.w, target.h), Image.Resampling.NEAREST, box=box
+        )
+        ids[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part_ids)
+        return img, ids
+    msk = np.zeros((size, size), dtype=bool)
     part_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize(
         (target.w, target.h), Image.Resampling.NEAREST, box=box
     )
-    img[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part)
     msk[target.y : target.y + target.h, target.x : target.x + target.w] = np.asarray(part_mask) >= 128
     return img, msk
+
+
+def fit_class_ids(ids: np.ndarray, size: int, geometry: str) -> np.ndarray:
+    """uint8 class ids HxW -> size x size as `geometry.fit_mask` places masks (nearest; padding is background)."""
+    h, w = ids.shape
+    box = letterbox_box(w, h, size) if geometry == "aspect" else Box(0, 0, size, size)
+    out = np.zeros((size, size), dtype=np.uint8)
+    part = Image.fromarray(ids.astype(np.uint8)).resize((box.w, box.h), Image.Resampling.NEAREST)
+    out[box.y : box.y + box.h, box.x : box.x + box.w] = np.asarray(part)
+    return out
 
 
 @dataclass
@@ -191,6 +217,7 @@ class SampleSource:
     geometry: str = "square"
     scale: float = 1.0  # tiles: resize factor before tiling
     tile_defect_share: float = 0.5  # tiles, training: share of tiles centred on a defect pixel
+    pixel_classes: bool = False  # model.mask_classes: also hand out each pixel's class id ("classes")
     _pre: Preprocessor = field(init=False, repr=False)
     _aug: Augmenter | None = field(init=False, repr=False)
 
@@ -221,6 +248,7 @@ class SampleSource:
             geometry=data.geometry,
             scale=data.scale,
             tile_defect_share=data.tile_defect_share,
+            pixel_classes=cfg.model.mask_classes,
         )
 
     def load(self, row: dict[str, Any], seed: Sequence[int] = (0,)) -> dict[str, Any]:
@@ -230,6 +258,8 @@ class SampleSource:
         """
         image = decode_image(row["image"], mode="RGB", max_pixels=self.max_pixels)
         valid = bool(row["mask_valid"])
+        if self.pixel_classes:
+            return self._load_classes(row, image, valid, seed)
         if row["mask"] is not None and valid:
             mask = decode_mask(row["mask"], max_pixels=self.max_pixels).array
             if mask.shape != image.shape[:2]:
@@ -251,6 +281,35 @@ class SampleSource:
         return {
             "image": x,
             "mask": msk,
+            "mask_valid": valid,
+            "label": int(row["label"]),
+            "class_id": int(row["class_id"]),
+        }
+
+    def _load_classes(self, row: dict[str, Any], image: np.ndarray, valid: bool, seed: Sequence[int]) -> dict[str, Any]:
+        """Per-pixel classes: the class-id mask is placed (and augmented) like the image; the binary mask is any
+        class. A row without a class mask (a normal image) is all background."""
+        path = row.get("class_mask")
+        if path is not None and valid:
+            ids = decode_class_mask(str(path), max_pixels=self.max_pixels)
+            if ids.shape != image.shape[:2]:
+                raise ImageError(
+                    str(path),
+                    f"class mask is {ids.shape[1]}x{ids.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}",
+                    "re-run `raydefect prepare`",
+                )
+        else:
+            ids = np.zeros(image.shape[:2], dtype=np.uint8)
+        if self._aug is not None:
+            img, ids = self._aug(image, ids, np.random.default_rng(list(seed)))
+            x = self._pre.normalize(img)
+        else:
+            x = self._pre(image)
+            ids = fit_class_ids(ids, self.image_size, self.geometry)
+        return {
+            "image": x,
+            "mask": ids > 0,
+            "classes": np.ascontiguousarray(ids),
             "mask_valid": valid,
             "label": int(row["label"]),
             "class_id": int(row["class_id"]),
@@ -292,13 +351,16 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
         }
-    return {
+    batch = {
         "image": torch.from_numpy(np.stack([s["image"] for s in samples]).astype(np.float32, copy=False)),
         "mask": torch.from_numpy(np.stack([s["mask"] for s in samples])[:, None].astype(np.float32)),
         "mask_valid": torch.tensor([s["mask_valid"] for s in samples], dtype=torch.bool),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "class_id": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
     }
+    if "classes" in samples[0]:
+        batch["pixel_classes"] = torch.from_numpy(np.stack([s["classes"] for s in samples]).astype(np.int64))
+    return batch
 
 
 class _BatchTasks:

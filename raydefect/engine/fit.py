@@ -29,6 +29,7 @@ from raydefect.engine.run import (
     write_metrics_csv,
     write_run_config,
 )
+from raydefect.errors import DataError
 
 
 @dataclass
@@ -48,7 +49,13 @@ class FitResult:
 
 
 def training_rows(cfg: Config, dataset: Dataset) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-    """(train rows after data.subset, val rows, per-class training counts); empty splits raise `DataError`."""
+    """(train rows after data.subset, val rows, per-class training counts); empty splits raise `DataError`, as
+    does ``model.mask_classes`` on a dataset without per-pixel classes."""
+    if cfg.model.mask_classes and not dataset.has_class_masks:
+        raise DataError(
+            f"{dataset.root}: model.mask_classes needs per-pixel classes, and this dataset has binary masks only; "
+            "prepare it with --mask-format index, --coco or --rle-csv (docs/labels.md), or set model.mask_classes=false"
+        )
     train = subset_rows(manifest_rows(dataset, "train"), cfg.data.subset, cfg.train.seed)
     val = manifest_rows(dataset, "val")
     return train, val, class_counts(train, dataset.num_classes)

@@ -47,6 +47,7 @@ from raydefect.geometry import Geometry, predict_tiled
 from raydefect.inference import Preprocessor
 from raydefect.inference.device import resolve_device
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator, validation_summary
+from raydefect.metrics.pixel_classes import PixelClassAccumulator, class_map, pixel_class_summary
 from raydefect.models.artifact import unwrap
 from raydefect.models.losses import DefectLoss
 from raydefect.models.model import DefectModel
@@ -158,7 +159,10 @@ def train_one_epoch(
         with sync:
             with _autocast(device, amp_dtype):
                 out = net(batch["image"])
-            loss = loss_fn(out.class_logits, out.mask_logits, batch["class_id"], batch["mask"], batch["mask_valid"])
+            loss = loss_fn(
+                out.class_logits, out.mask_logits, batch["class_id"], batch["mask"], batch["mask_valid"],
+                out.pixel_class_logits, batch.get("pixel_classes"),
+            )  # fmt: skip
             (loss.total / grad_accum).backward()
         n = int(batch["image"].shape[0])
         floats = loss.as_floats()  # one device sync per batch, as before
@@ -190,10 +194,15 @@ class Evaluation:
     pixel: PixelMetricAccumulator
     loss_sum: float = 0.0
     images: int = 0
+    classes: PixelClassAccumulator | None = None  # model.mask_classes: the pixel-class confusion matrix
 
     def merge(self, other: Evaluation) -> None:
         self.image.merge(other.image)
         self.pixel.merge(other.pixel)
+        if other.classes is not None:
+            if self.classes is None:
+                self.classes = PixelClassAccumulator(other.classes.class_names)
+            self.classes.merge(other.classes)
         self.loss_sum += other.loss_sum
         self.images += other.images
 
@@ -235,7 +244,10 @@ def evaluate(
             with _autocast(device, amp_dtype):
                 out = net(batch["image"])
             if loss_fn is not None:
-                loss = loss_fn(out.class_logits, out.mask_logits, batch["class_id"], batch["mask"], batch["mask_valid"])
+                loss = loss_fn(
+                    out.class_logits, out.mask_logits, batch["class_id"], batch["mask"], batch["mask_valid"],
+                    out.pixel_class_logits, batch.get("pixel_classes"),
+                )  # fmt: skip
                 result.loss_sum += float(loss.total) * int(batch["image"].shape[0])
             probs = torch.softmax(out.class_logits.float(), dim=1).cpu().numpy()
             labels = batch["label"].cpu().numpy()
@@ -245,6 +257,11 @@ def evaluate(
                 mask_prob = torch.sigmoid(out.mask_logits.float())[:, 0].cpu().numpy()
                 truth = batch["mask"][:, 0].cpu().numpy() >= 0.5
                 result.pixel.update(mask_prob[valid], truth[valid])
+                if out.pixel_class_logits is not None and "pixel_classes" in batch:
+                    if result.classes is None:
+                        result.classes = PixelClassAccumulator(class_names)
+                    pred = class_map(mask_prob, out.pixel_class_logits.float().cpu().numpy(), pixel_threshold)
+                    result.classes.update(pred[valid], batch["pixel_classes"].cpu().numpy()[valid])
             result.images += int(batch["image"].shape[0])
     finally:
         net.train(was_training)
@@ -489,7 +506,10 @@ class Trainer:
         train = {f"train_{k}": totals[i] / images if images else math.nan for i, k in enumerate(_LOSS_PARTS)}
 
         evaluation = self.validate(val_rows)
-        summary = validation_summary(evaluation.image, evaluation.pixel)
+        summary = {
+            **validation_summary(evaluation.image, evaluation.pixel),
+            **pixel_class_summary(evaluation.classes, "val_"),
+        }
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "stage": stage.number,

@@ -298,6 +298,7 @@ def _score_test_split(
     added to `plots`; nothing, with a warning, for a dataset without a test split."""
     from raydefect.engine.data import manifest_rows
     from raydefect.metrics import validation_summary
+    from raydefect.metrics.pixel_classes import pixel_class_summary
     from raydefect.viz.plots import write_metric_plots
 
     test_rows = manifest_rows(dataset, "test", required=False)
@@ -307,6 +308,7 @@ def _score_test_split(
     test = score(test_rows, thresholds["pixel"])
     test_image, test_pixel = test.image.compute(thresholds["image"]), test.pixel.compute()
     test_metrics = validation_summary(test_image, test_pixel, prefix="test_", use_fixed_pixel_threshold=True)
+    test_metrics.update(pixel_class_summary(test.classes, "test_"))
     test_metrics["test_image_threshold"] = thresholds["image"]
     test_metrics["test_pixel_threshold"] = thresholds["pixel"]
     for key in ("test_image_threshold_fallback", "test_pixel_threshold_fallback"):
@@ -319,6 +321,8 @@ def _score_test_split(
         "image": test_image.to_dict(),
         "pixel": test_pixel.to_dict(),
     }
+    if test.classes is not None:  # model.mask_classes: per-class IoU / Dice, their means, the confusion matrix
+        test_payload["pixel_classes"] = test.classes.compute()
     for name, path in write_metric_plots(plots_dir / "test", test_image, test_pixel).items():
         plots[f"test_{name}"] = path
     return test_metrics, test_payload

@@ -33,7 +33,15 @@ from raydefect.inference.device import (
     resolve_scoring,
 )
 from raydefect.inference.graph import check_batch
-from raydefect.inference.postprocess import MaskResult, bbox_of, decide, postprocess, upsample_prob
+from raydefect.inference.postprocess import (
+    MaskResult,
+    bbox_of,
+    class_areas,
+    class_ids,
+    decide,
+    postprocess,
+    upsample_prob,
+)
 from raydefect.inference.predictor import Predictor, infer_images, make_predictor
 from raydefect.inference.preprocess import Preprocessor, resize_rgb
 
@@ -45,6 +53,8 @@ __all__ = [
     "Preprocessor",
     "bbox_of",
     "check_batch",
+    "class_areas",
+    "class_ids",
     "cpu_has_native_bf16",
     "decide",
     "infer_images",

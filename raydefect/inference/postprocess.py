@@ -46,6 +46,29 @@ def format_bbox(bbox: Sequence[int] | None) -> str:
     return "" if bbox is None else " ".join(str(int(v)) for v in bbox)
 
 
+def class_ids(
+    mask_prob: np.ndarray,
+    pixel_class_probs: np.ndarray,
+    width: int,
+    height: int,
+    threshold: float,
+    geometry: str = "square",
+) -> np.ndarray:
+    """A ``model.mask_classes`` model's per-pixel classes at the image's own resolution: uint8 HxW, 0 where the
+    binary mask (``mask_prob``, SxS) is below ``threshold``, elsewhere the defect class (1..C-1) with the largest
+    probability in ``pixel_class_probs`` (C x S x S)."""
+    prob = upsample_prob(mask_prob, width, height, geometry)
+    classes = np.stack([upsample_prob(c, width, height, geometry) for c in np.asarray(pixel_class_probs)])
+    best = 1 + np.argmax(classes[1:], axis=0)
+    return np.where(prob >= threshold, best, 0).astype(np.uint8)
+
+
+def class_areas(ids: np.ndarray, class_names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """Pixels per defect class of a class-id map (classes without pixels left out)."""
+    counts = np.bincount(np.asarray(ids, np.int64).ravel(), minlength=len(class_names))
+    return {name: int(counts[i]) for i, name in enumerate(class_names) if i and counts[i]}
+
+
 def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:

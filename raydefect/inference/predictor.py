@@ -103,6 +103,8 @@ class Predictor:
                 "class_probs": class_probs.cpu().numpy(),
                 "mask_prob": mask_prob.cpu().numpy(),
             }
+            if out.pixel_class_logits is not None:  # model.mask_classes: [N, C, S, S], channel 0 = background
+                result["pixel_class_probs"] = torch.softmax(out.pixel_class_logits.float(), dim=1).cpu().numpy()
         return result
 
 

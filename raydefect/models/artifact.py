@@ -156,6 +156,8 @@ class ArtifactMeta:
     def behaviour(self) -> dict[str, Any]:
         """The fields that change predictions: hashed into the model id."""
         model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in _TRAINING_ONLY}
+        if not model.get("mask_classes"):  # models without per-pixel classes keep the ids they had
+            model.pop("mask_classes", None)
         return {
             "format_version": self.format_version,
             "backbone": self.backbone,

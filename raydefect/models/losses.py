@@ -5,6 +5,9 @@ image) with additive smoothing, so it stays finite and meaningful on all-empty b
 predicted mask towards zero). Images whose mask is unknown (a defect image labelled without a mask) are left out of
 the pixel terms via ``mask_valid``; a batch without any valid mask contributes a zero pixel loss that still keeps
 the decoder in the autograd graph (DDP requires every parameter to receive a gradient).
+
+With per-pixel classes (``model.mask_classes``) the total also holds a pixel cross-entropy over the class channels
+(weighted like BCE) and a Dice per defect class, averaged (weighted like Dice), on the same valid images.
 """
 
 from __future__ import annotations
@@ -53,6 +56,19 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tenso
     return 1.0 - (2.0 * inter + smooth) / (p.sum() + t.sum() + smooth)
 
 
+def pixel_class_losses(logits: Tensor, target: Tensor, smooth: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(cross-entropy, mean soft Dice loss over the defect classes 1..C-1) of [N, C, H, W] logits against [N, H, W]
+    class ids; Dice sums over the whole batch per class, so absent classes stay finite."""
+    logits = logits.float()
+    target = target.long()
+    ce = F.cross_entropy(logits, target)
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    dice = 1.0 - (2.0 * inter + smooth) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + smooth)
+    return ce, dice.mean()
+
+
 class DefectLoss(nn.Module):
     """``cls_weight * CE + bce_weight * BCE + dice_weight * Dice``; returns the total and the parts."""
 
@@ -97,8 +113,11 @@ class DefectLoss(nn.Module):
         labels: Tensor,
         masks: Tensor,
         mask_valid: Tensor | None = None,
+        pixel_class_logits: Tensor | None = None,
+        pixel_classes: Tensor | None = None,
     ) -> LossOutput:
-        """class_logits [N, C]; mask_logits [N, 1, H, W]; labels [N] class indices; masks [N, (1,) H, W] in {0,1}."""
+        """class_logits [N, C]; mask_logits [N, 1, H, W]; labels [N] class indices; masks [N, (1,) H, W] in {0,1};
+        with per-pixel classes also pixel_class_logits [N, C, H, W] and pixel_classes [N, H, W] class ids."""
         if masks.ndim == 3:
             masks = masks.unsqueeze(1)
         if masks.shape != mask_logits.shape:
@@ -118,4 +137,15 @@ class DefectLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, target)
             dice = soft_dice_loss(logits, target, self.dice_smooth)
         total = self.cls_weight * cls + self.bce_weight * bce + self.dice_weight * dice
+        if pixel_class_logits is not None and pixel_classes is not None:
+            total = total + self._pixel_class_terms(pixel_class_logits, pixel_classes, mask_valid)
         return LossOutput(total, cls, bce, dice)
+
+    def _pixel_class_terms(self, logits: Tensor, target: Tensor, mask_valid: Tensor | None) -> Tensor:
+        if mask_valid is not None:
+            valid = mask_valid.to(torch.bool).to(logits.device)
+            if not bool(valid.any()):
+                return logits.sum() * 0.0  # keeps the class head in the graph
+            logits, target = logits[valid], target[valid]
+        ce, dice = pixel_class_losses(logits, target, self.dice_smooth)
+        return self.bce_weight * ce + self.dice_weight * dice

@@ -48,6 +48,7 @@ class ModelOutput(NamedTuple):
     class_logits: Tensor  # [N, C], class 0 = normal
     mask_logits: Tensor  # [N, 1, H, W] at the input size
     coarse_logits: Tensor  # [N, 1, S/p, S/p] on the patch grid (CNN: the stride-32 grid); steers the classifier
+    pixel_class_logits: Tensor | None = None  # model.mask_classes: [N, C, H, W], channel 0 = background
 
 
 def _groups(channels: int) -> int:
@@ -73,13 +74,30 @@ class _DetailRefiner(nn.Module):
     refine: nn.Module
     out: nn.Module
 
-    def refined(self, x: Tensor, coarse: Tensor, image: Tensor) -> Tensor:
+    def __init__(self) -> None:
+        super().__init__()
+        self.class_out: nn.Module | None = None  # model.mask_classes: per-class logits from the refined features
+
+    def add_class_head(self, num_classes: int) -> None:
+        """One logit per class (0 = background) per pixel, beside the binary mask logit (``model.mask_classes``)."""
+        out = self.out
+        if not isinstance(out, nn.Conv2d):  # pragma: no cover - both decoders end in a 1x1 conv
+            raise ModelError("the decoder's output layer is not a convolution")
+        self.class_out = nn.Conv2d(out.in_channels, num_classes, 1)
+
+    def refined(self, x: Tensor, coarse: Tensor, image: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(mask logits, per-class logits or None without a class head), at the input size."""
         detail = self.stem(image)
         size = detail.shape[-2:]
         up = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        fine = self.out(self.refine(torch.cat([up, detail], dim=1)))
+        features = self.refine(torch.cat([up, detail], dim=1))
+        fine = self.out(features)
         fine = fine + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-        return F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        mask = F.interpolate(fine, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if self.class_out is None:
+            return mask, None
+        classes = F.interpolate(self.class_out(features), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return mask, classes
 
 
 class SegDecoder(_DetailRefiner):
@@ -98,13 +116,14 @@ class SegDecoder(_DetailRefiner):
         nn.init.zeros_(self.out.weight)  # start as the upsampled coarse map; learn the correction
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, features: Sequence[Tensor], image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Sequence[Tensor], image: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         x = self.proj[0](features[0])
         for proj, feat in zip(self.proj[1:], features[1:], strict=True):
             x = x + proj(feat)
         x = self.fuse(x)
         coarse = self.coarse(x)
-        return self.refined(x, coarse, image), coarse
+        mask, classes = self.refined(x, coarse, image)
+        return mask, coarse, classes
 
 
 class FPNDecoder(_DetailRefiner):
@@ -123,14 +142,15 @@ class FPNDecoder(_DetailRefiner):
         nn.init.zeros_(self.out.weight)  # start as the upsampled stride-4 map; learn the correction
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, features: Sequence[Tensor], image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Sequence[Tensor], image: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         x = self.lateral[-1](features[-1])
         for i in range(len(features) - 2, -1, -1):
             lateral = self.lateral[i](features[i])
             x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             x = self.smooth[i](x)
         coarse = self.coarse(x)  # stride 4
-        return self.refined(x, coarse, image), coarse
+        mask, classes = self.refined(x, coarse, image)
+        return mask, coarse, classes
 
 
 class MaskGuidedClassifier(nn.Module):
@@ -219,6 +239,8 @@ class DefectModel(nn.Module):
             self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
             self.decoder = SegDecoder(dim, len(self.feature_indices), model_cfg.decoder_dim)
         self.classifier = MaskGuidedClassifier(dim, model_cfg.head_hidden, len(self.class_names), model_cfg.dropout)
+        if model_cfg.mask_classes:  # built last: the other heads' random init stays as without it
+            self.decoder.add_class_head(len(self.class_names))
 
     # ----------------------------------------------------------------------------------------------- forward
     @property
@@ -232,20 +254,20 @@ class DefectModel(nn.Module):
             x, indices=self.feature_indices, return_prefix_tokens=True, norm=True, output_fmt="NCHW"
         )
         maps = [m for m, _prefix in levels]
-        mask_logits, coarse = self.decoder(maps, x)
+        mask_logits, coarse, pixel_classes = self.decoder(maps, x)
         cls_token = final[:, 0]
         patch_tokens = final[:, self.num_prefix_tokens :]
         class_logits = self.classifier(cls_token, patch_tokens, coarse)
-        return ModelOutput(class_logits, mask_logits, coarse)
+        return ModelOutput(class_logits, mask_logits, coarse, pixel_classes)
 
     def _forward_cnn(self, x: Tensor) -> ModelOutput:
         maps = self.backbone(x)
-        mask_logits, fine_coarse = self.decoder(maps, x)
+        mask_logits, fine_coarse, pixel_classes = self.decoder(maps, x)
         top = maps[-1]
         coarse = F.adaptive_max_pool2d(fine_coarse, top.shape[-2:])  # "is there a defect in this cell" on the grid
         tokens = top.flatten(2).transpose(1, 2)
         class_logits = self.classifier(top.mean(dim=(2, 3)), tokens, coarse)
-        return ModelOutput(class_logits, mask_logits, coarse)
+        return ModelOutput(class_logits, mask_logits, coarse, pixel_classes)
 
     # ------------------------------------------------------------------------------------- freezing stages
     def backbone_blocks(self) -> nn.ModuleList:

@@ -42,12 +42,14 @@ class _EvalActor:
                 "mask": _mask_path(batch["mask"][i]),
                 "label": int(batch["label"][i]),
                 "defect_class": str(batch["defect_class"][i]),
+                "class_mask": _mask_path(batch["class_mask"][i]),
             }
             for i in range(len(batch["index"]))
         ]
         image_acc, pixel_acc = self.evaluator.new_accumulators()
         rows = self.evaluator.evaluate_batch(records, image_acc, pixel_acc)
-        blob = pickle.dumps((rows, image_acc, pixel_acc), protocol=pickle.HIGHEST_PROTOCOL)
+        classes = self.evaluator.fresh_class_accumulator()  # this batch's; None without per-pixel classes
+        blob = pickle.dumps((rows, image_acc, pixel_acc, classes), protocol=pickle.HIGHEST_PROTOCOL)
         return {"result": np.array([blob], dtype=object)}
 
 
@@ -67,8 +69,9 @@ def evaluate_on_ray(
     actors: int | None = None,
     num_bins: int = 1000,
     fpr_limit: float = 0.3,
-) -> tuple[list[dict[str, Any]], Any, Any]:
-    """Score `records` on Ray Data; returns (rows in record order, merged image and pixel accumulators)."""
+) -> tuple[list[dict[str, Any]], Any, Any, Any]:
+    """Score `records` on Ray Data; returns (rows in record order, merged image, pixel and, with per-pixel classes,
+    pixel-class accumulators (else None))."""
     import ray
 
     from raydefect.pipelines.cluster import cluster_cpus, cluster_gpus, connect
@@ -83,7 +86,7 @@ def evaluate_on_ray(
         f"evaluating {console.count(len(records), 'image')} on Ray Data with {actors} model actor(s) "
         f"({'GPU' if use_gpu else 'CPU'})"
     )
-    ds = ray.data.from_items([{k: r[k] for k in RECORD_FIELDS} for r in records])
+    ds = ray.data.from_items([{**{k: r[k] for k in RECORD_FIELDS}, "class_mask": r.get("class_mask")} for r in records])
     results = ds.map_batches(
         _EvalActor,
         fn_constructor_kwargs={
@@ -101,15 +104,20 @@ def evaluate_on_ray(
     )
     rows: list[dict[str, Any]] = []
     image_acc, pixel_acc = new_accumulators(meta, dataset_classes, num_bins, fpr_limit)
+    class_acc = None
     with console.progress("evaluate", len(records)) as bar:
         for out in results.iter_rows():
-            batch_rows, img, px = pickle.loads(out["result"])
+            batch_rows, img, px, classes = pickle.loads(out["result"])
             rows += batch_rows
             image_acc.merge(img)
             pixel_acc.merge(px)
+            if classes is not None and class_acc is None:
+                class_acc = classes
+            elif classes is not None:
+                class_acc.merge(classes)
             bar.update(len(batch_rows))
     rows.sort(key=lambda r: r["index"])
-    return rows, image_acc, pixel_acc
+    return rows, image_acc, pixel_acc, class_acc
 
 
 def evaluate(

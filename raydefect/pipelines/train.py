@@ -203,6 +203,7 @@ def _frame(rows: Sequence[dict[str, Any]]) -> Any:
 
     df = pd.DataFrame(list(rows), columns=list(ROW_COLUMNS))
     df["mask"] = df["mask"].astype(object)
+    df["class_mask"] = df["class_mask"].astype(object)
     return df
 
 

@@ -47,8 +47,9 @@ def _rows(shard: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for batch in shard.iter_batches(batch_size=4096, batch_format="pandas"):
         for rec in batch.to_dict("records"):
-            mask = rec.get("mask")
-            rec["mask"] = None if mask is None or (isinstance(mask, float) and math.isnan(mask)) else str(mask)
+            for column in ("mask", "class_mask"):  # Ray Data hands back a missing path as None or NaN
+                value = rec.get(column)
+                rec[column] = None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
             rows.append(rec)
     return rows
 

@@ -36,12 +36,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raydefect import console
+from raydefect.data.labels import decode_class_mask
 from raydefect.data.pool import cpu_workers
 from raydefect.errors import ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image, decode_mask
-from raydefect.inference import Predictor, Preprocessor, decide, infer_images, postprocess, upsample_prob
+from raydefect.inference import (
+    Predictor,
+    Preprocessor,
+    class_ids,
+    decide,
+    infer_images,
+    postprocess,
+    upsample_prob,
+)
 from raydefect.metrics import ImageMetricAccumulator, PixelMetricAccumulator
 from raydefect.metrics.common import json_safe
+from raydefect.metrics.pixel_classes import PixelClassAccumulator
 from raydefect.tasks.evaluation import Evaluation, card_note, summarize, write_per_image_csv
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
 
@@ -63,20 +73,26 @@ def evaluation_class_names(model_classes: Sequence[str], dataset_classes: Sequen
     return (*model_classes, *extra)
 
 
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
 def split_records(frame: Any) -> list[dict[str, Any]]:
-    """Manifest rows (a pandas frame with absolute paths) -> plain dicts with `RECORD_FIELDS`, in manifest order."""
+    """Manifest rows (a pandas frame with absolute paths) -> plain dicts with `RECORD_FIELDS`, in manifest order;
+    plus ``class_mask`` when the dataset has per-pixel classes."""
     records = []
+    with_classes = "class_mask" in frame.columns
     for i, row in enumerate(frame.itertuples(index=False)):
-        mask = getattr(row, "mask", None)
-        records.append(
-            {
-                "index": i,
-                "image": str(row.image),
-                "mask": None if mask is None or (isinstance(mask, float) and math.isnan(mask)) else str(mask),
-                "label": int(row.label),
-                "defect_class": str(row.defect_class),
-            }
-        )
+        record = {
+            "index": i,
+            "image": str(row.image),
+            "mask": _text(getattr(row, "mask", None)),
+            "label": int(row.label),
+            "defect_class": str(row.defect_class),
+        }
+        if with_classes:
+            record["class_mask"] = _text(row.class_mask)
+        records.append(record)
     return records
 
 
@@ -95,6 +111,7 @@ class _Loaded:
     record: dict[str, Any]
     image: np.ndarray | None = None
     truth: np.ndarray | None = None  # bool HxW; None when the image has no mask (normal, or unknown)
+    classes: np.ndarray | None = None  # per-pixel classes: evaluation class ids HxW; None: none known
     x: np.ndarray | None = None
     error: str | None = None
 
@@ -126,6 +143,12 @@ class Evaluator:
         self.max_pixels = max_pixels
         self.workers = workers or min(4, cpu_workers())
         self._pool: ThreadPoolExecutor | None = None
+        #: model.mask_classes: the pixel-class confusion matrix (dataset class ids -> evaluation ids via the table)
+        with_classes = bool(getattr(getattr(self.meta, "model", None), "mask_classes", False))
+        self.class_acc = PixelClassAccumulator(self.class_names) if with_classes else None
+        self._class_lut = np.zeros(256, np.uint8)
+        for i, name in enumerate(dataset_classes):
+            self._class_lut[i] = self.class_index[name]
 
     def new_accumulators(self) -> tuple[ImageMetricAccumulator, PixelMetricAccumulator]:
         return new_accumulators(self.meta, self.class_names, self.num_bins, self.fpr_limit)
@@ -137,6 +160,8 @@ class Evaluator:
             item.image = decode_image(path, mode="RGB", path=path, max_pixels=self.max_pixels)
             if record["mask"] is not None:
                 item.truth = decode_mask(record["mask"], path=record["mask"], max_pixels=self.max_pixels).array
+            if self.class_acc is not None and record.get("class_mask"):
+                item.classes = self._class_lut[decode_class_mask(record["class_mask"], self.max_pixels)]
         except ImageError as e:
             item.error = str(e)
             return item
@@ -192,6 +217,8 @@ class Evaluator:
             truths = [ok[k].truth for k in with_mask]  # None (normal image) = empty truth
             ious, dices = pixel_acc.update(prob_maps, truths) if with_mask else (np.zeros(0), np.zeros(0))
             pixel_of = {k: j for j, k in enumerate(with_mask)}
+            if self.class_acc is not None and "pixel_class_probs" in out:
+                self._update_classes(ok, with_mask, out["mask_prob"], out["pixel_class_probs"])
             for k, item in enumerate(ok):
                 is_defect, pred_class = decide(scores[k], out["class_probs"][k], self.meta)
                 j = pixel_of.get(k)
@@ -216,6 +243,30 @@ class Evaluator:
             if item.error is not None:
                 rows.append({**item.record, "error": item.error})
         return rows
+
+    def fresh_class_accumulator(self) -> PixelClassAccumulator | None:
+        """Hand over the pixel-class confusion matrix so far and start a new one (per-batch results on Ray)."""
+        done = self.class_acc
+        if done is not None:
+            self.class_acc = PixelClassAccumulator(self.class_names)
+        return done
+
+    def _update_classes(
+        self, ok: list[_Loaded], with_mask: list[int], mask_prob: np.ndarray, class_probs: np.ndarray
+    ) -> None:
+        """Per-pixel classes at each image's own size, as inference reports them (`metrics.pixel_classes.class_map`),
+        against the class masks; a normal image's truth is all background."""
+        if self.class_acc is None:
+            return
+        mode = self.meta.geometry.mode
+        for k in with_mask:
+            item = ok[k]
+            h, w = item.image.shape[:2]
+            if item.truth is not None and item.classes is None:  # a defect image without per-pixel classes
+                continue
+            pred = class_ids(mask_prob[k], class_probs[k], w, h, self.meta.pixel_threshold, mode)
+            truth = item.classes if item.classes is not None else np.zeros((h, w), np.uint8)
+            self.class_acc.update(pred, truth)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -372,7 +423,11 @@ def _score_histogram(evaluation: Evaluation, out: Path) -> Path:
     )
 
 
-Scorer = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator]]
+#: records -> (rows, image accumulator, pixel accumulator, pixel-class accumulator or None)
+Scorer = Callable[
+    [list[dict[str, Any]]],
+    tuple[list[dict[str, Any]], ImageMetricAccumulator, PixelMetricAccumulator, PixelClassAccumulator | None],
+]
 
 
 def run_evaluation(
@@ -389,16 +444,19 @@ def run_evaluation(
 ) -> Evaluation:
     """Evaluate one split and write every output into `out`.
 
-    scorer: records -> (rows, image accumulator, pixel accumulator); default the local loop with `predictor`
-    (`raydefect.pipelines.evaluate` passes a Ray Data one). `predictor` also renders the galleries.
+    scorer: records -> (rows, image accumulator, pixel accumulator, pixel-class accumulator or None); default the
+    local loop with `predictor` (`raydefect.pipelines.evaluate` passes a Ray Data one). `predictor` also renders the
+    galleries.
     """
     start = time.perf_counter()
     records = split_records(dataset.split(split))
     if scorer is None:
         console.info(f"evaluating {console.count(len(records), 'image')} of the {split!r} split locally")
-        rows, image_acc, pixel_acc = evaluate_records(Evaluator(predictor, dataset.class_names), records, batch_size)
+        evaluator = Evaluator(predictor, dataset.class_names)
+        rows, image_acc, pixel_acc = evaluate_records(evaluator, records, batch_size)
+        class_acc = evaluator.class_acc
     else:
-        rows, image_acc, pixel_acc = scorer(records)
+        rows, image_acc, pixel_acc, class_acc = scorer(records)
     evaluation = summarize(
         predictor.meta,
         rows,
@@ -411,5 +469,7 @@ def run_evaluation(
         seconds=time.perf_counter() - start,
         dataset_classes=dataset.class_names,
     )
+    if class_acc is not None and class_acc.pixels:  # per-class IoU / Dice, their means, the confusion matrix
+        evaluation.metrics["pixel_classes"] = class_acc.compute()
     write_evaluation(evaluation, out, predictor, gallery_size=gallery_size)
     return evaluation

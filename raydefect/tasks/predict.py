@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,16 @@ from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.data.pool import cpu_workers
 from raydefect.errors import DataError, ImageError, OutputError
 from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image
-from raydefect.inference import MaskResult, Predictor, Preprocessor, decide, infer_images, postprocess
+from raydefect.inference import (
+    MaskResult,
+    Predictor,
+    Preprocessor,
+    class_areas,
+    class_ids,
+    decide,
+    infer_images,
+    postprocess,
+)
 from raydefect.inference.postprocess import format_bbox
 from raydefect.paths import glob_files, has_glob, printable_path
 from raydefect.viz.overlay import class_colour, render_overlay, save_png
@@ -220,6 +230,7 @@ class Scored:
     mask: MaskResult
     is_defect: bool
     defect_class: str
+    classes: np.ndarray | None = None  # model.mask_classes: class ids HxW at the image's resolution
 
     @classmethod
     def of(cls, item: Decoded, result: dict[str, np.ndarray], k: int, meta: ArtifactMeta) -> Scored:
@@ -229,7 +240,12 @@ class Scored:
         mode = meta.geometry.mode
         mask = postprocess(result["mask_prob"][k], width, height, meta.pixel_threshold, encode=False, geometry=mode)
         is_defect, defect_class = decide(score, probs, meta)
-        return cls(score, probs, mask, is_defect, defect_class)
+        classes = None
+        if "pixel_class_probs" in result:
+            classes = class_ids(
+                result["mask_prob"][k], result["pixel_class_probs"][k], width, height, meta.pixel_threshold, mode
+            )
+        return cls(score, probs, mask, is_defect, defect_class, classes)
 
     def row(self, item: Decoded, overlay: str) -> list[Any]:
         """Its scores.csv row (`COLUMNS`, the class probabilities, `TAIL_COLUMNS`)."""
@@ -248,6 +264,17 @@ class Scored:
             overlay,
             "",
         ]
+
+    def class_area_cells(self, meta: ArtifactMeta) -> list[str]:
+        """`area_columns`' cells: pixels per defect class as JSON (``{"scratch": 120}``)."""
+        if not area_columns(meta):
+            return []
+        return [json.dumps(class_areas(self.classes, list(meta.class_names))) if self.classes is not None else ""]
+
+
+def area_columns(meta: ArtifactMeta) -> list[str]:
+    """scores.csv's last column for a ``model.mask_classes`` model: ``class_area_px``; none otherwise."""
+    return ["class_area_px"] if getattr(getattr(meta, "model", None), "mask_classes", False) else []
 
 
 def _predict_batch(predictor: Any, ok: list[Decoded], batch_size: int) -> dict[str, Any] | None:
@@ -330,10 +357,13 @@ def predict_images(
     def decode(path: str) -> Decoded:
         return decode_for_model(path, pre, max_pixels)
 
-    def write_overlay(item: Decoded, mask: np.ndarray, score: float, label: str, colour: tuple[int, int, int]) -> None:
+    def write_overlay(item: Decoded, scored: Scored, colour: tuple[int, int, int]) -> None:
         target = overlay_dir / names[item.path]
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_png(render_overlay(item.image, mask, score, label, colour=colour), str(target))
+        overlay = render_overlay(
+            item.image, scored.mask.mask, scored.score, scored.defect_class, colour=colour, classes=scored.classes
+        )
+        save_png(overlay, str(target))
 
     console.info(
         f"predicting {console.count(len(paths), 'image')} with model {meta.model_id} "
@@ -350,13 +380,13 @@ def predict_images(
         console.progress("predict", len(paths)) as shown,
     ):
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS])
+        writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS, *area_columns(meta)])
         for batch in scored_batches(predictor, meta, pool, paths, decode, batch_size):
             for item, scored in batch:
                 summary.images += 1
                 if scored is None:
                     summary.errors += 1
-                    writer.writerow(_error_row(item, len(prob_columns)))
+                    writer.writerow(_error_row(item, len(prob_columns)) + [""] * len(area_columns(meta)))
                     continue
                 summary.defects += int(scored.is_defect)
                 summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
@@ -364,10 +394,9 @@ def predict_images(
                 if overlays:
                     # the decided class's colour: green (normal) marks a mask below the image threshold
                     colour = class_colour(meta.class_names.index(scored.defect_class))
-                    mask = scored.mask.mask
-                    writes.append(pool.submit(write_overlay, item, mask, scored.score, scored.defect_class, colour))
+                    writes.append(pool.submit(write_overlay, item, scored, colour))
                     overlay = printable_path(f"{OVERLAY_DIR}/{names[item.path]}")
-                writer.writerow(scored.row(item, overlay))
+                writer.writerow(scored.row(item, overlay) + scored.class_area_cells(meta))
             handle.flush()
             while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
                 _finish(writes.pop(0), out)

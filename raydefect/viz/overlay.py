@@ -26,22 +26,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from raydefect.imaging import DEFECT_COLOURS  # one palette: overlays, reports and stored class masks
+
 #: Shorter side (px) small panels are enlarged towards (integer factor, rounded): text needs room, 64 px is tiny.
 MIN_DISPLAY_SIDE = 256
 #: Longer side (px) a panel is shrunk to, at most: a 6000 px photo does not need a 12000 px overlay.
 MAX_DISPLAY_SIDE = 1600
 NORMAL_COLOUR = (46, 204, 113)  # green: "nothing found"
-#: Defect classes in class-index order (1, 2, ...): saturated, distinct on grey metal, wrapping after 8.
-DEFECT_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 59, 48),  # red
-    (255, 204, 0),  # yellow
-    (0, 199, 255),  # cyan
-    (191, 90, 242),  # purple
-    (255, 149, 0),  # orange
-    (255, 55, 175),  # pink
-    (10, 132, 255),  # blue
-    (172, 142, 104),  # brown
-)
 TRUTH_COLOUR = (255, 255, 255)
 
 
@@ -200,6 +191,7 @@ def render_overlay(
     note: str | None = None,
     alpha: float = 0.45,
     scale: float | None = None,
+    classes: np.ndarray | None = None,
 ) -> np.ndarray:
     """The original image and, to its right, the image with ``mask`` as a translucent fill plus its contour.
 
@@ -209,12 +201,13 @@ def render_overlay(
     true_mask / true_text: the ground truth, drawn as a white outline on the left panel with its own label
     (evaluation galleries). note: a second line under the label (e.g. "IoU 0.42").
     scale: display scale (`display_scale` by default); the result is ``round(scale * H)`` high and twice
-    ``round(scale * W)`` wide.
+    ``round(scale * W)`` wide. classes: uint8 class ids HxW (``model.mask_classes``): each class filled and
+    outlined in its `class_colour` instead of one colour.
     Returns a new uint8 array of shape (H', 2 W', 3).
     """
     rgb = _to_rgb(image)
     h, w = rgb.shape[:2]
-    for name, m in (("mask", mask), ("true_mask", true_mask)):
+    for name, m in (("mask", mask), ("true_mask", true_mask), ("classes", classes)):
         if m is not None and np.asarray(m).shape != (h, w):
             raise ValueError(f"{name} has shape {np.asarray(m).shape}, the image is {h}x{w}; resize it first")
     s = display_scale(h, w) if scale is None else float(scale)
@@ -230,7 +223,13 @@ def render_overlay(
 
     left = base.copy()
     right = base.astype(np.float32)
-    if pred is not None and pred.any():
+    if classes is not None:
+        ids = _resize(np.asarray(classes, np.uint8), size, nearest=True)
+        for i in (int(v) for v in np.unique(ids) if v):
+            region = ids == i
+            right[region] = (1 - alpha) * right[region] + alpha * np.asarray(class_colour(i), np.float32)
+            right[mask_edge(region, thick)] = class_colour(i)
+    elif pred is not None and pred.any():
         right[pred] = (1 - alpha) * right[pred] + alpha * col
         right[mask_edge(pred, thick)] = col
     right = np.clip(right + 0.5, 0, 255).astype(np.uint8)
