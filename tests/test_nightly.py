@@ -379,19 +379,19 @@ def test_report_and_review_read_scores_and_images_on_s3(s3_server, tmp_path):
     from raydefect.imaging import encode_png
     from raydefect.scoring.review import pick_review, write_review
 
-    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="s3://factory/archive",
+    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="s3://factory/nightly/archive",
                                 reference=_reference())  # fmt: skip
     for f in Path(local).rglob("*"):
         if f.is_file():
-            s3_server.put_object(Bucket="factory", Key=f"scores/{f.relative_to(local)}", Body=f.read_bytes())
+            s3_server.put_object(Bucket="factory", Key=f"nightly/scores/{f.relative_to(local)}", Body=f.read_bytes())
     png = encode_png(np.full((8, 8, 3), 200, np.uint8))
     for path in read_scores(local, columns=["path"]).column("path").to_pylist():
         s3_server.put_object(Bucket="factory", Key=path.removeprefix("s3://factory/"), Body=png)
-    report = build_report("s3://factory/scores")
-    assert report["night"]["alarm"] and report["root"] == "s3://factory/archive" and report["images"] == 1200
+    report = build_report("s3://factory/nightly/scores")
+    assert report["night"]["alarm"] and report["root"] == "s3://factory/nightly/archive" and report["images"] == 1200
     assert {r["folder"] for r in report["folders"]["1"]} == {"line_0", "line_1", "line_2"}
-    picked = pick_review("s3://factory/scores", n=10, runs=0)
-    written = write_review("s3://factory/scores", picked, tmp_path / "review")
+    picked = pick_review("s3://factory/nightly/scores", n=10, runs=0)
+    written = write_review("s3://factory/nightly/scores", picked, tmp_path / "review")
     assert written["images"] == 10 and not written["problems"]
     assert (tmp_path / "review" / "images").is_dir() and len(list((tmp_path / "review" / "images").iterdir())) == 10
     with pytest.raises(DataError, match="no raydefect scores here"):
@@ -404,13 +404,13 @@ def test_report_reads_scores_on_gcs(gcs_server, tmp_path):
     from raydefect.scoring.review import pick_review
     from raydefect.scoring.storage import Storage
 
-    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="gs://factory/archive",
+    local = write_scores_folder(str(tmp_path / "scores"), [CALM[0], SHIFTED], root="gs://factory/nightly/archive",
                                 reference=_reference())  # fmt: skip
-    fs, _ = Storage().resolve("gs://factory/scores")
+    fs, _ = Storage().resolve("gs://factory/nightly/scores")
     for f in Path(local).rglob("*"):
         if f.is_file():
-            with fs.open_output_stream(f"factory/scores/{f.relative_to(local)}") as out:
+            with fs.open_output_stream(f"factory/nightly/scores/{f.relative_to(local)}") as out:
                 out.write(f.read_bytes())
-    report = build_report("gs://factory/scores")
-    assert report["night"]["alarm"] and report["images"] == 1200 and report["root"] == "gs://factory/archive"
-    assert len(pick_review("gs://factory/scores", n=10, runs=0).rows) == 10
+    report = build_report("gs://factory/nightly/scores")
+    assert report["night"]["alarm"] and report["images"] == 1200 and report["root"] == "gs://factory/nightly/archive"
+    assert len(pick_review("gs://factory/nightly/scores", n=10, runs=0).rows) == 10
