@@ -56,7 +56,7 @@ def test_two_workers_survive_a_failure_and_write_the_run_folder(
     # validation was sharded over the two ranks and all-gathered: the metrics equal a single-process evaluation
     from raydefect.engine.checkpoint import load_weights
     from raydefect.engine.data import SampleSource, iterate_batches, manifest_rows
-    from raydefect.engine.loop import evaluate
+    from raydefect.engine.validation import evaluate
     from raydefect.metrics import validation_summary
     from raydefect.models.model import DefectModel
 

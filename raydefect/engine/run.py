@@ -344,7 +344,8 @@ def export_run(
     """
     from raydefect.engine.checkpoint import load_weights, read_state
     from raydefect.engine.data import SampleSource, iterate_batches, manifest_rows
-    from raydefect.engine.loop import autocast_dtype, evaluate
+    from raydefect.engine.loop import autocast_dtype
+    from raydefect.engine.validation import evaluate
     from raydefect.inference.device import resolve_device
     from raydefect.metrics import validation_summary
     from raydefect.metrics.common import json_safe
