@@ -56,8 +56,8 @@ def config_reference() -> str:
         "error: --set: unknown key 'optim.lrr'; did you mean 'optim.lr'?",
         "```",
         "",
-        "This page is generated from the field docs of `raydefect/config/sections.py`, the same ones `raydefect "
-        "config` prints.",
+        "This page is generated from the field docs of `raydefect/config/sections.py` and `scoring.py`, the same "
+        "ones `raydefect config` prints.",
         "",
     ]
     for section_field in dataclasses.fields(cfg):

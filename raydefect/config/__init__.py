@@ -9,6 +9,7 @@ rebuilt -- and re-validated -- with `Config.from_dict`.
 Each field carries its documentation in ``metadata["help"]`` (see `describe`), litgpt-style.
 """
 
+from raydefect.config.fields import IMAGE_EXTENSIONS
 from raydefect.config.loader import (
     describe,
     load_config,
@@ -18,17 +19,15 @@ from raydefect.config.loader import (
     save_config,
     shipped_configs,
 )
+from raydefect.config.scoring import ResourcesConfig, ScoreConfig
 from raydefect.config.sections import (
-    IMAGE_EXTENSIONS,
     SCHEMA_VERSION,
     SECTIONS,
     Config,
     DataConfig,
     ModelConfig,
     OptimConfig,
-    ResourcesConfig,
     ScheduleConfig,
-    ScoreConfig,
     TrainConfig,
     TuneConfig,
     build_config,
