@@ -39,8 +39,8 @@ Size = int | tuple[int, int]
 
 def image_wh(size: Size) -> tuple[int, int]:
     w, h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if not (8 <= w <= 4096 and 8 <= h <= 4096):
-        raise DataError(f"synthetic image size {w}x{h} is out of range; use 8..4096 pixels per side (e.g. 64)")
+    if not (8 <= w <= 8192 and 8 <= h <= 8192):
+        raise DataError(f"synthetic image size {w}x{h} is out of range; use 8..8192 pixels per side (e.g. 64)")
     return w, h
 
 
