@@ -127,6 +127,8 @@ def test_the_raydefect_command_sends_third_party_notices_to_a_log_file(tmp_path)
         console.allow_notice_routing()
         console.set_verbosity(0)
         path = cluster.route_notices({str(tmp_path)!r})
+        print("\\x1b[33m(raylet)\\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: x")
+        print("(raylet, ip=10.0.0.2) WARNING: 12 PYTHON worker processes have been started")
         os.write(2, b"E core_worker.cc:2465 something Ray logs in C++\\\\n")
         warnings.warn("a third-party deprecation")
         logging.getLogger("ray.data").warning("a library notice")
@@ -140,17 +142,18 @@ def test_the_raydefect_command_sends_third_party_notices_to_a_log_file(tmp_path)
     assert run.returncode == 0, run.stderr
     shown = run.stdout + run.stderr
     assert "warning: raydefect's own warning" in run.stderr and "raydefect's own line" in run.stdout
-    for noise in ("core_worker.cc", "third-party deprecation", "a library notice"):
+    for noise in ("PYTHON worker processes", "core_worker.cc", "third-party deprecation", "a library notice"):
         assert noise not in shown, shown
     log = (tmp_path / "_raydefect-notices.log").read_text()
     assert f"LOG {tmp_path / '_raydefect-notices.log'}" in run.stdout
-    for noise in ("core_worker.cc", "third-party deprecation", "a library notice"):
+    for noise in ("8 PYTHON worker processes", "(raylet, ip=10.0.0.2)", "core_worker.cc", "third-party deprecation",
+                  "a library notice"):  # fmt: skip
         assert noise in log, log
 
 
 @pytest.mark.parametrize(("verbosity", "to_driver"), [(0, False), (1, True)])
-def test_raylet_notices_reach_the_console_only_with_v(monkeypatch, verbosity, to_driver):
-    """Raylet notices ("(raylet) WARNING: 8 PYTHON worker processes ...") reach a driver only through Ray's
+def test_worker_output_reaches_the_driver_only_with_v(monkeypatch, verbosity, to_driver):
+    """Workers' own output reaches the driver through Ray's
     ``log_to_driver``: off unless -v."""
     import ray
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -36,10 +37,10 @@ def route_notices(folder: str | os.PathLike | None) -> str | None:
     """In the `raydefect` command without -v (`console.notice_routing`): what Ray and other libraries say to the
     console goes to `folder`/`NOTICES_LOG` (default: a raydefect-logs folder in the temp folder) instead, so users see
     raydefect's lines and real errors only. That is: C++ log lines written to the process's stderr (file descriptor
-    2, pointed at the log; Python's sys.stderr keeps the terminal), Python warnings and library log records. Raylet
-    notices ("(raylet) WARNING: 8 PYTHON worker processes have been started...") reach a driver only through
-    ``log_to_driver``, which `connect` turns off without -v (they stay in Ray's session logs). Once per process;
-    returns the log file, or None when notices stay on the console."""
+    2, pointed at the log; Python's sys.stderr keeps the terminal), Python warnings, library log records, and the
+    raylet / autoscaler lines Ray's driver prints on stdout ("(raylet) WARNING: 8 PYTHON worker processes have been
+    started...", `RayNoticeFilter`); workers' own output stays off the driver (``log_to_driver`` off without -v).
+    Once per process; returns the log file, or None when notices stay on the console."""
     if not console.notice_routing():
         return None
     if "path" in _routed:
@@ -66,8 +67,40 @@ def route_notices(folder: str | os.PathLike | None) -> str | None:
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the log
     logging.getLogger("py.warnings").addHandler(logging.StreamHandler(log))
     logging.getLogger("py.warnings").propagate = False
+    sys.stdout.flush()
+    sys.stdout = RayNoticeFilter(sys.stdout, log)
     _routed.update(path=target, log=log)
     return target
+
+
+#: A line Ray's driver prints for the raylet or the autoscaler: "(raylet) WARNING: ...", "(raylet, ip=...) ...",
+#: possibly wrapped in ANSI colour codes.
+_RAY_NOTICE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:raylet|autoscaler)\b[^)]*\)")
+
+
+class RayNoticeFilter:
+    """``sys.stdout`` in the raydefect command without -v: lines Ray's driver prints on behalf of the raylet or the
+    autoscaler go to the notices log (Ray sends them to every driver, ``log_to_driver`` or not: "(raylet) WARNING: 8
+    PYTHON worker processes have been started ..."); every other line passes through unchanged."""
+
+    def __init__(self, out: Any, log: Any) -> None:
+        self._out, self._log, self._partial = out, log, ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            (self._log if _RAY_NOTICE.match(line) else self._out).write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._out.write(self._partial)
+            self._partial = ""
+        self._out.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self._out, name)
 
 
 def connect(
