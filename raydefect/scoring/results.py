@@ -52,7 +52,8 @@ def reading(out: str) -> Iterator[None]:
         ) from None
 
 
-def _open(out: str, storage: Storage | None) -> ScoreStore:
+def open_scores(out: str, storage: Storage | None = None) -> ScoreStore:
+    """The scores folder `out` (a `ScoreStore`); a folder without raydefect scores is a one-line `DataError`."""
     store = ScoreStore(out, storage)
     if not store.exists():
         raise DataError(
@@ -65,7 +66,7 @@ def committed_table(
     out: str, columns: Sequence[str] | None = None, model_id: str | None = None, storage: Storage | None = None
 ) -> pa.Table:
     """Every committed row (history, not de-duplicated), only `columns` if given."""
-    parts = list(_open(out, storage).read_committed(columns, model_id))
+    parts = list(open_scores(out, storage).read_committed(columns, model_id))
     if not parts:
         schema = SCORE_SCHEMA if not columns else pa.schema([SCORE_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
@@ -130,7 +131,7 @@ def summarize(
     """Counts, defect rate per run and per folder, and the top-scoring images (current view) of one model
     (`choose_model`: by default the newest run's); the runs table lists every run."""
     with reading(out):
-        store = _open(out, storage)
+        store = open_scores(out, storage)
         records = store.records()
         model_id, models = choose_model(records, model, store.out)
         current = read_scores(out, columns=SUMMARY_COLUMNS, storage=storage, model_id=model_id)
@@ -247,7 +248,7 @@ def select_rows(
 
 def _current_of(out: str, storage: Storage | None, model: str | None) -> pa.Table:
     """`read_scores` of the model `choose_model` picks, error rows included."""
-    store = _open(out, storage)
+    store = open_scores(out, storage)
     model_id, _ = choose_model(store.records(), model, store.out)
     return read_scores(out, storage=storage, model_id=model_id)
 

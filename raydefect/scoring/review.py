@@ -221,15 +221,11 @@ def pick_review(
     storage: Storage | None = None,
 ) -> Picked:
     """Choose up to `n` images from the newest `runs` runs (0: all) of one model (`results.choose_model`)."""
-    from raydefect.scoring.results import choose_model, reading
+    from raydefect.scoring.results import choose_model, open_scores, reading
 
     shares = shares or parse_mix("uncertain=0.4,disagree=0.3,novel=0.3")
     with reading(out):
-        store = ScoreStore(out, storage)
-        if not store.exists():
-            raise DataError(
-                f"{out}: no raydefect scores here (no _raydefect_scores.json); pass the --out of `raydefect score`"
-            )
+        store = open_scores(out, storage)
         all_records = store.records()
         model_id, _ = choose_model(all_records, model, store.out)
         records = [r for r in all_records if r.model_id == model_id and r.files]

@@ -259,15 +259,11 @@ def build_report(
 ) -> dict[str, Any]:
     """The report's content (what report.json holds). `reference`: a model artifact's ``reference`` (default: the
     one the scores' footers carry)."""
-    from raydefect.scoring.results import choose_model, reading
+    from raydefect.scoring.results import choose_model, open_scores, reading
 
     rules = rules or AlarmRules()
     with reading(out):
-        store = ScoreStore(out, storage)
-        if not store.exists():
-            raise DataError(
-                f"{out}: no raydefect scores here (no _raydefect_scores.json); pass the --out of `raydefect score`"
-            )
+        store = open_scores(out, storage)
         records = store.records()
         model_id, models = choose_model(records, model, store.out)
         if model_id is None or not any(r.files for r in records if r.model_id == model_id):
