@@ -140,8 +140,8 @@ def test_a_worker_killed_with_sigkill_mid_epoch_resumes_from_its_checkpoint(
 
 # --- score killed in a loop ------------------------------------------------------------------------------------------
 
-ROUNDS = 10
-MID_RUN_KILLS = 5  # kills that must land after some rows were committed and before all were
+ROUNDS = 8
+MID_RUN_KILLS = 4  # kills that must land after some rows were committed and before all were
 MAX_ROUNDS = 18  # extra rounds (same cycle of kill points) until MID_RUN_KILLS is reached
 N_IMAGES = 40
 SETS = ["score.rows_per_file=3", "score.commit_interval_s=0", "score.batch_size=4"]
@@ -234,5 +234,5 @@ def test_score_killed_at_random_points_in_a_loop_ends_with_one_row_per_image(ray
         log.append(kills)
     print(f"(kill point, rows committed when killed) per round: {log}")
     rows = [n for ks in log for _, n in ks if n != "finished"]
-    assert len(rows) >= 12, log  # real kills, not runs that had already ended
+    assert len(rows) >= 10, log  # real kills, not runs that had already ended
     assert any(n == 0 for n in rows) and mid_run_kills() >= MID_RUN_KILLS, log  # the kills hit mid-run
