@@ -11,7 +11,10 @@ fresh process (so peak RSS is that setting's own) runs:
             stitch, masks at each image's own size as PNG -- images/s and megapixels/s, peak RSS;
   bare      the model alone on the very inputs score gave it (for tiles: every tile, cut and normalised beforehand),
             in batches of ``--batch``: the ceiling. ``score / bare`` is the share of the model's speed the whole
-            path keeps (the issue's target for tiles: >= 0.85 on this CPU).
+            path keeps (the issue's target for tiles: >= 0.85 on this CPU);
+  pipeline  (``--pipeline``) `raydefect score` itself on the same images and model, in a subprocess on an
+            embedded Ray with one model replica (Ray Data streaming, Parquet commits): images/s, and the peak
+            summed RSS of its whole process tree (driver, Ray's own processes, the workers), sampled every 0.2 s.
 
 Torch runs ``--threads`` threads (default 1, which keeps OpenMP from spinning on a shared machine).
 """
@@ -19,6 +22,7 @@ Torch runs ``--threads`` threads (default 1, which keeps OpenMP from spinning on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -105,6 +109,40 @@ def run_one(args: argparse.Namespace) -> dict:
         "bare_inputs_per_s": round(len(inputs) / bare_s, 2),
         "score_over_bare": round(bare_s / score_s, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+        **(run_pipeline(args, artifact, archive, w * h / 1e6, score_s) if args.pipeline else {}),
+    }
+
+
+def run_pipeline(args: argparse.Namespace, artifact: Path, archive: Path, mp: float, score_s: float) -> dict:
+    """`raydefect score` end to end on every image in `archive` (`mp` megapixels each), with its process tree's peak
+    RSS; ``pipeline / score`` compares its images/s with one `BatchScorer`'s (`score_s` for the same images)."""
+    import psutil
+
+    n = sum(1 for p in archive.rglob("*") if p.suffix in (".jpg", ".png"))
+    out = Path(args.work) / f"scores-{args.geometry}-{args.mp}mp"
+    cmd = [sys.executable, "-m", "raydefect.cli", "score", "--model", str(artifact), "--input", str(archive)]
+    cmd += ["--out", str(out), "--rescore", "--actors", "1", "--batch-size", str(args.batch), "--engine", "torch"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # a process that ended between the listing and the reading
+                total += p.memory_info().rss
+        peak = max(peak, total)
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"raydefect score failed ({proc.returncode}):\n{err[-2000:]}")
+    return {
+        "pipeline_images": n,
+        "pipeline_wall_s": round(wall, 1),
+        "pipeline_images_per_s": round(n / wall, 3),
+        "pipeline_megapixels_per_s": round(n * mp / wall, 2),
+        "pipeline_over_score": round(score_s / wall, 3) if n == args.images else None,
+        "pipeline_peak_tree_rss_mb": round(peak / 2**20, 0),
     }
 
 
@@ -118,6 +156,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=None, help="folder for images and models (default: a temporary one)")
+    p.add_argument("--pipeline", action="store_true", help="also run `raydefect score` (Ray) on the same images")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one setting here
     args = p.parse_args()
     if args.one:
@@ -129,7 +168,7 @@ def main() -> None:
         for geometry in args.geometry:
             cmd = [sys.executable, __file__, "--one", "--mp", str(mp), "--geometry", geometry, "--work", work]
             cmd += ["--images", str(args.images), "--backbone", args.backbone, "--input", str(args.input)]
-            cmd += ["--batch", str(args.batch), "--threads", str(args.threads)]
+            cmd += ["--batch", str(args.batch), "--threads", str(args.threads), *(["--pipeline"] * args.pipeline)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             print(out.stdout.strip().splitlines()[-1], flush=True)
