@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from raydefect.config import OptimConfig
-from raydefect.errors import ConfigError
 from raydefect.models.losses import DefectLoss, balanced_class_weights, soft_dice_loss
 
 
@@ -99,29 +98,3 @@ def test_balanced_class_weights():
     assert DefectLoss.from_config(OptimConfig(class_weights="none")).class_weights is None
     with pytest.raises(ValueError, match="class_counts"):
         DefectLoss.from_config(OptimConfig())
-
-
-def test_per_image_dice_weighs_each_defect_image_alike():
-    """optim.dice_reduction=image: the mean of each defect image's own Dice (normal images left out); the batch
-    Dice is dominated by the large defect, the per-image one is not."""
-    logits = torch.full((3, 1, 4, 4), -20.0)
-    target = torch.zeros(3, 1, 4, 4)
-    target[0, 0] = 1.0  # a large defect, found
-    logits[0, 0] = 20.0
-    target[1, 0, 0, 0] = 1.0  # a one-pixel defect, missed; image 2 is normal
-    loss = DefectLoss(dice_reduction="image")
-    out = loss(torch.zeros(3, 2), logits, torch.tensor([1, 1, 0]), target)
-    found = 1 - (2 * 16 + 1) / (16 + 16 + 1)
-    missed = 1 - 1 / (0 + 1 + 1)
-    assert out.dice.item() == pytest.approx((found + missed) / 2, abs=1e-6)
-    batch = DefectLoss()(torch.zeros(3, 2), logits, torch.tensor([1, 1, 0]), target).dice.item()
-    assert batch < 0.05 < out.dice.item()
-    # no defect pixel in the batch: the batch Dice, which pushes the masks towards zero
-    empty = torch.zeros(2, 1, 4, 4)
-    zeros = torch.zeros(2, 1, 4, 4)
-    assert loss(torch.zeros(2, 2), zeros, torch.zeros(2), empty).dice.item() == pytest.approx(
-        soft_dice_loss(zeros, empty).item()
-    )
-    assert DefectLoss.from_config(OptimConfig(dice_reduction="image", class_weights="none")).dice is loss.dice
-    with pytest.raises(ConfigError, match="dice_reduction"):
-        OptimConfig(dice_reduction="pixel")

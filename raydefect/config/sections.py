@@ -133,12 +133,6 @@ class OptimConfig:
     cls_weight: float = _f(1.0, "Weight of the classification cross-entropy.")
     bce_weight: float = _f(1.0, "Weight of the pixel BCE loss.")
     dice_weight: float = _f(1.0, "Weight of the Dice loss on masks.")
-    dice_reduction: str = _f(
-        "batch",
-        "How the mask Dice loss is pooled: 'batch' (one Dice over every pixel of the batch: large defects weigh "
-        "most) or 'image' (the mean of each defect image's own Dice: a small defect counts as much as a large one, "
-        "like the per-image IoU that evaluate reports; normal images are left to BCE).",
-    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.lr < 1.0, "optim.lr", f"must be in (0, 1), got {self.lr}")
@@ -152,11 +146,6 @@ class OptimConfig:
             self.class_weights in ("balanced", "none"),
             "optim.class_weights",
             f"must be 'balanced' or 'none', got {self.class_weights!r}",
-        )
-        _check(
-            self.dice_reduction in ("batch", "image"),
-            "optim.dice_reduction",
-            f"must be 'batch' or 'image', got {self.dice_reduction!r}",
         )
         for k in ("cls_weight", "bce_weight", "dice_weight"):
             _check(getattr(self, k) >= 0.0, f"optim.{k}", "must be >= 0")

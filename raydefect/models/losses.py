@@ -2,9 +2,7 @@
 
 Normal images have empty masks. Dice is computed over the whole batch (sums over every valid pixel of every
 image) with additive smoothing, so it stays finite and meaningful on all-empty batches (it then pushes the
-predicted mask towards zero). With ``optim.dice_reduction: image`` it is the mean of each defect image's own Dice
-instead, so a small defect weighs as much as a large one; a batch without defect pixels falls back to the batch
-Dice. Images whose mask is unknown (a defect image labelled without a mask) are left out of
+predicted mask towards zero). Images whose mask is unknown (a defect image labelled without a mask) are left out of
 the pixel terms via ``mask_valid``; a batch without any valid mask contributes a zero pixel loss that still keeps
 the decoder in the autograd graph (DDP requires every parameter to receive a gradient).
 
@@ -58,17 +56,6 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tenso
     return 1.0 - (2.0 * inter + smooth) / (p.sum() + t.sum() + smooth)
 
 
-def per_image_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
-    """The mean soft Dice loss of the images in [N, 1, H, W] that hold target pixels; the batch Dice when none do."""
-    has = target.flatten(1).sum(dim=1) > 0
-    if not bool(has.any()):
-        return soft_dice_loss(logits, target, smooth)
-    p = torch.sigmoid(logits[has].float()).flatten(1)
-    t = target[has].float().flatten(1)
-    inter = (p * t).sum(dim=1)
-    return (1.0 - (2.0 * inter + smooth) / (p.sum(dim=1) + t.sum(dim=1) + smooth)).mean()
-
-
 def pixel_class_losses(logits: Tensor, target: Tensor, smooth: float = 1.0) -> tuple[Tensor, Tensor]:
     """(cross-entropy, mean soft Dice loss over the defect classes 1..C-1) of [N, C, H, W] logits against [N, H, W]
     class ids; Dice sums over the whole batch per class, so absent classes stay finite."""
@@ -93,10 +80,8 @@ class DefectLoss(nn.Module):
         class_weights: Tensor | Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         dice_smooth: float = 1.0,
-        dice_reduction: str = "batch",
     ) -> None:
         super().__init__()
-        self.dice = per_image_dice_loss if dice_reduction == "image" else soft_dice_loss
         self.cls_weight = cls_weight
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
@@ -119,7 +104,6 @@ class DefectLoss(nn.Module):
             dice_weight=optim.dice_weight,
             class_weights=weights,
             label_smoothing=optim.label_smoothing,
-            dice_reduction=optim.dice_reduction,
         )
 
     def forward(
@@ -151,7 +135,7 @@ class DefectLoss(nn.Module):
             bce = dice = zero
         else:
             bce = F.binary_cross_entropy_with_logits(logits, target)
-            dice = self.dice(logits, target, self.dice_smooth)
+            dice = soft_dice_loss(logits, target, self.dice_smooth)
         total = self.cls_weight * cls + self.bce_weight * bce + self.dice_weight * dice
         if pixel_class_logits is not None and pixel_classes is not None:
             total = total + self._pixel_class_terms(pixel_class_logits, pixel_classes, mask_valid)
