@@ -12,10 +12,10 @@ from raydefect.errors import ExportError
 from raydefect.inference.graph import (
     DEFAULT_TOLERANCE,
     INPUT_NAME,
-    OUTPUT_NAMES,
     check_batch,
     export_onnx,
     export_wrapper,
+    output_names,
     parity_inputs,
     quiet_export,
     reference_outputs,
@@ -52,7 +52,7 @@ def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Pat
     wrapper = export_wrapper(loaded.model.to("cpu").eval())
     example = torch.from_numpy(parity_inputs(loaded.meta, 2))
     with quiet_export(), torch.no_grad():
-        return write_atomic(path, lambda tmp: export_onnx(wrapper, example, tmp, None, legacy=True))
+        return write_atomic(path, lambda tmp: export_onnx(wrapper, example, tmp, None, True, output_names(loaded.meta)))
 
 
 class OnnxPredictor:
@@ -96,7 +96,7 @@ class OnnxPredictor:
                     ) from None
         x = parity_inputs(self.meta, 2, seed=1)
         ours, theirs = self.predict(x), reference_outputs(export_wrapper(loaded.model.to("cpu").eval()), x)
-        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in OUTPUT_NAMES)
+        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in output_names(self.meta))
         if worst > tolerance:
             raise ExportError(f"the ONNX graph of model {self.meta.model_id} differs from PyTorch by {worst:.2g}")
 
@@ -110,4 +110,4 @@ class OnnxPredictor:
             return empty
         x = batch.numpy() if not isinstance(batch, np.ndarray) else batch
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
-        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+        return dict(zip(output_names(self.meta), outs, strict=True))
