@@ -229,3 +229,34 @@ def test_api_predictions_carry_the_class_mask(class_model, tiny_artifact):
         assert np.array_equal(p.classes[settled], want[settled])
     binary = raydefect.load_model(tiny_artifact, device="cpu").predict(paths[:1])[0]
     assert binary.classes is None and binary.class_area_px is None
+
+
+def test_finish_takes_the_half_precision_maps_of_a_gpu_model_step(class_model):
+    """On a GPU the model step hands on float16 maps (`Predictor.predict(half_masks=True)`); the finish stage
+    turns them into the class ids of the float32 maps, ties aside."""
+    from raydefect.inference.graph import PIXEL_CLASS_OUTPUT, parity_inputs
+    from raydefect.scoring.scorer import finish
+
+    artifact, _ = class_model
+    predictor = Predictor(artifact, device="cpu", precision="fp32")
+    meta = predictor.meta
+    x = parity_inputs(meta, 2, seed=2)
+    full, half = predictor.predict(x), predictor.predict(x, half_masks=True)
+    assert half["mask_prob"].dtype == half[PIXEL_CLASS_OUTPUT].dtype == np.float16
+    sizes = [(40, 30), (32, 32)]
+    batch = {
+        "path": np.asarray(["a.png", "b.png"], object),
+        "size": np.asarray([1, 1]),
+        "mtime_ns": np.asarray([1, 1]),
+        "sha1": np.asarray(["", ""], object),
+        "width": np.asarray([w for w, _ in sizes]),
+        "height": np.asarray([h for _, h in sizes]),
+        "error": np.asarray(["", ""], object),
+        **half,
+    }
+    rows = finish(batch, meta, "run").to_pylist()
+    for k, (row, (w, h)) in enumerate(zip(rows, sizes, strict=True)):
+        ids, names = decode_class_png(row["mask_png"])
+        want = class_ids(full["mask_prob"][k], full[PIXEL_CLASS_OUTPUT][k], w, h, meta.pixel_threshold)
+        assert names == NAMES and ids.shape == (h, w) and (ids == want).mean() > 0.97
+        assert dict(row["class_area_px"]) == class_areas(ids, NAMES)
