@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 LAZY_EXPORTS = {
     "load_model": "raydefect.api",
     "read_scores": "raydefect.api",
+    "decode_mask": "raydefect.api",
     "load_dataset": "raydefect.api",
     "Model": "raydefect.api",
     "Prediction": "raydefect.api",

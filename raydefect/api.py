@@ -8,6 +8,7 @@ scores and datasets the commands write, read back. No Ray.
         print(p.path, p.defect_score, p.is_defect, p.defect_class, p.mask.shape, p.bbox)
 
     scores = raydefect.read_scores("scores/")          # what `raydefect score --out scores/` committed (pandas)
+    ids, names = raydefect.decode_mask(scores.mask_png[0])  # a row's mask: class ids (0 = normal), class names
     dataset = raydefect.load_dataset("data/screws")    # what `raydefect prepare --out data/screws` wrote
 
 `Model.predict` runs the loop of `raydefect predict` (`raydefect.tasks.predict.scored_batches`): the same decoding,
@@ -33,8 +34,8 @@ from raydefect.config import IMAGE_EXTENSIONS
 from raydefect.data.manifest import Dataset
 from raydefect.data.manifest import load_dataset as open_dataset
 from raydefect.errors import DataError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, rgb_array
-from raydefect.inference import Predictor, Preprocessor
+from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_class_png, rgb_array
+from raydefect.inference import Predictor, Preprocessor, class_areas
 from raydefect.tasks.predict import (
     Decoded,
     Scored,
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
     from raydefect.models.artifact import ArtifactMeta
 
-__all__ = ["Model", "Prediction", "load_dataset", "load_model", "read_scores"]
+__all__ = ["Model", "Prediction", "decode_mask", "load_dataset", "load_model", "read_scores"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ class Prediction:
     """One image's result: the fields of a scores.csv row, with the mask itself.
 
     ``path`` is None for an image passed in memory (PIL or numpy). When the image could not be read, ``error`` says
-    why and the result fields are None (``class_scores`` empty, ``mask_area_px`` 0).
+    why and the result fields are None (``class_scores`` empty, ``mask_area_px`` 0). A ``model.mask_classes`` model
+    also gives each pixel's class: ``classes`` (uint8 class ids, 0 = normal, ``i`` = ``model.class_names[i]``) and
+    ``class_area_px`` (pixels per class); both are None for other models.
     """
 
     path: str | None
@@ -74,6 +77,8 @@ class Prediction:
     mask_area_px: int = 0
     mask_fraction: float = 0.0
     error: str | None = None
+    classes: np.ndarray | None = field(default=None, repr=False)  # uint8 (height, width) class ids; mask_classes only
+    class_area_px: dict[str, int] | None = None  # pixels per defect class; mask_classes only
 
     @property
     def ok(self) -> bool:
@@ -154,6 +159,8 @@ def to_prediction(item: Decoded, scored: Scored | None, meta: ArtifactMeta, path
         bbox=None if scored.mask.bbox is None else tuple(int(v) for v in scored.mask.bbox),  # type: ignore[arg-type]
         mask_area_px=int(scored.mask.area_px),
         mask_fraction=float(scored.mask.fraction),
+        classes=scored.classes,
+        class_area_px=None if scored.classes is None else class_areas(scored.classes, list(meta.class_names)),
     )
 
 
@@ -244,13 +251,22 @@ def read_scores(
     out: str | Path, *, model_id: str | None = None, latest: bool = True, columns: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """The scores `raydefect score --out OUT` committed, as a pandas DataFrame (one row per image: path,
-    defect_score, is_defect, defect_class, class_scores, mask_png, bbox, error, ...; docs: the scores contract).
+    defect_score, is_defect, defect_class, class_scores, mask_png, bbox, error, class_area_px, ...; docs: the scores
+    contract). Map columns (class_scores, class_area_px) hold lists of (key, value) pairs: ``dict(row.class_area_px)``;
+    `decode_mask` turns a ``mask_png`` into class ids.
 
     OUT is a local folder or an s3:// / gs:// address. latest: only the newest row per (model_id, path) (False
     keeps every run's row). model_id: one model's rows when several models scored into OUT."""
     from raydefect.scoring.results import read_scores as read_table
 
     return read_table(os.fspath(out), model_id=model_id, latest=latest, columns=columns).to_pandas()
+
+
+def decode_mask(mask_png: bytes) -> tuple[np.ndarray, list[str] | None]:
+    """A scores row's ``mask_png`` -> (uint8 class ids at the image's size, class names). A ``model.mask_classes``
+    model's indexed PNG gives each pixel's class id (0 = normal, ``i`` = ``names[i]``); a binary model's mask gives
+    0 / 1 and names None."""
+    return decode_class_png(bytes(mask_png))
 
 
 def load_dataset(path: str | Path) -> Dataset:

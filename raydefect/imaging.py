@@ -16,22 +16,25 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from raydefect.errors import CorruptImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb threshold
 MASK_THRESHOLD = 128
 #: Defect classes in class-index order (1, 2, ...): saturated, distinct on grey metal, wrapping after 8. Overlays,
-#: reports and the palette of stored class masks all use them.
+#: reports and the palette of class masks (`class_palette`: datasets, scores) all use them.
 DEFECT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 59, 48),  # red
     (255, 204, 0),  # yellow
@@ -301,9 +304,50 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 def decode_png_mask(data: bytes) -> np.ndarray:
-    """Inverse of `encode_png` for masks: bytes -> bool HxW."""
+    """Inverse of `encode_png` for masks: bytes -> bool HxW. A class mask (`encode_class_png`, palette mode) is
+    defect wherever its class id is not 0."""
     with Image.open(io.BytesIO(data)) as img:
+        if img.mode == "P":
+            return np.asarray(img) != 0
         return np.asarray(img.convert("L")) >= MASK_THRESHOLD
+
+
+#: The PNG text chunk of a class mask that names its classes: a JSON list, index = pixel value (0 = background).
+CLASS_NAMES_KEY = "raydefect:classes"
+
+
+def class_palette(entries: int = 256) -> list[int]:
+    """A PNG palette of ``entries`` colours: 0 black (background), then the overlays' class colours
+    (`DEFECT_COLOURS`, class 1 first) repeated."""
+    colours = [(0, 0, 0)] + [DEFECT_COLOURS[i % len(DEFECT_COLOURS)] for i in range(max(1, entries) - 1)]
+    return [v for rgb in colours for v in rgb]
+
+
+def encode_class_png(ids: np.ndarray, class_names: Sequence[str] | None = None, compress_level: int = 1) -> bytes:
+    """Class ids (uint8 HxW, 0 = background) as an indexed (palette) PNG: viewers show each class in its overlay
+    colour, readers get the ids back as the pixel values (`decode_class_png`, or ``np.asarray(Image.open(f))``).
+    With ``class_names`` (index = class id) the names go into the PNG's ``CLASS_NAMES_KEY`` text chunk and the
+    palette holds one colour per class (PNG then stores 1, 2 or 4 bits per pixel for few classes)."""
+    array = np.ascontiguousarray(ids, dtype=np.uint8)
+    h, w = array.shape
+    img = Image.frombytes("P", (w, h), array.tobytes())
+    img.putpalette(class_palette(len(class_names) if class_names else 256))
+    info = None
+    if class_names:
+        info = PngInfo()
+        info.add_text(CLASS_NAMES_KEY, json.dumps(list(class_names)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level, pnginfo=info)
+    return buf.getvalue()
+
+
+def decode_class_png(data: bytes) -> tuple[np.ndarray, list[str] | None]:
+    """Inverse of `encode_class_png`: (uint8 class ids HxW, the class names of its text chunk or None). A 0/255 or
+    1-bit mask (a binary model's) comes back as ids 0/1."""
+    with Image.open(io.BytesIO(data)) as img:
+        text = getattr(img, "text", {}).get(CLASS_NAMES_KEY)
+        ids = np.asarray(img, np.uint8) if img.mode == "P" else (np.asarray(img.convert("L")) >= MASK_THRESHOLD)
+    return ids.astype(np.uint8), (json.loads(text) if text else None)
 
 
 STATS_SIDE = 256

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from raydefect.cli import cli
 from raydefect.inference import Predictor
+from raydefect.inference.graph import OUTPUT_NAMES
 from raydefect.tasks.export import (
-    OUTPUT_NAMES,
     ExportError,
     check_parity,
     export_model,

@@ -116,15 +116,17 @@ def test_defect_rate_alarm_against_earlier_runs_and_an_absolute_limit(folder, tm
 
 def test_old_folders_without_image_statistics_still_report(folder, tmp_path):
     out = folder([Night(n.run_id, n.rows, stats=False, seed=n.seed) for n in CALM], reference=False)
-    for f in (tmp_path / "scores1").rglob("*.parquet"):  # as schema 1 wrote them: no brightness/contrast columns
+    for f in (tmp_path / "scores1").rglob("*.parquet"):  # as schema 1 wrote them: no brightness, contrast, classes
         t = pq.read_table(f)
-        pq.write_table(t.drop_columns(["brightness", "contrast"]).replace_schema_metadata(t.schema.metadata), f)
+        old = t.drop_columns(["brightness", "contrast", "class_area_px"])
+        pq.write_table(old.replace_schema_metadata(t.schema.metadata), f)
     report = build_report(out)
     drift = report["runs"][-1]["drift"]
     assert drift["brightness"]["note"].startswith("not recorded") and drift["defect_score"]["level"] == "n/a"
     assert not report["night"]["alarm"] and report["reference"]["source"] == "none"
     current = read_scores(out)
     assert current.column("brightness").null_count == current.num_rows == 2400
+    assert current.column("class_area_px").null_count == 2400
     assert summarize(out)["images"] == 2400
 
 

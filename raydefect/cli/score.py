@@ -251,7 +251,8 @@ def scores_summarize_cmd(out: str, top: int, folders: int, as_json: bool, model:
 def scores_extract_cmd(
     scores_dir: str, dest: str, top: int | None, where: tuple[str, ...], paths: tuple[str, ...], model: str | None
 ) -> None:
-    """Write chosen masks (0/255 PNG at the image's size) and overlays on the original images, with index.csv.
+    """Write chosen masks (0/255 PNG at the image's size; class ids in the class colours for a per-pixel class model)
+    and overlays on the original images, with index.csv.
 
     Without --top, --where or --paths: the 20 highest-scoring images.
     """

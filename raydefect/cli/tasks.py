@@ -222,9 +222,13 @@ def export_cmd(
         rows = [
             {"batch": b.replace("batch_", ""), **{k: f"{v:.2e}" for k, v in d.items()}}
             for b, d in report.parity.items()
+            if b != "class_ids"
         ]
         console.result("largest absolute difference to PyTorch:")
         console.result(console.table(rows))
+        ids = report.parity.get("class_ids")
+        if ids:  # a model.mask_classes model: the class ids compared too
+            console.result(f"pixel class ids: {ids['differing']} of {ids['pixels']} pixels differ (each at a tie)")
         console.result(f"parity within {tolerance:g}")
     else:
         console.result(f"parity NOT checked: {report.reason_unchecked}")

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from raydefect.errors import CorruptImageError, DataError
-from raydefect.imaging import DEFAULT_MAX_PIXELS, DEFECT_COLOURS, read_bytes
+from raydefect.imaging import DEFAULT_MAX_PIXELS, read_bytes
 
 MASK_FORMATS = ("binary", "index")
 INDEX, COCO, RLE = "index", "coco", "rle"
@@ -273,22 +273,6 @@ def remap(raster: ClassRaster, class_id: dict[str, int]) -> np.ndarray:
     for i, name in enumerate(raster.names, 1):
         lut[i] = class_id[name]
     return lut[raster.array]
-
-
-def class_palette() -> list[int]:
-    """A 256-entry PNG palette: 0 black, then the overlays' class colours (`imaging.DEFECT_COLOURS`) repeated."""
-    colours = [(0, 0, 0)] + [DEFECT_COLOURS[i % len(DEFECT_COLOURS)] for i in range(255)]
-    return [v for rgb in colours for v in rgb]
-
-
-def encode_class_mask(array: np.ndarray) -> bytes:
-    """Class ids (uint8 HxW) as a palette PNG: viewers show the class colours, readers get the ids back."""
-    h, w = array.shape
-    img = Image.frombytes("P", (w, h), np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    img.putpalette(class_palette())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def decode_class_mask(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

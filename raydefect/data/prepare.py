@@ -39,7 +39,7 @@ from raydefect.data.importers import (
     Listing,
     Problem,
 )
-from raydefect.data.labels import encode_class_mask, rasterise, remap
+from raydefect.data.labels import rasterise, remap
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
 from raydefect.data.pool import cpu_workers, parallel_map
 from raydefect.data.scan import Scanned, Scanner
@@ -49,6 +49,7 @@ from raydefect.imaging import (
     DEFAULT_MAX_PIXELS,
     MASK_THRESHOLD,
     decode_mask,
+    encode_class_png,
     encode_png,
 )
 from raydefect.paths import printable_path, write_atomic
@@ -113,7 +114,7 @@ class _LabelWriter:
         raster = rasterise(s.candidate.pixels, s.width, s.height, self.max_pixels)
         ids = remap(raster, self.class_id)
         binary = (ids > 0).astype(np.uint8) * 255
-        for rel, data in ((class_rel, encode_class_mask(ids)), (mask_rel, encode_png(binary))):
+        for rel, data in ((class_rel, encode_class_png(ids)), (mask_rel, encode_png(binary))):
             dest = _inside(self.root, rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)

@@ -32,7 +32,7 @@ from raydefect.inference.device import (
     resolve_precision,
     resolve_scoring,
 )
-from raydefect.inference.graph import check_batch
+from raydefect.inference.graph import PIXEL_CLASS_OUTPUT, check_batch, has_pixel_classes
 from raydefect.inference.postprocess import (
     MaskResult,
     bbox_of,
@@ -47,6 +47,7 @@ from raydefect.inference.preprocess import Preprocessor, resize_rgb
 
 __all__ = [
     "ENGINES",
+    "PIXEL_CLASS_OUTPUT",
     "PRECISIONS",
     "MaskResult",
     "Predictor",
@@ -57,6 +58,7 @@ __all__ = [
     "class_ids",
     "cpu_has_native_bf16",
     "decide",
+    "has_pixel_classes",
     "infer_images",
     "make_predictor",
     "postprocess",

@@ -4,6 +4,12 @@
     output  defect_score  float32 [N]            1 - p(normal)
             class_probs   float32 [N, C]         softmax over class_names (index 0 = normal)
             mask_prob     float32 [N, S, S]      sigmoid of the mask logits at the model's input size
+            pixel_class_probs  float32 [N, C, S, S]   ``model.mask_classes`` only: softmax over the classes per
+                                                      pixel (channel 0 = background)
+
+A pixel's class (`postprocess.class_ids`): upsample ``mask_prob`` and each ``pixel_class_probs`` channel to the image
+(bilinear), then 0 where the mask probability is below the pixel threshold, elsewhere ``1 + argmax`` over channels
+1..C-1 (background never wins inside the mask).
 
 Shared by the PyTorch predictor, the ONNX Runtime engine (`inference.onnx_runtime`) and the exporter
 (`tasks.export`), so the three cannot drift apart.
@@ -36,17 +42,32 @@ def check_batch(meta: ArtifactMeta, batch: np.ndarray | torch.Tensor) -> dict[st
     if shape[0]:
         return None
     c = meta.num_classes
-    return {
+    empty = {
         "defect_score": np.zeros(0, np.float32),
         "class_probs": np.zeros((0, c), np.float32),
         "mask_prob": np.zeros((0, s, s), np.float32),
     }
+    if has_pixel_classes(meta):
+        empty[PIXEL_CLASS_OUTPUT] = np.zeros((0, c, s, s), np.float32)
+    return empty
 
 
 INPUT_NAME = "image"
 
 
 OUTPUT_NAMES = ("defect_score", "class_probs", "mask_prob")
+#: The fourth output of a ``model.mask_classes`` model's graph.
+PIXEL_CLASS_OUTPUT = "pixel_class_probs"
+
+
+def has_pixel_classes(meta: ArtifactMeta) -> bool:
+    """True for a ``model.mask_classes`` model (per-pixel classes beside the binary mask)."""
+    return bool(getattr(getattr(meta, "model", None), "mask_classes", False))
+
+
+def output_names(meta: ArtifactMeta) -> tuple[str, ...]:
+    """The graph's outputs for this model, in order: `OUTPUT_NAMES`, plus `PIXEL_CLASS_OUTPUT` with mask classes."""
+    return (*OUTPUT_NAMES, PIXEL_CLASS_OUTPUT) if has_pixel_classes(meta) else OUTPUT_NAMES
 
 
 #: Largest absolute difference allowed per output (all outputs are probabilities in [0, 1]).
@@ -61,7 +82,8 @@ _ONNX_INLINE_LIMIT = 1_800_000_000
 
 
 def export_wrapper(model: torch.nn.Module) -> torch.nn.Module:
-    """DefectModel -> a module returning (defect_score, class_probs, mask_prob), as `Predictor.predict` does."""
+    """DefectModel -> a module returning (defect_score, class_probs, mask_prob[, pixel_class_probs]), as
+    `Predictor.predict` does (the fourth for a ``model.mask_classes`` model: `output_names`)."""
     import torch
 
     class ExportWrapper(torch.nn.Module):
@@ -69,11 +91,14 @@ def export_wrapper(model: torch.nn.Module) -> torch.nn.Module:
             super().__init__()
             self.net = net
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
             out = self.net(image)
             class_probs = torch.softmax(out.class_logits.float(), dim=1)
             mask_prob = torch.sigmoid(out.mask_logits.float())[:, 0]
-            return 1.0 - class_probs[:, 0], class_probs, mask_prob
+            if out.pixel_class_logits is None:
+                return 1.0 - class_probs[:, 0], class_probs, mask_prob
+            pixel_class_probs = torch.softmax(out.pixel_class_logits.float(), dim=1)
+            return 1.0 - class_probs[:, 0], class_probs, mask_prob, pixel_class_probs
 
     return ExportWrapper(model).eval()
 
@@ -121,17 +146,25 @@ def quiet_export() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(wrapper: Any, example: torch.Tensor, path: Path, opset: int | None, legacy: bool) -> None:
+def export_onnx(
+    wrapper: Any,
+    example: torch.Tensor,
+    path: Path,
+    opset: int | None,
+    legacy: bool,
+    outputs: tuple[str, ...] = OUTPUT_NAMES,
+) -> None:
+    """`wrapper` as an ONNX graph at `path`; `outputs`: its output names (`output_names` of the model)."""
     import torch
 
     n_params = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     common: dict[str, Any] = {
         "input_names": [INPUT_NAME],
-        "output_names": list(OUTPUT_NAMES),
+        "output_names": list(outputs),
         "opset_version": opset,
     }
     if legacy:
-        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+        axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
         torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, **common)
     else:
         batch = torch.export.Dim("batch", min=1, max=65536)
@@ -147,11 +180,13 @@ def export_onnx(wrapper: Any, example: torch.Tensor, path: Path, opset: int | No
 
 
 def reference_outputs(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
+    """`export_wrapper`'s outputs on `x`, by name (three, or four with per-pixel classes)."""
     import torch
 
     with torch.inference_mode():
         outs = model(torch.from_numpy(x))
-    return {name: t.numpy() for name, t in zip(OUTPUT_NAMES, outs, strict=True)}
+    names = (*OUTPUT_NAMES, PIXEL_CLASS_OUTPUT)[: len(outs)]
+    return {name: t.numpy() for name, t in zip(names, outs, strict=True)}
 
 
 def short_error(e: BaseException) -> str:

@@ -12,10 +12,11 @@ from raydefect.errors import ExportError
 from raydefect.inference.graph import (
     DEFAULT_TOLERANCE,
     INPUT_NAME,
-    OUTPUT_NAMES,
     check_batch,
     export_onnx,
     export_wrapper,
+    has_pixel_classes,
+    output_names,
     parity_inputs,
     quiet_export,
     reference_outputs,
@@ -26,11 +27,24 @@ from raydefect.paths import write_atomic
 if TYPE_CHECKING:
     import torch
 
-    from raydefect.models.artifact import LoadedModel
+    from raydefect.models.artifact import ArtifactMeta, LoadedModel
 
 
-#: Where `OnnxPredictor` keeps the graphs it exported, per node: ``<tmp>/raydefect-onnx/<model_id>-<torch>.onnx``.
+#: Where `OnnxPredictor` keeps the graphs it exported, per node: ``<tmp>/raydefect-onnx/<model_id>-<torch>.onnx``
+#: (``-classes`` before ``.onnx`` for a ``model.mask_classes`` graph).
 ENGINE_CACHE = "raydefect-onnx"
+
+
+def engine_path(meta: ArtifactMeta, cache_dir: str | Path | None = None) -> Path:
+    """Where `engine_file` keeps the model's graph. The outputs are in the name, so a graph cached by a version that
+    exported three outputs for a ``model.mask_classes`` model is never taken for the four-output one."""
+    import tempfile
+
+    import torch
+
+    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / ENGINE_CACHE
+    outputs = "-classes" if has_pixel_classes(meta) else ""
+    return folder / f"{meta.model_id}-torch{torch.__version__.split('+')[0]}{outputs}.onnx"
 
 
 def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Path:
@@ -40,19 +54,16 @@ def engine_file(loaded: LoadedModel, cache_dir: str | Path | None = None) -> Pat
     Uses the TorchScript-based exporter: ~3 s for a ViT-S where torch.export takes ~26 s, and ONNX Runtime runs
     both graphs equally fast (measured). Concurrent exporters write their own temporary file and rename it.
     """
-    import tempfile
-
     import torch
 
-    folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / ENGINE_CACHE
-    path = folder / f"{loaded.meta.model_id}-torch{torch.__version__.split('+')[0]}.onnx"
+    path = engine_path(loaded.meta, cache_dir)
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = export_wrapper(loaded.model.to("cpu").eval())
     example = torch.from_numpy(parity_inputs(loaded.meta, 2))
     with quiet_export(), torch.no_grad():
-        return write_atomic(path, lambda tmp: export_onnx(wrapper, example, tmp, None, legacy=True))
+        return write_atomic(path, lambda tmp: export_onnx(wrapper, example, tmp, None, True, output_names(loaded.meta)))
 
 
 class OnnxPredictor:
@@ -87,6 +98,9 @@ class OnnxPredictor:
             path = engine_file(loaded, cache_dir)
             try:
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                names = tuple(o.name for o in self.session.get_outputs())
+                if names != output_names(self.meta):
+                    raise ExportError(f"outputs {list(names)}, expected {list(output_names(self.meta))}")
                 break
             except Exception as e:  # a damaged cache file (a full disk, a killed copy): export it once more
                 path.unlink(missing_ok=True)
@@ -96,7 +110,7 @@ class OnnxPredictor:
                     ) from None
         x = parity_inputs(self.meta, 2, seed=1)
         ours, theirs = self.predict(x), reference_outputs(export_wrapper(loaded.model.to("cpu").eval()), x)
-        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in OUTPUT_NAMES)
+        worst = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in output_names(self.meta))
         if worst > tolerance:
             raise ExportError(f"the ONNX graph of model {self.meta.model_id} differs from PyTorch by {worst:.2g}")
 
@@ -110,4 +124,4 @@ class OnnxPredictor:
             return empty
         x = batch.numpy() if not isinstance(batch, np.ndarray) else batch
         outs = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
-        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+        return dict(zip(output_names(self.meta), outs, strict=True))

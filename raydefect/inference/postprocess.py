@@ -53,14 +53,20 @@ def class_ids(
     height: int,
     threshold: float,
     geometry: str = "square",
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """A ``model.mask_classes`` model's per-pixel classes at the image's own resolution: uint8 HxW, 0 where the
     binary mask (``mask_prob``, SxS) is below ``threshold``, elsewhere the defect class (1..C-1) with the largest
-    probability in ``pixel_class_probs`` (C x S x S)."""
-    prob = upsample_prob(mask_prob, width, height, geometry)
-    classes = np.stack([upsample_prob(c, width, height, geometry) for c in np.asarray(pixel_class_probs)])
-    best = 1 + np.argmax(classes[1:], axis=0)
-    return np.where(prob >= threshold, best, 0).astype(np.uint8)
+    probability in ``pixel_class_probs`` (C x S x S), each class map upsampled as the mask is (`upsample_prob`).
+    ``mask``: the binary mask `postprocess` already made at (height, width), used as it is (the ids then cover
+    exactly its pixels); an empty one gives zeros without upsampling anything."""
+    if mask is None:
+        mask = upsample_prob(mask_prob, width, height, geometry) >= threshold
+    if not mask.any():
+        return np.zeros((int(height), int(width)), np.uint8)
+    classes = np.stack([upsample_prob(c, width, height, geometry) for c in np.asarray(pixel_class_probs)[1:]])
+    best = 1 + np.argmax(classes, axis=0)
+    return np.where(mask, best, 0).astype(np.uint8)
 
 
 def class_areas(ids: np.ndarray, class_names: list[str] | tuple[str, ...]) -> dict[str, int]:

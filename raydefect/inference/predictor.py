@@ -74,8 +74,9 @@ class Predictor:
         return self.meta.image_size
 
     def predict(self, batch: np.ndarray | torch.Tensor, *, half_masks: bool = False) -> dict[str, np.ndarray]:
-        """``defect_score`` [N] = 1 - p(normal), ``class_probs`` [N, C], ``mask_prob`` [N, S, S]; all float32, or
-        ``mask_prob`` float16 with ``half_masks`` (cast on the device: half the bytes to copy and ship on; float16
+        """``defect_score`` [N] = 1 - p(normal), ``class_probs`` [N, C], ``mask_prob`` [N, S, S] and, for a
+        ``model.mask_classes`` model, ``pixel_class_probs`` [N, C, S, S]; all float32, or the masks float16 with
+        ``half_masks`` (cast on the device: half the bytes to copy and ship on; float16
         keeps a probability to 0.05 %, finer than the bf16 model computed it)."""
         import torch
 
@@ -104,7 +105,10 @@ class Predictor:
                 "mask_prob": mask_prob.cpu().numpy(),
             }
             if out.pixel_class_logits is not None:  # model.mask_classes: [N, C, S, S], channel 0 = background
-                result["pixel_class_probs"] = torch.softmax(out.pixel_class_logits.float(), dim=1).cpu().numpy()
+                pixel_class_probs = torch.softmax(out.pixel_class_logits.float(), dim=1)
+                if half_masks:
+                    pixel_class_probs = pixel_class_probs.half()
+                result["pixel_class_probs"] = pixel_class_probs.cpu().numpy()
         return result
 
 

@@ -13,6 +13,7 @@ warning). Without raydefect, the same current view in DuckDB::
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydefect.errors import DataError, ImageError, OutputError, first_line
-from raydefect.imaging import decode_image, decode_png_mask, encode_png
+from raydefect.imaging import decode_class_png, decode_image, encode_png
 from raydefect.inference.postprocess import format_bbox
 from raydefect.paths import is_uri
 from raydefect.scoring.records import RunRecord
@@ -36,7 +37,8 @@ from raydefect.viz.overlay import class_colour, render_overlay, save_png
 SUMMARY_COLUMNS = ("path", "defect_score", "is_defect", "defect_class", "mask_fraction", "error", "model_id",
                    "run_id", "scored_at", "size", "mtime_ns", "sha1")  # fmt: skip
 #: columns `parse_where` filters on: every scalar column of the scores
-WHERE_COLUMNS = tuple(n for n in SCORE_SCHEMA.names if n not in ("mask_png", "class_scores", "bbox"))
+NON_SCALAR = ("mask_png", "class_scores", "bbox", "class_area_px")
+WHERE_COLUMNS = tuple(n for n in SCORE_SCHEMA.names if n not in NON_SCALAR)
 _WHERE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|!=|==|=|>|<)\s*(.+?)\s*$")
 
 
@@ -209,7 +211,7 @@ def parse_where(expr: str) -> pc.Expression:
     if not m:
         raise DataError(f"--where {expr!r}: expected COLUMN OP VALUE, e.g. 'defect_score>=0.9' or 'defect_class=crack'")
     col, op, raw = m.groups()
-    if col not in SCORE_SCHEMA.names or col in ("mask_png", "class_scores", "bbox"):
+    if col not in SCORE_SCHEMA.names or col in NON_SCALAR:
         raise DataError(
             f"--where {expr!r}: unknown or non-scalar column {col!r}; use one of {', '.join(WHERE_COLUMNS)}"
         )
@@ -287,8 +289,9 @@ def extract(
     storage: Storage | None = None,
     model: str | None = None,
 ) -> dict[str, Any]:
-    """Write the chosen masks (0/255 PNG at the image's size) and overlays (the same picture `raydefect predict`
-    draws: the image beside the image with the mask, class and score) to `dest`, with an ``index.csv``.
+    """Write the chosen masks (0/255 PNG at the image's size; a per-pixel class model's indexed PNG as stored: class
+    ids, the class colours, the class names) and overlays (the same picture `raydefect predict` draws: the image
+    beside the image with the mask, each class in its colour, class and score) to `dest`, with an ``index.csv``.
     Returns counts and the index path."""
     storage = storage or Storage()
     with reading(out):
@@ -304,8 +307,11 @@ def extract(
     overlays = 0
     for rank, r in enumerate(rows.to_pylist(), 1):
         stem = f"{rank:04d}_{_safe_stem(r['path'])}"
-        mask = decode_png_mask(r["mask_png"])
-        (dest / f"{stem}_mask.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
+        ids, names = decode_class_png(r["mask_png"])
+        classes = ids if names is not None else None  # an indexed PNG of class ids (`model.mask_classes`)
+        mask = ids > 0
+        mask_bytes = r["mask_png"] if classes is not None else encode_png(mask.astype(np.uint8) * 255)
+        (dest / f"{stem}_mask.png").write_bytes(mask_bytes)
         note, overlay_name = "", f"{stem}_overlay.png"
         try:
             image = decode_image(storage.read_bytes(r["path"]), mode="RGB", path=r["path"])
@@ -316,7 +322,7 @@ def extract(
             label = r["defect_class"] if r["is_defect"] else "normal"
             colour = class_colour(_class_index(r, label))
             empty = "mask empty: no pixel above the pixel threshold" if r["is_defect"] and not mask.any() else None
-            picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty)
+            picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty, classes=classes)
             save_png(picture, str(dest / overlay_name))
             overlays += 1
         except (OSError, ImageError) as e:
@@ -329,6 +335,7 @@ def extract(
                 "defect_score": r["defect_score"],
                 "defect_class": r["defect_class"],
                 "mask_area_px": r["mask_area_px"],
+                "class_area_px": "" if r["class_area_px"] is None else json.dumps(dict(r["class_area_px"])),
                 "bbox": format_bbox(r["bbox"]),
                 "mask": f"{stem}_mask.png",
                 "overlay": overlay_name,
@@ -338,7 +345,8 @@ def extract(
     index_path = dest / "index.csv"
     with index_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["rank", "path", "model_id", "defect_score", "defect_class",
-                                               "mask_area_px", "bbox", "mask", "overlay", "note"])  # fmt: skip
+                                               "mask_area_px", "class_area_px", "bbox", "mask", "overlay",
+                                               "note"])  # fmt: skip
         writer.writeheader()
         writer.writerows(index)
     missing: list[tuple[str, str]] = []  # (path as given, why)

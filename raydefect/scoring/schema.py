@@ -3,8 +3,15 @@
 One row per input image per run. Contract columns first, then the incremental key (``size``, ``mtime_ns``,
 ``sha1``) and ``node_id`` (the Ray node whose model actor scored the row: shows how work spread over a cluster),
 then the image statistics ``brightness`` and ``contrast`` (`imaging.image_stats` of the image as the model saw it;
-``scores report`` compares them with the model's validation images). Schema 1 files lack the last two: `conform`
-gives them null columns, so folders written before them read as before.
+``scores report`` compares them with the model's validation images), then ``class_area_px``. Schema 1 files lack
+``brightness`` and ``contrast``, schema 1 and 2 files ``class_area_px``: `conform` gives them null columns, so
+folders written before them read as before.
+
+Per-pixel classes (a ``model.mask_classes`` model): ``mask_png`` is then an indexed (palette) PNG whose pixel value
+is the class id (0 background, ``i`` = ``class_names[i]``), its palette the overlays' class colours and its
+``raydefect:classes`` text chunk the class names (`imaging.encode_class_png`); ``class_area_px`` holds the pixels
+per class (``map<string, int64>``, classes without pixels left out). A binary model's ``mask_png`` is a 1-bit PNG
+(0 normal, 1 defect) and its ``class_area_px`` is null.
 
 Types are chosen so pandas, pyarrow, DuckDB and Spark read the files without raydefect: ``mask_png`` is
 ``large_binary`` (64-bit offsets: a file of big masks can never hit Arrow's 2 GiB limit of ``binary``),
@@ -28,7 +35,7 @@ from raydefect import __version__
 if TYPE_CHECKING:
     from raydefect.models.artifact import ArtifactMeta
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCORE_FIELDS = (
     pa.field("path", pa.string(), nullable=False),
@@ -52,12 +59,13 @@ SCORE_FIELDS = (
     pa.field("node_id", pa.string()),
     pa.field("brightness", pa.float32()),
     pa.field("contrast", pa.float32()),
+    pa.field("class_area_px", pa.map_(pa.string(), pa.int64())),
 )
 SCORE_SCHEMA = pa.schema(list(SCORE_FIELDS))
 COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 META_PREFIX = "raydefect."
-#: columns added after schema 1: null in older files
-ADDED_COLUMNS = ("brightness", "contrast")
+#: columns added after schema 1 (brightness, contrast: schema 2; class_area_px: schema 3): null in older files
+ADDED_COLUMNS = ("brightness", "contrast", "class_area_px")
 
 
 def conform(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:

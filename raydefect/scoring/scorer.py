@@ -6,7 +6,11 @@ Stages and the batch each one hands on::
     listing    path, size, mtime_ns, error                     (size/mtime -1 and error "" when unknown / none)
     decode     + sha1, width, height, brightness, contrast, pixels uint8 [N, S, S, 3]   CPU: read, hash, decode, resize
     model      + defect_score, class_probs [N, C], mask_prob [N, S, S]   (pixels dropped)   actor: GPU or CPU
+                 (+ pixel_class_probs [N, C, S, S] for a ``model.mask_classes`` model)
     finish     -> a `SCORE_SCHEMA` table                          CPU: masks at each image's own size, PNG, bbox
+
+With per-pixel classes the finish stage writes each mask as class ids in an indexed PNG (`imaging.encode_class_png`:
+the overlays' colours, the class names in a text chunk) and the pixels per class in ``class_area_px``.
 
 Under the ``tiles`` geometry the decode stage hands on each whole image at ``data.scale`` (``pixels`` is then a
 column of uint8 [h, w, 3] arrays of their own sizes), the model stage cuts, batches and stitches their tiles
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,8 +36,17 @@ import pyarrow as pa
 
 from raydefect.errors import ImageError, ImageTooLargeError
 from raydefect.geometry import predict_tiled, scale_image
-from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized, image_stats
-from raydefect.inference import Preprocessor, decide, postprocess, resize_rgb
+from raydefect.imaging import DEFAULT_MAX_PIXELS, decode_image_sized, encode_class_png, image_stats
+from raydefect.inference import (
+    PIXEL_CLASS_OUTPUT,
+    Preprocessor,
+    class_areas,
+    class_ids,
+    decide,
+    has_pixel_classes,
+    postprocess,
+    resize_rgb,
+)
 from raydefect.scoring.keys import contains, first_occurrence, key_digests, read_error
 from raydefect.scoring.schema import SCORE_SCHEMA
 from raydefect.scoring.storage import Storage
@@ -268,15 +282,18 @@ class ModelStep:
         ok = np.asarray([not e for e in batch["error"]], bool)
         if n and ok.all():  # the usual batch: the predictor's arrays as they are, no copy
             out = self._predict(pixels)
-            score, probs, mask = out["defect_score"], out["class_probs"], out["mask_prob"]
         else:  # failed images get zeros
-            score, probs, mask = np.zeros(n, np.float32), np.zeros((n, c), np.float32), np.zeros((n, s, s), np.float32)
+            out = {"defect_score": np.zeros(n, np.float32), "class_probs": np.zeros((n, c), np.float32)}
+            out["mask_prob"] = np.zeros((n, s, s), np.float32)
+            if has_pixel_classes(self.meta):
+                out[PIXEL_CLASS_OUTPUT] = np.zeros((n, c, s, s), np.float32)
             if ok.any():
-                out = self._predict(pixels[ok])
-                mask = mask.astype(out["mask_prob"].dtype, copy=False)
-                score[ok], probs[ok], mask[ok] = out["defect_score"], out["class_probs"], out["mask_prob"]
+                part = self._predict(pixels[ok])
+                for key, value in part.items():
+                    out[key] = out[key].astype(value.dtype, copy=False)
+                    out[key][ok] = value
         result = {k: v for k, v in batch.items() if k != "pixels"}
-        result.update(defect_score=score, class_probs=probs, mask_prob=mask)
+        result.update(out)
         return result
 
 
@@ -286,6 +303,12 @@ def _ragged(n: int, ndim: int) -> np.ndarray:
     for i in range(n):
         out[i] = np.zeros((0,) * ndim, np.uint8 if ndim == 3 else np.float32)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def empty_class_png(width: int, height: int, class_names: tuple[str, ...]) -> bytes:
+    """The class mask of an image without defect pixels (most images of a nightly run), encoded once per size."""
+    return encode_class_png(np.zeros((height, width), np.uint8), class_names)
 
 
 def finish(
@@ -300,6 +323,7 @@ def finish(
     scored_at = scored_at or dt.datetime.now(dt.timezone.utc)
     cols: dict[str, list[Any]] = {name: [] for name in SCORE_SCHEMA.names}
     class_names = list(meta.class_names)
+    pixel_classes = batch.get(PIXEL_CLASS_OUTPUT)
     for i in range(n):
         error = batch["error"][i] or None
         size, mtime = int(batch["size"][i]), int(batch["mtime_ns"][i])
@@ -311,12 +335,18 @@ def finish(
         if error:
             for name in (
                 "width", "height", "defect_score", "is_defect", "defect_class", "class_scores",
-                "mask_png", "mask_area_px", "mask_fraction", "bbox", "brightness", "contrast",
+                "mask_png", "mask_area_px", "mask_fraction", "bbox", "brightness", "contrast", "class_area_px",
             ):  # fmt: skip
                 cols[name].append(None)
             continue
         w, h = int(batch["width"][i]), int(batch["height"][i])
-        m = postprocess(batch["mask_prob"][i], w, h, meta.pixel_threshold, geometry=meta.geometry.mode)
+        mode = meta.geometry.mode
+        m = postprocess(batch["mask_prob"][i], w, h, meta.pixel_threshold, encode=pixel_classes is None, geometry=mode)
+        png, areas = m.png, None
+        if pixel_classes is not None:
+            ids = class_ids(batch["mask_prob"][i], pixel_classes[i], w, h, meta.pixel_threshold, mode, m.mask)
+            png = encode_class_png(ids, class_names) if m.area_px else empty_class_png(w, h, tuple(class_names))
+            areas = list(class_areas(ids, class_names).items()) if m.area_px else []
         is_defect, defect_class = decide(batch["defect_score"][i], batch["class_probs"][i], meta)
         cols["width"].append(w)
         cols["height"].append(h)
@@ -324,7 +354,8 @@ def finish(
         cols["is_defect"].append(is_defect)
         cols["defect_class"].append(defect_class)
         cols["class_scores"].append(list(zip(class_names, (float(p) for p in batch["class_probs"][i]), strict=True)))
-        cols["mask_png"].append(m.png)
+        cols["mask_png"].append(png)
+        cols["class_area_px"].append(areas)
         cols["mask_area_px"].append(m.area_px)
         cols["mask_fraction"].append(m.fraction)
         cols["bbox"].append(list(m.bbox) if m.bbox is not None else None)

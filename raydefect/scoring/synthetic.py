@@ -88,6 +88,7 @@ def night_table(night: Night, root: str, model_id: str, threshold: float, start:
         "mtime_ns": idx.astype(np.int64),
         "sha1": pa.nulls(n, pa.string()),
         "node_id": pa.nulls(n, pa.string()),
+        "class_area_px": pa.nulls(n, SCORE_SCHEMA.field("class_area_px").type),
     }
     for name, mean, sd in (("brightness", night.brightness, 0.04), ("contrast", night.contrast, 0.02)):
         values = np.clip(rng.normal(mean, sd, n), 0, 1).astype(np.float32)

@@ -7,15 +7,19 @@ The exported graph is `Predictor.predict` without Python around it::
     output  defect_score  float32 [N]            1 - p(normal)
             class_probs   float32 [N, C]         softmax over class_names (index 0 = normal)
             mask_prob     float32 [N, S, S]      sigmoid of the mask logits at the model's input size
+            pixel_class_probs  float32 [N, C, S, S]   ``model.mask_classes`` only: softmax over the classes per pixel
 
 Preprocessing and decision rules are not in the graph; they are written beside it in ``<file>.json`` (the
 sidecar: image size, mean/std, the geometry -- for tiles the tiling, the stitching weights and the aggregation --,
-class names, thresholds, output names, how to decide), so any runtime can use it. A tiles model's parity check also
+class names, thresholds, output names, how to decide, and for per-pixel classes how to get each pixel's class), so
+any runtime can use it. A tiles model's parity check also
 runs one multi-tile image through raydefect's own stitching and through the file fed the same tiles.
 
 After writing, the same inputs run through PyTorch and the exported file at batch 1 and at a batch larger than the
 one used for tracing (so a batch size baked into the graph is caught); the largest absolute difference per output
-must stay within `tolerance`, else the file is removed and `ExportError` says by how much it missed. ONNX parity
+must stay within `tolerance`, else the file is removed and `ExportError` says by how much it missed. With per-pixel
+classes the class ids (`postprocess.class_ids`) of both must agree too, except where a pixel is within the tolerance
+of a tie. ONNX parity
 needs ONNX Runtime (the ``onnx`` extra): with ``check=None`` a missing runtime leaves the file unchecked with a
 warning, ``check=True`` refuses to export without it, ``check=False`` skips the check.
 
@@ -47,9 +51,11 @@ from raydefect.inference.graph import (
     DEFAULT_TOLERANCE,
     INPUT_NAME,
     ONNX_INSTALL,
-    OUTPUT_NAMES,
+    PIXEL_CLASS_OUTPUT,
     export_onnx,
     export_wrapper,
+    has_pixel_classes,
+    output_names,
     parity_inputs,
     quiet_export,
     reference_outputs,
@@ -105,8 +111,8 @@ def _export_torchscript(wrapper: Any, example: torch.Tensor, path: Path) -> None
 class _Runner:
     """Runs an exported file: ``run(float32 [N, 3, S, S]) -> {output name: numpy}``."""
 
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.fmt = fmt
+    def __init__(self, path: Path, fmt: str, outputs: tuple[str, ...]) -> None:
+        self.fmt, self.outputs = fmt, outputs
         if fmt == "onnx":
             import onnxruntime as ort
 
@@ -120,10 +126,10 @@ class _Runner:
                     "or not an ONNX model, export it again"
                 ) from None
             names = [o.name for o in self.session.get_outputs()]
-            if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
+            if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(outputs):
                 raise ExportError(
                     f"{path}: inputs/outputs are {[i.name for i in self.session.get_inputs()]} -> {names}, expected "
-                    f"[{INPUT_NAME}] -> {list(OUTPUT_NAMES)}; it was not written by raydefect export"
+                    f"[{INPUT_NAME}] -> {list(outputs)}; it was not written by raydefect export for this model"
                 )
         else:
             import torch
@@ -146,7 +152,9 @@ class _Runner:
 
             with torch.inference_mode():
                 outs = [t.numpy() for t in self.module(torch.from_numpy(x))]
-        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+        if len(outs) != len(self.outputs):
+            raise ExportError(f"the file gives {len(outs)} outputs, the model {len(self.outputs)}; export it again")
+        return dict(zip(self.outputs, outs, strict=True))
 
 
 def check_parity(
@@ -160,7 +168,8 @@ def check_parity(
     """Run the same inputs through the artifact (PyTorch) and the exported file; raise `ExportError` past tolerance.
 
     Returns {"batch_<n>": {output: largest absolute difference}}. The batch-1 input is the first image of every
-    larger batch, so a row's result must not depend on the batch around it either.
+    larger batch, so a row's result must not depend on the batch around it either. With per-pixel classes also
+    ``"class_ids"``: the pixels compared and how many got another class id (`class_id_parity`).
     """
     from raydefect.models.artifact import LoadedModel, load_artifact
 
@@ -172,7 +181,8 @@ def check_parity(
         raise ExportError(f"{path}: no such file; export it first with `raydefect export --out {path}`")
     loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device="cpu")
     reference = export_wrapper(loaded.model.to("cpu").eval())
-    runner = _Runner(path, fmt)
+    outputs = output_names(loaded.meta)
+    runner = _Runner(path, fmt, outputs)
     inputs = parity_inputs(loaded.meta, max(batch_sizes))
     diffs: dict[str, dict[str, float]] = {}
     for n in batch_sizes:
@@ -187,7 +197,7 @@ def check_parity(
                 f"{path}: running it on a batch of {n} failed ({type(e).__name__}: {short_error(e)}); export it again"
             ) from None
         diffs[f"batch_{n}"] = {}
-        for name in OUTPUT_NAMES:
+        for name in outputs:
             if got[name].shape != want[name].shape:
                 raise ExportError(
                     f"{path}: output {name} has shape {tuple(got[name].shape)} for a batch of {n}, PyTorch gives "
@@ -203,7 +213,39 @@ def check_parity(
             f"than the tolerance {tolerance:g}; the file is corrupt or the export is wrong (export it again, try "
             "--legacy-exporter for ONNX, or raise --tolerance if the gap is expected)"
         )
+    if has_pixel_classes(loaded.meta):
+        x = inputs[: max(batch_sizes)]
+        diffs["class_ids"] = class_id_parity(loaded.meta, reference_outputs(reference, x), runner.run(x), tolerance)
+        if diffs["class_ids"]["unexplained"]:
+            raise ExportError(
+                f"{path}: {diffs['class_ids']['unexplained']} pixel(s) get another class id from the exported model "
+                "than from PyTorch, away from any tie; export it again"
+            )
     return diffs
+
+
+def class_id_parity(
+    meta: ArtifactMeta, want: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: float
+) -> dict[str, int]:
+    """The class ids (`postprocess.class_ids` at the input size) of PyTorch's outputs and the file's: pixels compared,
+    pixels whose id differs, and of those the ones no tie explains (the mask probability or the two most probable
+    classes within 2 x `tolerance` of each other)."""
+    from raydefect.inference import class_ids
+
+    s, t = meta.image_size, meta.pixel_threshold
+    pixels = differing = unexplained = 0
+    for k in range(len(want["mask_prob"])):
+        a = class_ids(want["mask_prob"][k], want[PIXEL_CLASS_OUTPUT][k], s, s, t, meta.geometry.mode)
+        b = class_ids(got["mask_prob"][k], got[PIXEL_CLASS_OUTPUT][k], s, s, t, meta.geometry.mode)
+        top2 = np.sort(want[PIXEL_CLASS_OUTPUT][k][1:], axis=0)[-2:] if meta.num_classes > 2 else None
+        near = np.abs(want["mask_prob"][k] - t) <= 2 * tolerance
+        if top2 is not None:
+            near |= top2[1] - top2[0] <= 2 * tolerance
+        off = a != b
+        pixels += a.size
+        differing += int(off.sum())
+        unexplained += int((off & ~near).sum())
+    return {"pixels": pixels, "differing": differing, "unexplained": unexplained}
 
 
 def _stitched_parity(loaded: LoadedModel, runner: _Runner) -> dict[str, float]:
@@ -301,7 +343,9 @@ def preprocessing_contract(meta: ArtifactMeta) -> dict[str, Any]:
                 "shape": ["batch", s, s],
                 "meaning": "per-pixel defect probability at the input size; resize bilinearly to the image's own size",
             },
+            *pixel_class_outputs(meta),
         ],
+        **pixel_class_contract(meta),
         "geometry": geometry_contract(meta),
         "class_names": list(meta.class_names),
         "thresholds": {"image": meta.image_threshold, "pixel": meta.pixel_threshold},
@@ -309,6 +353,36 @@ def preprocessing_contract(meta: ArtifactMeta) -> dict[str, Any]:
             "defect when defect_score >= thresholds.image; its class is then the most probable of class_names[1:], "
             "else 'normal'. A pixel is defect when mask_prob (resized to the image) >= thresholds.pixel."
         ),
+    }
+
+
+def pixel_class_outputs(meta: ArtifactMeta) -> list[dict[str, Any]]:
+    """The contract's fourth output, for a ``model.mask_classes`` model (none otherwise)."""
+    if not has_pixel_classes(meta):
+        return []
+    s = meta.image_size
+    return [
+        {
+            "name": PIXEL_CLASS_OUTPUT,
+            "shape": ["batch", meta.num_classes, s, s],
+            "meaning": "per-pixel class probabilities at the input size, softmax over class_names per pixel; "
+            "channel 0 is background",
+        }
+    ]
+
+
+def pixel_class_contract(meta: ArtifactMeta) -> dict[str, Any]:
+    """How a ``model.mask_classes`` model's outputs become each pixel's class (`postprocess.class_ids`)."""
+    if not has_pixel_classes(meta):
+        return {}
+    return {
+        "pixel_classes": {
+            "output": PIXEL_CLASS_OUTPUT,
+            "class_ids": "resize mask_prob and each channel of pixel_class_probs to the image's own size (bilinear, "
+            "as for the mask; per geometry); a pixel's class id is 0 (background) where mask_prob < "
+            "thresholds.pixel, elsewhere 1 + argmax over channels 1..C-1 (the first on a tie): class_names[id]",
+            "class_area_px": "pixels per class id > 0, by class name",
+        }
     }
 
 
@@ -396,7 +470,7 @@ def _write_model(
     try:
         with quiet_export():
             if fmt == "onnx":
-                export_onnx(wrapper, example, out, opset, legacy)
+                export_onnx(wrapper, example, out, opset, legacy, output_names(meta))
             else:
                 _export_torchscript(wrapper, example, out)
     except OSError as e:

@@ -242,9 +242,8 @@ class Scored:
         is_defect, defect_class = decide(score, probs, meta)
         classes = None
         if "pixel_class_probs" in result:
-            classes = class_ids(
-                result["mask_prob"][k], result["pixel_class_probs"][k], width, height, meta.pixel_threshold, mode
-            )
+            probs_k = result["pixel_class_probs"][k]
+            classes = class_ids(result["mask_prob"][k], probs_k, width, height, meta.pixel_threshold, mode, mask.mask)
         return cls(score, probs, mask, is_defect, defect_class, classes)
 
     def row(self, item: Decoded, overlay: str) -> list[Any]:
