@@ -14,13 +14,14 @@ Masks are binarised at 128 (defect = value >= 128) and the number of soft (non-0
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -149,20 +150,28 @@ def _check_pixels(img: Image.Image, name: str | None, max_pixels: int) -> None:
         )
 
 
-def read_info(source: Source, path: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Size (after EXIF orientation), format and mode from the header only: fast, no pixel decoding."""
+@contextlib.contextmanager
+def _opened(source: Source, path: str | Path | None, max_pixels: int) -> Iterator[Image.Image]:
+    """The image opened lazily (its header read) and its pixel count checked, Pillow's bomb warning silenced (the
+    check says it once, as an error); closed when the block ends."""
     name = _name(source, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = _open(source, name)
         try:
             _check_pixels(img, name, max_pixels)
-            w, h = img.size
-            if _orientation(img) in _SWAPS_AXES:
-                w, h = h, w
-            return ImageInfo(w, h, img.format, img.mode, int(getattr(img, "n_frames", 1) or 1))
+            yield img
         finally:
             img.close()
+
+
+def read_info(source: Source, path: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Size (after EXIF orientation), format and mode from the header only: fast, no pixel decoding."""
+    with _opened(source, path, max_pixels) as img:
+        w, h = img.size
+        if _orientation(img) in _SWAPS_AXES:
+            w, h = h, w
+        return ImageInfo(w, h, img.format, img.mode, int(getattr(img, "n_frames", 1) or 1))
 
 
 def _to_uint8(img: Image.Image) -> Image.Image:
@@ -236,34 +245,28 @@ def decode_image_sized(
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
     name = _name(source, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = _open(source, name)
+    with _opened(source, path, max_pixels) as img:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        full_size = img.size
+        if reduce_to and img.format == "JPEG" and min(img.size) >= 2 * int(reduce_to):
+            img.draft(None, (int(reduce_to), int(reduce_to)))
+        stored, decoded = full_size, img.size  # full_size: before draft; both before EXIF orientation
         try:
-            _check_pixels(img, name, max_pixels)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            full_size = img.size
-            if reduce_to and img.format == "JPEG" and min(img.size) >= 2 * int(reduce_to):
-                img.draft(None, (int(reduce_to), int(reduce_to)))
-            stored, decoded = full_size, img.size  # full_size: before draft; both before EXIF orientation
-            try:
-                img.load()
-            except Image.DecompressionBombError as e:
-                raise ImageTooLargeError(name, f"too many pixels ({e})") from None
-            except (OSError, ValueError, SyntaxError, EOFError) as e:
-                reason = "truncated file" if "truncated" in str(e).lower() else f"cannot decode: {e}"
-                raise CorruptImageError(name, reason, "re-copy the file or remove it") from None
-            try:
-                oriented = ImageOps.exif_transpose(img)
-            except Exception:  # broken EXIF: keep the pixels as stored
-                oriented = img
-            out = _convert(oriented if oriented is not None else img, mode)
-            arr = np.asarray(out, dtype=np.uint8)
-            # rotated by EXIF (or not, if its EXIF was broken): the full size turns as the pixels did
-            full = stored[::-1] if (arr.shape[1], arr.shape[0]) != decoded else stored
-        finally:
-            img.close()
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(name, f"too many pixels ({e})") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            reason = "truncated file" if "truncated" in str(e).lower() else f"cannot decode: {e}"
+            raise CorruptImageError(name, reason, "re-copy the file or remove it") from None
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except Exception:  # broken EXIF: keep the pixels as stored
+            oriented = img
+        out = _convert(oriented if oriented is not None else img, mode)
+        arr = np.asarray(out, dtype=np.uint8)
+        # rotated by EXIF (or not, if its EXIF was broken): the full size turns as the pixels did
+        full = stored[::-1] if (arr.shape[1], arr.shape[0]) != decoded else stored
     if mode == "RGB" and arr.ndim == 2:  # pragma: no cover - _convert guarantees 3 channels
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr), (int(full[0]), int(full[1]))

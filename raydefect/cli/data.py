@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from raydefect.cli.app import build_config, cli, config_options
+
+if TYPE_CHECKING:
+    from raydefect.data.prepare import PrepareReport
 
 
 def _parse_size(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, int]:
@@ -263,36 +268,28 @@ def prepare_cmd(
     Re-running into the same --out keeps every old image in its split. --reviewed DIR adds the labels a person
     checked in a review set (`raydefect review`): new images join the splits by the same rules.
     """
-    from raydefect import console
-    from raydefect.data.label_importers import listing_with_labels
-    from raydefect.data.prepare import prepare_dataset
+    from raydefect.data.prepare import prepare_dataset, prepare_listing
     from raydefect.data.splits import parse_split
 
     cfg = build_config(config_name, sets, **{"data.max_image_pixels": max_pixels})
     fractions = parse_split(split_text)
-    layout = {
-        "defect_images": defect_images,
-        "defect_masks": defect_masks,
-        "normal_images": normal_images,
-        "mvtec": mvtec,
-        "images": images,
-        "mask_template": mask_template,
-        "class_regex": class_regex,
-        "normal_class": normal_class,
-    }
-    labels = {"coco": coco, "rle_csv": rle_csv, "image_dir": image_dir}
-    given = any(layout.values()) or any(v is not None for v in labels.values())
-    if reviewed:
-        from raydefect.data.importers import import_reviewed, listing_from_dataset, merge_listings
-
-        base = (
-            listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout)
-            if given
-            else listing_from_dataset(out)
-        )
-        listing = merge_listings(base, import_reviewed(reviewed))
-    else:
-        listing = listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout)
+    listing = prepare_listing(
+        out,
+        reviewed,
+        coco=coco,
+        rle_csv=rle_csv,
+        image_dir=image_dir,
+        mask_format=mask_format,
+        class_names=class_names,
+        defect_images=defect_images,
+        defect_masks=defect_masks,
+        normal_images=normal_images,
+        mvtec=mvtec,
+        images=images,
+        mask_template=mask_template,
+        class_regex=class_regex,
+        normal_class=normal_class,
+    )
     report = prepare_dataset(
         listing,
         out,
@@ -304,6 +301,12 @@ def prepare_cmd(
         verify_pixels=not header_only,
         workers=workers,
     )
+    _show_prepare_report(report)
+
+
+def _show_prepare_report(report: PrepareReport) -> None:
+    from raydefect import console
+
     console.result(console.table(report.count_rows(), ["class", "train", "val", "test", "total"]))
     if report.problems:
         console.result("")

@@ -245,19 +245,9 @@ def _compile_class_regex(pattern: str) -> re.Pattern:
     return rx
 
 
-def import_generic(
-    images: str | Sequence[str],
-    mask_template: str | None = None,
-    class_regex: str | None = None,
-    normal_class: str | None = None,
-) -> Listing:
-    """Images from glob(s); masks from a template; classes from a regex over the path (as the glob returned it).
-
-    Template fields: {parent} (the image's folder), {parent_name}, {stem}, {name}, {suffix} (with the dot) and
-    {class}. A relative result is relative to the current folder, like the glob. Without --class-regex the label
-    comes from the mask: a missing or empty mask means normal.
-    """
-    patterns = [images] if isinstance(images, str) else list(images)
+def _check_generic_options(
+    patterns: list[str], mask_template: str | None, class_regex: str | None, normal_class: str | None
+) -> None:
     if not patterns:
         raise DataError("--images needs a glob, e.g. --images 'data/**/*.png' (quote it so the shell leaves it alone)")
     if mask_template is None and class_regex is None:
@@ -266,17 +256,10 @@ def import_generic(
         raise DataError("--normal-class needs --class-regex (the class is taken from the path)")
     if mask_template is not None:
         _check_template(mask_template, class_regex is not None)
-    rx = _compile_class_regex(class_regex) if class_regex is not None else None
-    listing = Listing(
-        "generic",
-        {
-            "images": patterns,
-            "mask_template": mask_template,
-            "class_regex": class_regex,
-            "normal_class": normal_class,
-            "cwd": os.getcwd(),  # relative globs and templates resolve against it
-        },
-    )
+
+
+def _glob_images(patterns: list[str]) -> list[str]:
+    """The files the globs match, each once, in the globs' order; folders and hidden files left out."""
     files: list[str] = []
     seen: set[str] = set()
     for pattern in patterns:
@@ -291,8 +274,60 @@ def import_generic(
             if a not in seen and not os.path.isdir(f) and not Path(f).name.startswith("."):
                 seen.add(a)
                 files.append(f)
+    return files
+
+
+def _class_in_path(f: str, rx: re.Pattern, class_regex: str) -> str | Problem:
+    """The class `rx` captures in the image's path, or the problem that skips the image."""
+    m = rx.search(Path(f).as_posix())
+    if m is None:
+        return Problem(_abs(f), "no class", SKIPPED, f"--class-regex {class_regex!r} no match")
+    groups = m.groupdict()
+    cls = groups.get("class") or m.group(1) or ""
+    if not cls:
+        return Problem(_abs(f), "no class", SKIPPED, "the class group matched nothing")
+    return cls
+
+
+def _mask_from_template(template: str, path: Path, cls: str) -> str:
+    fields = {
+        "parent": str(path.parent),
+        "parent_name": path.parent.name,
+        "stem": path.stem,
+        "name": path.name,
+        "suffix": path.suffix,
+        "class": cls,
+    }
+    return _abs(template.format(**fields))
+
+
+def import_generic(
+    images: str | Sequence[str],
+    mask_template: str | None = None,
+    class_regex: str | None = None,
+    normal_class: str | None = None,
+) -> Listing:
+    """Images from glob(s); masks from a template; classes from a regex over the path (as the glob returned it).
+
+    Template fields: {parent} (the image's folder), {parent_name}, {stem}, {name}, {suffix} (with the dot) and
+    {class}. A relative result is relative to the current folder, like the glob. Without --class-regex the label
+    comes from the mask: a missing or empty mask means normal.
+    """
+    patterns = [images] if isinstance(images, str) else list(images)
+    _check_generic_options(patterns, mask_template, class_regex, normal_class)
+    rx = _compile_class_regex(class_regex) if class_regex is not None else None
+    listing = Listing(
+        "generic",
+        {
+            "images": patterns,
+            "mask_template": mask_template,
+            "class_regex": class_regex,
+            "normal_class": normal_class,
+            "cwd": os.getcwd(),  # relative globs and templates resolve against it
+        },
+    )
     classes_seen: set[str] = set()
-    for f in files:
+    for f in _glob_images(patterns):
         path = Path(f)
         if not is_image_file(path):
             listing.problems.append(
@@ -301,29 +336,14 @@ def import_generic(
             continue
         cls = DEFAULT_DEFECT_CLASS
         if rx is not None:
-            m = rx.search(path.as_posix())
-            if m is None:
-                listing.problems.append(
-                    Problem(_abs(f), "no class", SKIPPED, f"--class-regex {class_regex!r} no match")
-                )
+            assert class_regex is not None
+            found = _class_in_path(f, rx, class_regex)
+            if isinstance(found, Problem):
+                listing.problems.append(found)
                 continue
-            groups = m.groupdict()
-            cls = groups.get("class") or m.group(1) or ""
-            if not cls:
-                listing.problems.append(Problem(_abs(f), "no class", SKIPPED, "the class group matched nothing"))
-                continue
+            cls = found
             classes_seen.add(cls)
-        mask = None
-        if mask_template is not None:
-            fields = {
-                "parent": str(path.parent),
-                "parent_name": path.parent.name,
-                "stem": path.stem,
-                "name": path.name,
-                "suffix": path.suffix,
-                "class": cls,
-            }
-            mask = _abs(mask_template.format(**fields))
+        mask = _mask_from_template(mask_template, path, cls) if mask_template is not None else None
         if rx is None:
             listing.candidates.append(Candidate(_abs(f), mask, DEFAULT_DEFECT_CLASS, LABEL_FROM_MASK))
         elif cls == normal_class or (normal_class is None and cls == NORMAL):
@@ -332,8 +352,10 @@ def import_generic(
             _check_class_name(cls, f"--class-regex {class_regex!r} on {f}")
             listing.candidates.append(Candidate(_abs(f), mask, cls, 1))
     if normal_class is not None and normal_class not in classes_seen:
-        found = ", ".join(sorted(classes_seen)) or "(none)"
-        raise DataError(f"--normal-class {normal_class!r} matched no image; classes found by --class-regex: {found}")
+        found_classes = ", ".join(sorted(classes_seen)) or "(none)"
+        raise DataError(
+            f"--normal-class {normal_class!r} matched no image; classes found by --class-regex: {found_classes}"
+        )
     return listing
 
 

@@ -38,7 +38,11 @@ from raydefect.data.importers import (
     SKIPPED,
     Listing,
     Problem,
+    import_reviewed,
+    listing_from_dataset,
+    merge_listings,
 )
+from raydefect.data.label_importers import listing_with_labels
 from raydefect.data.labels import rasterise, remap
 from raydefect.data.manifest import DATASET_SCHEMA_VERSION, DATASET_YAML, MANIFEST, PROBLEMS_CSV
 from raydefect.data.pool import cpu_workers, parallel_map
@@ -53,6 +57,32 @@ from raydefect.imaging import (
     encode_png,
 )
 from raydefect.paths import printable_path, write_atomic
+
+
+def prepare_listing(
+    out: str | Path,
+    reviewed: Sequence[str | Path] = (),
+    *,
+    coco: str | None = None,
+    rle_csv: str | None = None,
+    image_dir: str | None = None,
+    mask_format: str = "binary",
+    class_names: str | None = None,
+    **layout_options: Any,
+) -> Listing:
+    """What `raydefect prepare` scans: the layout's listing (`label_importers.listing_with_labels`), plus the checked
+    review sets ``reviewed`` (``--reviewed``); with review sets and no layout option, the images of the dataset
+    already in `out` stand in for a layout's."""
+    labels = {"coco": coco, "rle_csv": rle_csv, "image_dir": image_dir}
+    if not reviewed:
+        return listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout_options)
+    given = any(layout_options.values()) or any(v is not None for v in labels.values())
+    base = (
+        listing_with_labels(**labels, mask_format=mask_format, class_names=class_names, **layout_options)
+        if given
+        else listing_from_dataset(out)
+    )
+    return merge_listings(base, import_reviewed(reviewed))
 
 
 def default_workers() -> int:

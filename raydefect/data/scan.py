@@ -66,26 +66,7 @@ class Scanner:
 
     def __call__(self, c: Candidate) -> Scanned:
         s = Scanned(c)
-        odd = [p for p in (c.image, c.mask) if p is not None and not is_printable(p)]
-        if odd:  # the manifest, problems.csv and every reader need text paths: such a file cannot be listed
-            detail = f"{printable_path(odd[0])}: rename it (undecodable bytes shown as \\xNN)"
-            s.problems.append(Problem(c.image, "file name not UTF-8", SKIPPED, detail))
-            return s
-        try:
-            data = read_bytes(c.image)
-        except ImageError as e:
-            s.problems.append(_image_problem(c.image, e, "image"))
-            return s
-        s.size_bytes = len(data)
-        s.sha1 = hashlib.sha1(data).hexdigest()
-        try:
-            if self.verify_pixels:  # headers survive truncation; only a full decode finds it
-                s.height, s.width = decode_image(data, mode="L", path=c.image, max_pixels=self.max_pixels).shape
-            else:
-                info = read_info(data, path=c.image, max_pixels=self.max_pixels)
-                s.width, s.height = info.width, info.height
-        except ImageError as e:
-            s.problems.append(_image_problem(c.image, e, "image"))
+        if not self._read_image(s, c):
             return s
         s.label, s.defect_class = c.label, c.defect_class
         if c.pixels is not None:
@@ -98,20 +79,49 @@ class Scanner:
                 s.label, s.defect_class = 0, NORMAL
             s.ok = True
             return s
-        if not os.path.isfile(c.mask):
+        return self._scan_mask(s, c, c.mask)
+
+    def _read_image(self, s: Scanned, c: Candidate) -> bool:
+        """The image's bytes (size, SHA-1) and size, into `s`; False, with the problem recorded, when it is skipped."""
+        odd = [p for p in (c.image, c.mask) if p is not None and not is_printable(p)]
+        if odd:  # the manifest, problems.csv and every reader need text paths: such a file cannot be listed
+            detail = f"{printable_path(odd[0])}: rename it (undecodable bytes shown as \\xNN)"
+            s.problems.append(Problem(c.image, "file name not UTF-8", SKIPPED, detail))
+            return False
+        try:
+            data = read_bytes(c.image)
+        except ImageError as e:
+            s.problems.append(_image_problem(c.image, e, "image"))
+            return False
+        s.size_bytes = len(data)
+        s.sha1 = hashlib.sha1(data).hexdigest()
+        try:
+            if self.verify_pixels:  # headers survive truncation; only a full decode finds it
+                s.height, s.width = decode_image(data, mode="L", path=c.image, max_pixels=self.max_pixels).shape
+            else:
+                info = read_info(data, path=c.image, max_pixels=self.max_pixels)
+                s.width, s.height = info.width, info.height
+        except ImageError as e:
+            s.problems.append(_image_problem(c.image, e, "image"))
+            return False
+        return True
+
+    def _scan_mask(self, s: Scanned, c: Candidate, mask_path: str) -> Scanned:
+        """A binary mask file: decoded, binarised at `MASK_THRESHOLD`, checked against the image's size."""
+        if not os.path.isfile(mask_path):
             if c.label == LABEL_FROM_MASK:  # generic importer without classes: no mask, no defect
                 s.label, s.defect_class, s.ok = 0, NORMAL, True
                 return s
-            s.problems.append(Problem(c.image, "missing mask", SKIPPED, f"expected {c.mask}"))
+            s.problems.append(Problem(c.image, "missing mask", SKIPPED, f"expected {mask_path}"))
             return s
         try:
-            mask = decode_mask(c.mask, max_pixels=self.max_pixels)
+            mask = decode_mask(mask_path, max_pixels=self.max_pixels)
         except ImageError as e:
-            s.problems.append(_image_problem(c.mask, e, "mask"))
+            s.problems.append(_image_problem(mask_path, e, "mask"))
             return s
         mh, mw = mask.array.shape
         if (mw, mh) != (s.width, s.height):
-            detail = f"mask {mw}x{mh}, image {s.width}x{s.height} ({c.mask})"
+            detail = f"mask {mw}x{mh}, image {s.width}x{s.height} ({mask_path})"
             s.problems.append(Problem(c.image, "mask size mismatch", SKIPPED, detail))
             return s
         area = mask.area
@@ -120,19 +130,19 @@ class Scanner:
                 f"{mask.soft_pixels} pixels with values 1-127 and none >= {MASK_THRESHOLD} (binary masks mark defects "
                 f"with values >= {MASK_THRESHOLD}); if the values are class ids, prepare with --mask-format index"
             )
-            s.problems.append(Problem(c.mask, "mask looks like class indices", SKIPPED, detail))
+            s.problems.append(Problem(mask_path, "mask looks like class indices", SKIPPED, detail))
             return s
         if c.label == LABEL_FROM_MASK and area == 0:
             s.label, s.defect_class, s.ok = 0, NORMAL, True
             return s
         s.label = 1
-        s.mask = c.mask
+        s.mask = mask_path
         s.mask_fraction = mask.fraction
         s.soft_pixels = mask.soft_pixels
         if mask.soft_pixels:
             s.flags.append("soft_mask")
             detail = f"{mask.soft_pixels} pixels strictly between 0 and 255; defect = value >= {MASK_THRESHOLD}"
-            s.problems.append(Problem(c.mask, "soft mask", BINARISED, detail))
+            s.problems.append(Problem(mask_path, "soft mask", BINARISED, detail))
         if area == 0:
             s.flags.append("empty_mask")
             s.problems.append(Problem(c.image, "empty mask", KEPT_FLAGGED, f"defect class {c.defect_class!r}"))

@@ -328,51 +328,12 @@ class Trainer:
     def run_epoch(self, epoch: int, train_rows: Sequence[dict[str, Any]], val_rows: Sequence[dict[str, Any]]) -> dict:
         """Train on ``train_rows`` (this rank's share), validate on ``val_rows`` (all of them; each rank takes its
         slice), update early stopping and the history; return the epoch's flat metrics."""
-        cfg = self.cfg
         start, cpu_start = time.perf_counter(), time.process_time()
-        stage = stage_for_epoch(self.stages, epoch)
-        bs = cfg.train.batch_size
-        num_batches = math.ceil(len(train_rows) / bs)
-        if num_batches == 0:
-            raise ConfigError(
-                f"worker {self.rank} got no training images for epoch {epoch}; use fewer workers "
-                "(--num-workers) or more data (data.subset)"
-            )
-        steps = math.ceil(num_batches / cfg.optim.grad_accum)
-        if self.stage is None or self.stage.number != stage.number:
-            self._enter_stage(stage, steps)
-        else:
-            set_train_mode(self.model, stage)
-        assert self.optimizer is not None and self.scheduler is not None
-        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, self.rank))
-        order = epoch_order(train_rows, epoch, cfg.train.seed, self.rank, cfg.data.balanced_sampling)
-        skipped_before = len(self.load_stats.skipped)
-        batches = iterate_batches(
-            self.train_source,
-            train_rows,
-            order,
-            bs,
-            threads=cfg.data.loader_threads,
-            seed=(cfg.train.seed, epoch, self.rank),
-            stats=self.load_stats,
-            processes=self.loader_processes,
-        )
-        sums = train_one_epoch(
-            self.net,
-            self.loss_fn,
-            self.optimizer,
-            self.scheduler,
-            batches,
-            num_batches,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            grad_accum=cfg.optim.grad_accum,
-            grad_clip=cfg.optim.grad_clip,
-            on_batch=self._progress_writer(epoch, len(train_rows)),
-        )
+        stage, num_batches = self._begin_epoch(epoch, len(train_rows))
+        sums, skipped = self._train_batches(epoch, train_rows, num_batches)
         train_seconds = time.perf_counter() - start
+        assert self.optimizer is not None
         lrs = group_lrs(self.optimizer)
-        skipped = len(self.load_stats.skipped) - skipped_before
         totals = all_reduce_sum([sums[k] for k in _LOSS_PARTS] + [sums["images"], float(skipped)], self.device)
         images = totals[len(_LOSS_PARTS)]
         train = {f"train_{k}": totals[i] / images if images else math.nan for i, k in enumerate(_LOSS_PARTS)}
@@ -394,23 +355,83 @@ class Trainer:
             "skipped_images": int(totals[-1]),
             "train_seconds": train_seconds,
         }
-        value = float(metrics[cfg.schedule.metric])
-        if self._improved(value):
-            self.state.best, self.state.best_epoch, self.state.bad_epochs = value, epoch, 0
-        else:
-            self.state.bad_epochs += 1
-        if cfg.schedule.patience and self.state.bad_epochs >= cfg.schedule.patience and epoch < self.total_epochs:
-            self.state.stopped = True
+        self._track_best(epoch, float(metrics[self.cfg.schedule.metric]))
         metrics["best_epoch"] = self.state.best_epoch
         metrics["seconds"] = time.perf_counter() - start
         metrics["cpu_seconds"] = time.process_time() - cpu_start  # this process, all threads: robust to other load
         metrics["images_per_s"] = images / train_seconds if train_seconds > 0 else math.nan
         metrics["finished_at"] = time.time()  # wall clock: epoch-to-epoch throughput including checkpoints
+        self._record_epoch(epoch, stage, metrics)
+        return metrics
+
+    def _begin_epoch(self, epoch: int, rows: int) -> tuple[Stage, int]:
+        """The epoch's stage, entered (new optimizer and scheduler) when it changes, and its number of batches."""
+        cfg = self.cfg
+        stage = stage_for_epoch(self.stages, epoch)
+        num_batches = math.ceil(rows / cfg.train.batch_size)
+        if num_batches == 0:
+            raise ConfigError(
+                f"worker {self.rank} got no training images for epoch {epoch}; use fewer workers "
+                "(--num-workers) or more data (data.subset)"
+            )
+        steps = math.ceil(num_batches / cfg.optim.grad_accum)
+        if self.stage is None or self.stage.number != stage.number:
+            self._enter_stage(stage, steps)
+        else:
+            set_train_mode(self.model, stage)
+        return stage, num_batches
+
+    def _train_batches(
+        self, epoch: int, train_rows: Sequence[dict[str, Any]], num_batches: int
+    ) -> tuple[dict[str, float], int]:
+        """One pass over this rank's ``train_rows``: the loss sums and the number of images skipped as unreadable."""
+        cfg = self.cfg
+        assert self.optimizer is not None and self.scheduler is not None
+        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, self.rank))
+        order = epoch_order(train_rows, epoch, cfg.train.seed, self.rank, cfg.data.balanced_sampling)
+        skipped_before = len(self.load_stats.skipped)
+        batches = iterate_batches(
+            self.train_source,
+            train_rows,
+            order,
+            cfg.train.batch_size,
+            threads=cfg.data.loader_threads,
+            seed=(cfg.train.seed, epoch, self.rank),
+            stats=self.load_stats,
+            processes=self.loader_processes,
+        )
+        sums = train_one_epoch(
+            self.net,
+            self.loss_fn,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            num_batches,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            grad_accum=cfg.optim.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            on_batch=self._progress_writer(epoch, len(train_rows)),
+        )
+        return sums, len(self.load_stats.skipped) - skipped_before
+
+    def _track_best(self, epoch: int, value: float) -> None:
+        """Early stopping: the best value so far, the epochs without improvement, and whether to stop."""
+        schedule = self.cfg.schedule
+        if self._improved(value):
+            self.state.best, self.state.best_epoch, self.state.bad_epochs = value, epoch, 0
+        else:
+            self.state.bad_epochs += 1
+        if schedule.patience and self.state.bad_epochs >= schedule.patience and epoch < self.total_epochs:
+            self.state.stopped = True
+
+    def _record_epoch(self, epoch: int, stage: Stage, metrics: dict[str, Any]) -> None:
+        """What a checkpoint resumes from: the epoch, its stage, the scheduler and the history."""
+        assert self.scheduler is not None
         self.state.epoch = epoch
         self.state.stage = stage.number
         self.state.scheduler = self.scheduler.state_dict()
         self.state.history.append(metrics)
-        return metrics
 
     def validate(self, val_rows: Sequence[dict[str, Any]]) -> Evaluation:
         """This rank's slice of ``val_rows``, merged over ranks."""

@@ -329,36 +329,17 @@ def _score_test_split(
     return test_metrics, test_payload
 
 
-def export_run(
-    run_dir: str | Path,
-    checkpoint_dir: str | Path,
-    cfg: Config,
-    dataset: Dataset,
-    *,
-    device: str = "auto",
-    extra: dict[str, Any] | None = None,
-) -> ExportResult:
-    """The best checkpoint -> ``run_dir/model`` (thresholds chosen on val), test metrics, plots.
-
-    The validation split is scored again with the exported weights, on this device, so the stored thresholds and
-    validation metrics describe exactly the artifact; the test split is then scored with those thresholds.
-    """
-    from raydefect.engine.checkpoint import load_weights, read_state
-    from raydefect.engine.data import SampleSource, iterate_batches, manifest_rows
+def _split_scorer(
+    checkpoint_dir: str | Path, cfg: Config, dataset: Dataset, geometry: Geometry, torch_device: Any
+) -> tuple[Any, Callable[[list[dict[str, Any]], float], Any]]:
+    """The checkpoint's model on `torch_device`, and a function that scores manifest rows with it (`evaluate`, per-image
+    scores kept)."""
+    from raydefect.engine.checkpoint import load_weights
+    from raydefect.engine.data import SampleSource, iterate_batches
     from raydefect.engine.loop import autocast_dtype
     from raydefect.engine.validation import evaluate
-    from raydefect.inference.device import resolve_device
-    from raydefect.metrics import validation_summary
-    from raydefect.metrics.common import json_safe
-    from raydefect.models.artifact import VALIDATION_SCORES_FILE, save_artifact
     from raydefect.models.model import DefectModel
-    from raydefect.models.retarget import validation_scores_csv
-    from raydefect.viz.plots import plot_training_curves, write_metric_plots
 
-    run_dir = Path(run_dir)
-    state = read_state(checkpoint_dir)
-    torch_device = resolve_device(device)
-    geometry = Geometry.from_data_config(cfg.data)
     model = DefectModel(cfg.model, geometry.image_size, dataset.class_names, load_weights=False, geometry=geometry)
     load_weights(checkpoint_dir, model)
     model.to(torch_device).eval()
@@ -379,57 +360,111 @@ def export_run(
             keep_per_image=True,
         )
 
-    val_rows = manifest_rows(dataset, "val")
-    val = score(val_rows, 0.5)
-    val_image, val_pixel = val.image.compute(), val.pixel.compute()
-    val_arrays = val.image.arrays()
-    val_metrics = validation_summary(val_image, val_pixel)
-    thresholds = {
-        "image": _finite_threshold(val_metrics["val_image_threshold"]),
-        "pixel": _finite_threshold(val_metrics["val_pixel_threshold"]),
-    }
-    plots: dict[str, Path] = {}
-    plots_dir = run_dir / PLOTS_DIR
-    for name, path in write_metric_plots(plots_dir / "val", val_image, val_pixel).items():
-        plots[f"val_{name}"] = path
+    return model, score
 
-    test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
-    test_path = None
-    stats_rows = manifest_rows(dataset, "train", required=False) + val_rows
-    reference = validation_reference(val_arrays["scores"], thresholds["image"], stats_rows, cfg, geometry)
-    meta = save_artifact(
-        model,
-        run_dir / MODEL_DIR,
-        thresholds=thresholds,
-        metrics={**val_metrics, **test_metrics, "epoch": state.epoch},
-        extra={
-            "run": run_dir.name,
-            "dataset": str(dataset.root),
-            "epoch": state.epoch,
-            "thresholds_chosen": thresholds_chosen(val_image, val_pixel),
-            **(extra or {}),
-        },
-        reference=reference.to_dict(),
-        extra_files={VALIDATION_SCORES_FILE: validation_scores_csv(val_arrays["scores"], val_arrays["labels"])},
-    )
-    if test_payload is not None:
-        test_payload["model_id"] = meta.model_id
-        test_path = write_text_atomic(run_dir / TEST_METRICS_FILE, json.dumps(json_safe(test_payload), indent=2))
+
+@dataclass
+class _Validation:
+    """The validation split scored with the exported weights, and the thresholds chosen on it."""
+
+    image: Any
+    pixel: Any
+    arrays: dict[str, Any]
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+
+    @classmethod
+    def of(cls, val: Any) -> _Validation:
+        from raydefect.metrics import validation_summary
+
+        image, pixel = val.image.compute(), val.pixel.compute()
+        arrays = val.image.arrays()
+        metrics = validation_summary(image, pixel)
+        thresholds = {
+            "image": _finite_threshold(metrics["val_image_threshold"]),
+            "pixel": _finite_threshold(metrics["val_pixel_threshold"]),
+        }
+        return cls(image, pixel, arrays, metrics, thresholds)
+
+
+def _plot_training_curves(run_dir: Path, plots_dir: Path, cfg: Config, epoch: int, plots: dict[str, Path]) -> None:
+    from raydefect.viz.plots import plot_training_curves
+
     metrics_csv = run_dir / METRICS_FILE
     if metrics_csv.is_file():
         plots["training_curves"] = plot_training_curves(
             metrics_csv,
             plots_dir / "training_curves.png",
             title=f"Training: {run_dir.name}",
-            best_epoch=state.epoch,
+            best_epoch=epoch,
             best_metric=cfg.schedule.metric,
         )
+
+
+def export_run(
+    run_dir: str | Path,
+    checkpoint_dir: str | Path,
+    cfg: Config,
+    dataset: Dataset,
+    *,
+    device: str = "auto",
+    extra: dict[str, Any] | None = None,
+) -> ExportResult:
+    """The best checkpoint -> ``run_dir/model`` (thresholds chosen on val), test metrics, plots.
+
+    The validation split is scored again with the exported weights, on this device, so the stored thresholds and
+    validation metrics describe exactly the artifact; the test split is then scored with those thresholds.
+    """
+    from raydefect.engine.checkpoint import read_state
+    from raydefect.engine.data import manifest_rows
+    from raydefect.inference.device import resolve_device
+    from raydefect.metrics.common import json_safe
+    from raydefect.models.artifact import VALIDATION_SCORES_FILE, save_artifact
+    from raydefect.models.retarget import validation_scores_csv
+    from raydefect.viz.plots import write_metric_plots
+
+    run_dir = Path(run_dir)
+    state = read_state(checkpoint_dir)
+    torch_device = resolve_device(device)
+    geometry = Geometry.from_data_config(cfg.data)
+    model, score = _split_scorer(checkpoint_dir, cfg, dataset, geometry, torch_device)
+    val_rows = manifest_rows(dataset, "val")
+    val = _Validation.of(score(val_rows, 0.5))
+    thresholds = val.thresholds
+    plots: dict[str, Path] = {}
+    plots_dir = run_dir / PLOTS_DIR
+    for name, path in write_metric_plots(plots_dir / "val", val.image, val.pixel).items():
+        plots[f"val_{name}"] = path
+
+    test_metrics, test_payload = _score_test_split(score, dataset, thresholds, state.epoch, plots_dir, plots)
+    test_path = None
+    stats_rows = manifest_rows(dataset, "train", required=False) + val_rows
+    reference = validation_reference(val.arrays["scores"], thresholds["image"], stats_rows, cfg, geometry)
+    meta = save_artifact(
+        model,
+        run_dir / MODEL_DIR,
+        thresholds=thresholds,
+        metrics={**val.metrics, **test_metrics, "epoch": state.epoch},
+        extra={
+            "run": run_dir.name,
+            "dataset": str(dataset.root),
+            "epoch": state.epoch,
+            "thresholds_chosen": thresholds_chosen(val.image, val.pixel),
+            **(extra or {}),
+        },
+        reference=reference.to_dict(),
+        extra_files={VALIDATION_SCORES_FILE: validation_scores_csv(val.arrays["scores"], val.arrays["labels"])},
+    )
+    if test_payload is not None:
+        test_payload["model_id"] = meta.model_id
+        test_path = write_text_atomic(run_dir / TEST_METRICS_FILE, json.dumps(json_safe(test_payload), indent=2))
+    _plot_training_curves(run_dir, plots_dir, cfg, state.epoch, plots)
     return ExportResult(
         model_dir=run_dir / MODEL_DIR,
         model_id=meta.model_id,
         epoch=state.epoch,
         thresholds=thresholds,
-        val_metrics=val_metrics,
+        val_metrics=val.metrics,
         test_metrics=test_metrics,
         test_metrics_path=test_path,
         plots=plots,

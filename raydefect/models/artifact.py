@@ -299,6 +299,49 @@ def read_artifact_meta(path: str | Path) -> ArtifactMeta:
     return ArtifactMeta.from_yaml(resolve_artifact_dir(path) / META_FILE)
 
 
+def _check_model_matches(
+    net: Any, model_cfg: ModelConfig | None, image_size: int | None, class_names: Sequence[str] | None
+) -> None:
+    """`save_artifact`'s optional arguments must agree with the model's own."""
+    for name, given, actual in (
+        ("model_cfg", model_cfg, net.model_cfg),
+        ("image_size", image_size, net.image_size),
+        ("class_names", None if class_names is None else tuple(class_names), net.class_names),
+    ):
+        if given is not None and given != actual:
+            raise ValueError(f"save_artifact: {name}={given!r} does not match the model's {actual!r}")
+
+
+def _new_meta(
+    net: Any,
+    thresholds: dict[str, float],
+    state: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    reference: Mapping[str, Any] | None,
+) -> ArtifactMeta:
+    """model.yaml's content for `net` with these weights (`state`), its `model_id` computed from them."""
+    spec = net.spec
+    meta = ArtifactMeta(
+        model_id="",
+        backbone=spec.name,
+        timm_name=spec.timm_name,
+        image_size=net.image_size,
+        mean=tuple(spec.mean),  # type: ignore[arg-type]
+        std=tuple(spec.std),  # type: ignore[arg-type]
+        model=net.model_cfg,
+        class_names=tuple(net.class_names),
+        thresholds=thresholds,
+        weights_sha256=tensors_sha256(state),
+        metrics=_plain(dict(metrics or {})),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        extra=_plain(dict(extra or {})),
+        geometry=net.geometry,
+        reference=_plain(dict(reference or {})),
+    )
+    return dataclasses.replace(meta, model_id=meta.computed_model_id())
+
+
 def save_artifact(
     model: nn.Module,
     out_dir: str | Path,
@@ -323,47 +366,19 @@ def save_artifact(
     from safetensors.torch import save_file
 
     net: Any = unwrap(model)
-    for name, given, actual in (
-        ("model_cfg", model_cfg, net.model_cfg),
-        ("image_size", image_size, net.image_size),
-        ("class_names", None if class_names is None else tuple(class_names), net.class_names),
-    ):
-        if given is not None and given != actual:
-            raise ValueError(f"save_artifact: {name}={given!r} does not match the model's {actual!r}")
+    _check_model_matches(net, model_cfg, image_size, class_names)
     thresholds = _check_thresholds(thresholds, "save_artifact")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or ((not (out / META_FILE).exists()) and any(out.iterdir()))):
         raise OutputError(f"{out} exists and is not a model artifact; refusing to overwrite it (choose another folder)")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    spec = net.spec
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write the model artifact to {out}: {e.strerror}") from None
+    tmp = folder_beside(out, "the model artifact")
     try:
         os.chmod(tmp, 0o755)
         weights_path = tmp / WEIGHTS_FILE
         save_file(state, str(weights_path), metadata={"format": "pt"})
         share_like_other_outputs(weights_path)
-        meta = ArtifactMeta(
-            model_id="",
-            backbone=spec.name,
-            timm_name=spec.timm_name,
-            image_size=net.image_size,
-            mean=tuple(spec.mean),  # type: ignore[arg-type]
-            std=tuple(spec.std),  # type: ignore[arg-type]
-            model=net.model_cfg,
-            class_names=tuple(net.class_names),
-            thresholds=thresholds,
-            weights_sha256=tensors_sha256(state),
-            metrics=_plain(dict(metrics or {})),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            extra=_plain(dict(extra or {})),
-            geometry=net.geometry,
-            reference=_plain(dict(reference or {})),
-        )
-        meta = dataclasses.replace(meta, model_id=meta.computed_model_id())
+        meta = _new_meta(net, thresholds, state, metrics, extra, reference)
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             yaml.safe_dump(meta.to_dict(), f, sort_keys=False)
             f.flush()
@@ -383,6 +398,15 @@ def save_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def folder_beside(out: Path, what: str) -> Path:
+    """A new empty folder beside `out` to write `what` into, then `install_folder` it in the place of `out`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {what} to {out}: {e.strerror}") from None
 
 
 def install_folder(tmp: Path, out: Path) -> None:

@@ -115,7 +115,7 @@ _CNN_FAMILIES = {
 }
 
 
-def _build_registry() -> dict[str, BackboneSpec]:
+def _dinov3_specs() -> list[BackboneSpec]:
     specs: list[BackboneSpec] = []
     for size, timm_size in _SIZES_V3.items():
         dim, depth = _DIMS_V3[size]
@@ -134,6 +134,12 @@ def _build_registry() -> dict[str, BackboneSpec]:
                 description=_DINOV3,
             )
         )
+    return specs
+
+
+def _dinov2_specs() -> list[BackboneSpec]:
+    """Each size without and with registers."""
+    specs: list[BackboneSpec] = []
     for reg in (False, True):
         for size, timm_size in _SIZES_V2.items():
             dim, depth = _DIMS_V2[size]
@@ -152,6 +158,11 @@ def _build_registry() -> dict[str, BackboneSpec]:
                     description=_DINOV2 + (", 4 registers" if reg else ""),
                 )
             )
+    return specs
+
+
+def _cnn_specs() -> list[BackboneSpec]:
+    specs: list[BackboneSpec] = []
     for timm_name, (tag, size, params, channels, indices, mean, std) in _CNNS.items():
         family = "resnet" if timm_name.startswith("resnet") else timm_name.split("_")[0]
         specs.append(
@@ -173,8 +184,13 @@ def _build_registry() -> dict[str, BackboneSpec]:
                 description=_CNN_FAMILIES[family],
             )
         )
+    return specs
+
+
+def _test_specs() -> list[BackboneSpec]:
+    """Tiny random-init backbones for demos and tests: no download, a few layers, 32-64 px."""
     tiny = dict(patch_size=8, family="test", pretrained_tag=None)
-    specs += [
+    return [
         BackboneSpec(
             name="tiny",
             timm_name="vit_small_patch16_dinov3",
@@ -224,6 +240,10 @@ def _build_registry() -> dict[str, BackboneSpec]:
             description="random-init ResNet-10t-style CNN for tests (never pretrained)",
         ),
     ]
+
+
+def _build_registry() -> dict[str, BackboneSpec]:
+    specs = [*_dinov3_specs(), *_dinov2_specs(), *_cnn_specs(), *_test_specs()]
     return {s.name: s for s in specs}
 
 

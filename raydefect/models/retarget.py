@@ -15,7 +15,6 @@ import io
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from raydefect.models.artifact import (
     VALIDATION_SCORES_FILE,
     WEIGHTS_FILE,
     ArtifactMeta,
+    folder_beside,
     install_folder,
     read_artifact_meta,
     resolve_artifact_dir,
@@ -127,11 +127,7 @@ def retarget(
     dest = Path(out).expanduser() if out is not None else src
     if dest.exists() and dest != src and not (dest / META_FILE).exists() and any(dest.iterdir()):
         raise OutputError(f"{dest} exists and is not a model artifact; refusing to overwrite it (choose another --out)")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write the model to {dest}: {e.strerror}") from None
+    tmp = folder_beside(dest, "the model")
     try:
         os.chmod(tmp, 0o755)
         for name in (WEIGHTS_FILE, VALIDATION_SCORES_FILE):

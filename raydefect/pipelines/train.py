@@ -230,41 +230,12 @@ def run_training(
     ``fail_once`` is the `FAIL_ONCE_ENV` test hook passed directly (a Tune trial's environment is Ray's);
     ``placement_group_file``: rank 0 writes the worker group's placement group id there (see `_write_placement_group`).
     """
-    from raydefect.data.manifest import load_dataset
-    from raydefect.engine.fit import training_rows
-    from raydefect.engine.loop import check_metric
-    from raydefect.models.weights import check_weights_available
-
     start = time.perf_counter()
-    if not cfg.data.dataset:
-        raise DataError("no dataset: pass --data DATASET (a folder written by `raydefect prepare`)")
-    dataset = load_dataset(cfg.data.dataset)
-    train_rows, val_rows, counts = training_rows(cfg, dataset)
-    check_metric(cfg, dataset.class_names)
-    if len(train_rows) < cfg.resources.num_workers:
-        raise DataError(
-            f"{dataset.root}: {len(train_rows)} training images for {cfg.resources.num_workers} workers; use fewer "
-            "workers (--num-workers) or more data"
-        )
-    name = name or cfg.train.name or default_run_name(cfg)
-    root = prepare_runs_dir(storage_path or cfg.train.runs_dir)
-    run_dir = root / name
-    cfg = cfg.replace(**{"train.name": name, "train.runs_dir": str(root)})
-    resumed = check_resumable(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(run_dir, cfg)
-    damaged = set_aside_damaged_checkpoints(run_dir)
-    for message in damaged:
-        console.warn(f"{message}; resuming from the newest good checkpoint")
-    if damaged:  # Ray's checkpoint-manager snapshot names the moved folder: start Ray's bookkeeping afresh
-        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
-    done_before = max(list_checkpoints(run_dir), default=0)
-    resume_from = str(list_checkpoints(run_dir)[done_before]) if damaged and done_before else None
-    if not done_before:
-        check_weights_available(cfg.model)  # a resumed run takes its weights from the checkpoint
-
+    dataset, train_rows, val_rows, counts = _training_data(cfg)
+    plan = _plan_run(cfg, name, storage_path)
+    cfg, name, root, run_dir, done_before = plan.cfg, plan.name, plan.root, plan.run_dir, plan.done_before
     if done_before and _finished(run_dir, done_before, cfg):
-        return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, show_progress)
+        return _finish(run_dir, cfg, dataset, name, done_before, export, plan.resumed, start, show_progress)
 
     from raydefect.pipelines.cluster import connect, quiet_ray_data
 
@@ -284,23 +255,82 @@ def run_training(
         resources=resources,
         callbacks=callbacks,
         fail_once=fail_once or os.environ.get(FAIL_ONCE_ENV) or None,
-        resume_from=resume_from,
+        resume_from=plan.resume_from,
         placement_group_file=placement_group_file,
     )
     if show_progress:
         _announce(cfg, name, run_dir, done_before, len(train_rows), len(val_rows), use_gpu)
-    printer = _ProgressPrinter(run_dir / METRICS_FILE, done_before) if show_progress else None
+    result = _fit_with_progress(trainer, name, root, run_dir, done_before if show_progress else None)
+    if result.checkpoint is None:
+        raise TrainingError(f"training {name} reported no checkpoint; see the Ray logs (-v) and re-run")
+    return _finish(run_dir, cfg, dataset, name, done_before, export, plan.resumed, start, False)
+
+
+def _training_data(cfg: Config) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], Any]:
+    """The dataset, its training and validation rows and class counts, checked before Ray starts."""
+    from raydefect.data.manifest import load_dataset
+    from raydefect.engine.fit import training_rows
+    from raydefect.engine.loop import check_metric
+
+    if not cfg.data.dataset:
+        raise DataError("no dataset: pass --data DATASET (a folder written by `raydefect prepare`)")
+    dataset = load_dataset(cfg.data.dataset)
+    train_rows, val_rows, counts = training_rows(cfg, dataset)
+    check_metric(cfg, dataset.class_names)
+    if len(train_rows) < cfg.resources.num_workers:
+        raise DataError(
+            f"{dataset.root}: {len(train_rows)} training images for {cfg.resources.num_workers} workers; use fewer "
+            "workers (--num-workers) or more data"
+        )
+    return dataset, train_rows, val_rows, counts
+
+
+@dataclass
+class _RunPlan:
+    """The run folder, ready: its config written, damaged checkpoints set aside, where a resumed run starts."""
+
+    cfg: Config
+    name: str
+    root: Path
+    run_dir: Path
+    resumed: bool
+    done_before: int
+    resume_from: str | None
+
+
+def _plan_run(cfg: Config, name: str | None, storage_path: str | Path | None) -> _RunPlan:
+    from raydefect.models.weights import check_weights_available
+
+    name = name or cfg.train.name or default_run_name(cfg)
+    root = prepare_runs_dir(storage_path or cfg.train.runs_dir)
+    run_dir = root / name
+    cfg = cfg.replace(**{"train.name": name, "train.runs_dir": str(root)})
+    resumed = check_resumable(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(run_dir, cfg)
+    damaged = set_aside_damaged_checkpoints(run_dir)
+    for message in damaged:
+        console.warn(f"{message}; resuming from the newest good checkpoint")
+    if damaged:  # Ray's checkpoint-manager snapshot names the moved folder: start Ray's bookkeeping afresh
+        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    done_before = max(list_checkpoints(run_dir), default=0)
+    resume_from = str(list_checkpoints(run_dir)[done_before]) if damaged and done_before else None
+    if not done_before:
+        check_weights_available(cfg.model)  # a resumed run takes its weights from the checkpoint
+    return _RunPlan(cfg, name, root, run_dir, resumed, done_before, resume_from)
+
+
+def _fit_with_progress(trainer: TorchTrainer, name: str, root: Path, run_dir: Path, shown_from: int | None) -> Any:
+    """`_fit`, with the epochs' console rows printed from metrics.csv as they land (``shown_from``: the epochs done
+    before, None for no progress)."""
+    printer = _ProgressPrinter(run_dir / METRICS_FILE, shown_from) if shown_from is not None else None
     if printer is not None:
         printer.start()
     try:
-        result = _fit(trainer, name, root, run_dir)
+        return _fit(trainer, name, root, run_dir)
     finally:
         if printer is not None:
             printer.stop()
-
-    if result.checkpoint is None:
-        raise TrainingError(f"training {name} reported no checkpoint; see the Ray logs (-v) and re-run")
-    return _finish(run_dir, cfg, dataset, name, done_before, export, resumed, start, False)
 
 
 def _worker_resources(cfg: Config) -> tuple[bool, dict[str, float]]:

@@ -280,6 +280,36 @@ def _safe_stem(path: str) -> str:
     return re.sub(r"[^\w.-]+", "_", stem.encode("utf-8", "replace").decode("utf-8"))[:80].strip("_") or "image"
 
 
+def _write_overlay(
+    storage: Storage, r: dict[str, Any], mask: np.ndarray, target: Path, classes: np.ndarray | None
+) -> None:
+    """The row's overlay, as `raydefect predict` draws it (each class in its colour where `classes` holds per-pixel
+    class ids), from the image read again; `ImageError` when the image changed size since it was scored."""
+    image = decode_image(storage.read_bytes(r["path"]), mode="RGB", path=r["path"])
+    if image.shape[:2] != mask.shape:
+        raise ImageError(r["path"], f"now {image.shape[1]}x{image.shape[0]}, scored at {mask.shape[1]}x{mask.shape[0]}")
+    label = r["defect_class"] if r["is_defect"] else "normal"
+    colour = class_colour(_class_index(r, label))
+    empty = "mask empty: no pixel above the pixel threshold" if r["is_defect"] and not mask.any() else None
+    picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty, classes=classes)
+    save_png(picture, str(target))
+
+
+def _missing_paths(paths: Sequence[str], rows: pa.Table, current: pa.Table) -> list[tuple[str, str]]:
+    """(path as given, why) for each asked-for path that was not extracted: scored with an error, or not at all."""
+    missing: list[tuple[str, str]] = []
+    if paths:
+        found = set(rows.column("path").to_pylist())
+        absent = {p: _as_scored(p) for p in paths}
+        absent = {p: a for p, a in absent.items() if p not in found and a not in found}
+        if absent:  # scored with an error, or not at all: the current view says which
+            why = dict(zip(current.column("path").to_pylist(), current.column("error").to_pylist(), strict=True))
+            missing = [
+                (p, f"scored with an error: {why[a]}" if why.get(a) else "not in the scores") for p, a in absent.items()
+            ]
+    return missing
+
+
 def extract(
     out: str,
     dest: str | Path,
@@ -314,16 +344,7 @@ def extract(
         (dest / f"{stem}_mask.png").write_bytes(mask_bytes)
         note, overlay_name = "", f"{stem}_overlay.png"
         try:
-            image = decode_image(storage.read_bytes(r["path"]), mode="RGB", path=r["path"])
-            if image.shape[:2] != mask.shape:
-                raise ImageError(
-                    r["path"], f"now {image.shape[1]}x{image.shape[0]}, scored at {mask.shape[1]}x{mask.shape[0]}"
-                )
-            label = r["defect_class"] if r["is_defect"] else "normal"
-            colour = class_colour(_class_index(r, label))
-            empty = "mask empty: no pixel above the pixel threshold" if r["is_defect"] and not mask.any() else None
-            picture = render_overlay(image, mask, r["defect_score"], label, colour=colour, note=empty, classes=classes)
-            save_png(picture, str(dest / overlay_name))
+            _write_overlay(storage, r, mask, dest / overlay_name, classes)
             overlays += 1
         except (OSError, ImageError) as e:
             note, overlay_name = f"no overlay: {e}", ""
@@ -349,16 +370,7 @@ def extract(
                                                "note"])  # fmt: skip
         writer.writeheader()
         writer.writerows(index)
-    missing: list[tuple[str, str]] = []  # (path as given, why)
-    if paths:
-        found = set(rows.column("path").to_pylist())
-        absent = {p: _as_scored(p) for p in paths}
-        absent = {p: a for p, a in absent.items() if p not in found and a not in found}
-        if absent:  # scored with an error, or not at all: the current view says which
-            why = dict(zip(current.column("path").to_pylist(), current.column("error").to_pylist(), strict=True))
-            missing = [
-                (p, f"scored with an error: {why[a]}" if why.get(a) else "not in the scores") for p, a in absent.items()
-            ]
+    missing = _missing_paths(paths, rows, current)
     return {
         "masks": len(index),
         "overlays": overlays,

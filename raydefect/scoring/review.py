@@ -305,24 +305,92 @@ def _remove_previous(folder: Path) -> None:
                     (folder / name).unlink(missing_ok=True)
 
 
-def write_review(out: str, picked: Picked, dest: str | Path, storage: Storage | None = None) -> dict[str, Any]:
-    """Write the review set (images, masks, labels.csv, COCO json) for `picked` into `dest`."""
-    storage = storage or Storage()
-    folder = Path(dest).expanduser()
+class _Coco:
+    """The review set's COCO json: one category per defect class, one image and at most one RLE annotation per
+    picked image."""
+
+    def __init__(self, picked: Picked) -> None:
+        self.defect_classes = [c for c in picked.class_names[1:]] or sorted({r["defect_class"] for r in picked.rows})
+        self.categories = [{"id": i + 1, "name": c, "supercategory": ""} for i, c in enumerate(self.defect_classes)]
+        self.cat_id = {c["name"]: c["id"] for c in self.categories}
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, rank: int, file_name: str, row: dict[str, Any], mask: np.ndarray) -> None:
+        h, w = mask.shape
+        self.images.append({"id": rank, "file_name": file_name, "width": int(w), "height": int(h)})
+        if not mask.any():
+            return
+        ys, xs = np.nonzero(mask)
+        x0, y0 = int(xs.min()), int(ys.min())
+        self.annotations.append(
+            {
+                "id": len(self.annotations) + 1,
+                "image_id": rank,
+                "category_id": self.cat_id[self._category(row)],
+                "segmentation": {"counts": rle_counts(mask), "size": [int(h), int(w)]},
+                "area": int(mask.sum()),
+                "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+                "iscrowd": 1,
+                "attributes": {"reason": row["reason"]},
+            }
+        )
+
+    def _category(self, row: dict[str, Any]) -> str:
+        cls = row["defect_class"] if row["defect_class"] in self.cat_id else None
+        if cls is None:  # a mask without a defect class (the heads disagree): the first defect class
+            cls = self.defect_classes[0] if self.defect_classes else "defect"
+            self.cat_id.setdefault(cls, len(self.categories) + 1)
+            if cls not in [c["name"] for c in self.categories]:
+                self.categories.append({"id": self.cat_id[cls], "name": cls, "supercategory": ""})
+        return cls
+
+    def to_dict(self, out: str, model_id: str) -> dict[str, Any]:
+        return {
+            "info": {"description": f"raydefect review of {out}", "model_id": model_id},
+            "licenses": [],
+            "categories": self.categories,
+            "images": self.images,
+            "annotations": self.annotations,
+        }
+
+
+def _label_row(row: dict[str, Any], name: str, ext: str) -> dict[str, Any]:
+    """labels.csv's row: the predicted class stands as the label until a reviewer changes it."""
+    predicted = row["defect_class"] if row["is_defect"] else "normal"
+    return {
+        "file": f"images/{name}{ext}",
+        "mask": f"masks/{name}.png",
+        "class": predicted,
+        "reason": row["reason"],
+        "defect_score": f"{row['defect_score']:.4f}",
+        "predicted": predicted,
+        "detail": row["detail"],
+        "path": row["path"],
+        "run_id": row["run_id"],
+    }
+
+
+def _prepare_review_folder(folder: Path) -> None:
     try:
         for sub in ("images", "masks", "annotations"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         _remove_previous(folder)
     except OSError as e:
         raise OutputError(f"cannot create --out {folder}: {e.strerror}; choose a writable folder") from None
+
+
+def write_review(out: str, picked: Picked, dest: str | Path, storage: Storage | None = None) -> dict[str, Any]:
+    """Write the review set (images, masks, labels.csv, COCO json) for `picked` into `dest`."""
+    storage = storage or Storage()
+    folder = Path(dest).expanduser()
+    _prepare_review_folder(folder)
     from raydefect.scoring.results import reading
 
     with reading(out):
         masks = _masks_of(ScoreStore(out, storage), picked)
-    defect_classes = [c for c in picked.class_names[1:]] or sorted({r["defect_class"] for r in picked.rows})
-    categories = [{"id": i + 1, "name": c, "supercategory": ""} for i, c in enumerate(defect_classes)]
-    cat_id = {c["name"]: c["id"] for c in categories}
-    labels, images, annotations, problems = [], [], [], []
+    coco = _Coco(picked)
+    labels, problems = [], []
     reasons: dict[str, int] = {}
     for row in picked.rows:
         rank = len(labels) + 1
@@ -337,58 +405,16 @@ def write_review(out: str, picked: Picked, dest: str | Path, storage: Storage | 
             continue
         (folder / "images" / f"{name}{ext}").write_bytes(data)
         (folder / "masks" / f"{name}.png").write_bytes(encode_png(mask.astype(np.uint8) * 255))
-        predicted = row["defect_class"] if row["is_defect"] else "normal"
-        labels.append(
-            {
-                "file": f"images/{name}{ext}",
-                "mask": f"masks/{name}.png",
-                "class": predicted,
-                "reason": row["reason"],
-                "defect_score": f"{row['defect_score']:.4f}",
-                "predicted": predicted,
-                "detail": row["detail"],
-                "path": row["path"],
-                "run_id": row["run_id"],
-            }
-        )
+        labels.append(_label_row(row, name, ext))
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
-        h, w = mask.shape
-        images.append({"id": rank, "file_name": f"{name}{ext}", "width": int(w), "height": int(h)})
-        if mask.any():
-            ys, xs = np.nonzero(mask)
-            cls = row["defect_class"] if row["defect_class"] in cat_id else None
-            if cls is None:  # a mask without a defect class (the heads disagree): the first defect class
-                cls = defect_classes[0] if defect_classes else "defect"
-                cat_id.setdefault(cls, len(categories) + 1)
-                if cls not in [c["name"] for c in categories]:
-                    categories.append({"id": cat_id[cls], "name": cls, "supercategory": ""})
-            x0, y0 = int(xs.min()), int(ys.min())
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": rank,
-                    "category_id": cat_id[cls],
-                    "segmentation": {"counts": rle_counts(mask), "size": [int(h), int(w)]},
-                    "area": int(mask.sum()),
-                    "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
-                    "iscrowd": 1,
-                    "attributes": {"reason": row["reason"]},
-                }
-            )
+        coco.add(rank, f"{name}{ext}", row, mask)
     labels_path = folder / LABELS_CSV
     with labels_path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(LABEL_FIELDS))
         writer.writeheader()
         writer.writerows(labels)
-    coco = {
-        "info": {"description": f"raydefect review of {out}", "model_id": picked.model_id},
-        "licenses": [],
-        "categories": categories,
-        "images": images,
-        "annotations": annotations,
-    }
     coco_path = folder / COCO_JSON
-    coco_path.write_text(json.dumps(coco), encoding="utf-8")
+    coco_path.write_text(json.dumps(coco.to_dict(out, picked.model_id)), encoding="utf-8")
     return {
         "images": len(labels),
         "reasons": reasons,

@@ -246,6 +246,92 @@ def _accumulate(
     return runs, folders
 
 
+@dataclass
+class _Streamed:
+    """What one pass over a scores folder gives the report: the model chosen, the footers' reference, the sums."""
+
+    out: str
+    model_id: str
+    models: list[str]
+    footer: dict[str, Any]
+    runs: list[RunStats]
+    folders: dict[str, list[int]]
+
+
+def _stream_scores(out: str, storage: Storage | None, model: str | None, batch_rows: int) -> _Streamed:
+    from raydefect.scoring.results import choose_model, open_scores, reading
+
+    with reading(out):
+        store = open_scores(out, storage)
+        records = store.records()
+        model_id, models = choose_model(records, model, store.out)
+        if model_id is None or not any(r.files for r in records if r.model_id == model_id):
+            raise DataError(
+                f"{out}: the scores folder holds no committed rows yet; run `raydefect score` into it first"
+            )
+        footer = reference_from_footer(store, records, model_id)
+        runs, folders = _accumulate(store, records, model_id, batch_rows)
+    return _Streamed(store.out, model_id, models, footer, runs, folders)
+
+
+def _folders_by_level(folders: dict[str, list[int]], base: str, levels: Sequence[int]) -> dict[str, Any]:
+    by_level = {}
+    for depth in levels:
+        groups: dict[str, list[int]] = {}
+        for folder, counts in folders.items():
+            acc = groups.setdefault(level_key(folder, base, depth), [0, 0, 0])
+            for i in range(3):
+                acc[i] += counts[i]
+        by_level[str(depth)] = _folder_table(groups)
+    return by_level
+
+
+def _run_row(r: RunStats, ref: Reference | None, rules: AlarmRules) -> dict[str, Any]:
+    return {
+        "run": r.run_id,
+        "state": r.state,
+        "images": r.rows,
+        "scored": r.scored,
+        "defects": r.defects,
+        "errors": r.errors,
+        "defect_rate": r.defect_rate,
+        "classes": dict(r.classes.most_common()),
+        "error_kinds": dict(r.error_kinds.most_common(TOP_ERRORS)),
+        "histograms": {q: r.hist[q].tolist() for q in QUANTITIES},
+        "drift": drift_of(r, ref, rules),
+    }
+
+
+def _night(run_rows: list[dict[str, Any]], runs: Sequence[RunStats], rules: AlarmRules) -> dict[str, Any]:
+    """The newest run's alarms: drift against the reference and a jump of the defect rate."""
+    night = run_rows[-1]
+    rate = rate_alarm(runs, rules)
+    drift_alarms = [
+        f"{q} PSI {d['psi']:.3f} >= {rules.psi_alarm}" for q, d in night["drift"].items() if d["level"] == "alarm"
+    ]
+    warnings = [
+        f"{q} PSI {d['psi']:.3f} >= {rules.psi_warn}" for q, d in night["drift"].items() if d["level"] == "warn"
+    ]
+    return {
+        "run": night["run"],
+        "drift_alarms": drift_alarms,
+        "rate": rate,
+        "warnings": warnings,
+        "alarm": bool(drift_alarms) or rate["alarm"],
+    }
+
+
+def _rules_dict(rules: AlarmRules) -> dict[str, Any]:
+    return {
+        "psi_warn": rules.psi_warn,
+        "psi_alarm": rules.psi_alarm,
+        "max_defect_rate": rules.max_defect_rate,
+        "rate_factor": rules.rate_factor,
+        "baseline_runs": rules.baseline_runs,
+        "rate_z": RATE_Z,
+    }
+
+
 def build_report(
     out: str,
     *,
@@ -259,61 +345,21 @@ def build_report(
 ) -> dict[str, Any]:
     """The report's content (what report.json holds). `reference`: a model artifact's ``reference`` (default: the
     one the scores' footers carry)."""
-    from raydefect.scoring.results import choose_model, open_scores, reading
-
     rules = rules or AlarmRules()
-    with reading(out):
-        store = open_scores(out, storage)
-        records = store.records()
-        model_id, models = choose_model(records, model, store.out)
-        if model_id is None or not any(r.files for r in records if r.model_id == model_id):
-            raise DataError(
-                f"{out}: the scores folder holds no committed rows yet; run `raydefect score` into it first"
-            )
-        footer = reference_from_footer(store, records, model_id)
-        runs, folders = _accumulate(store, records, model_id, batch_rows)
+    streamed = _stream_scores(out, storage, model, batch_rows)
+    footer, folders = streamed.footer, streamed.folders
     source = "model artifact" if reference else "scores footer" if footer.get("reference") else "none"
     ref = Reference.from_dict(reference if reference else footer.get("reference"))
-    runs = [r for r in runs if r.rows] or runs
+    runs = [r for r in streamed.runs if r.rows] or streamed.runs
     base = root.rstrip("/") if root else common_root(list(folders))
-    by_level = {}
-    for depth in levels:
-        groups: dict[str, list[int]] = {}
-        for folder, counts in folders.items():
-            acc = groups.setdefault(level_key(folder, base, depth), [0, 0, 0])
-            for i in range(3):
-                acc[i] += counts[i]
-        by_level[str(depth)] = _folder_table(groups)
-    run_rows = []
-    for r in runs:
-        run_rows.append(
-            {
-                "run": r.run_id,
-                "state": r.state,
-                "images": r.rows,
-                "scored": r.scored,
-                "defects": r.defects,
-                "errors": r.errors,
-                "defect_rate": r.defect_rate,
-                "classes": dict(r.classes.most_common()),
-                "error_kinds": dict(r.error_kinds.most_common(TOP_ERRORS)),
-                "histograms": {q: r.hist[q].tolist() for q in QUANTITIES},
-                "drift": drift_of(r, ref, rules),
-            }
-        )
-    night = run_rows[-1]
-    rate = rate_alarm(runs, rules)
-    drift_alarms = [
-        f"{q} PSI {d['psi']:.3f} >= {rules.psi_alarm}" for q, d in night["drift"].items() if d["level"] == "alarm"
-    ]
-    warnings = [
-        f"{q} PSI {d['psi']:.3f} >= {rules.psi_warn}" for q, d in night["drift"].items() if d["level"] == "warn"
-    ]
+    by_level = _folders_by_level(folders, base, levels)
+    run_rows = [_run_row(r, ref, rules) for r in runs]
+    night = _night(run_rows, runs, rules)
     total = [sum(r[k] for r in run_rows) for k in ("images", "defects", "errors")]
     return {
-        "out": store.out,
-        "model": model_id,
-        "models": models,
+        "out": streamed.out,
+        "model": streamed.model_id,
+        "models": streamed.models,
         "root": base,
         "levels": [int(x) for x in levels],
         "images": total[0],
@@ -327,23 +373,10 @@ def build_report(
             "histograms": {q: list(v) for q, v in ref.counts.items()} if ref else {},
         },
         "bins": {q: list(BINS[q]) for q in QUANTITIES},
-        "rules": {
-            "psi_warn": rules.psi_warn,
-            "psi_alarm": rules.psi_alarm,
-            "max_defect_rate": rules.max_defect_rate,
-            "rate_factor": rules.rate_factor,
-            "baseline_runs": rules.baseline_runs,
-            "rate_z": RATE_Z,
-        },
+        "rules": _rules_dict(rules),
         "runs": run_rows,
         "folders": by_level,
-        "night": {
-            "run": night["run"],
-            "drift_alarms": drift_alarms,
-            "rate": rate,
-            "warnings": warnings,
-            "alarm": bool(drift_alarms) or rate["alarm"],
-        },
+        "night": night,
     }
 
 

@@ -337,39 +337,22 @@ def predict_images(
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be >= 1")
     start = time.perf_counter()
-    if isinstance(model, (str, Path)):
-        from raydefect.models.artifact import resolve_artifact_dir
-
-        model = resolve_artifact_dir(model)  # a wrong --model fails before the image search
-    paths = list_images(images, extensions)
-    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, precision=precision)
+    paths, predictor = _open_inputs(model, images, extensions, device, precision)
     meta = with_thresholds(predictor.meta, threshold, pixel_threshold)
     pre = Preprocessor(meta)
     out = Path(out)
-    overlay_dir = out / OVERLAY_DIR
-    names = dict(zip(paths, overlay_names(paths), strict=True))
-    prob_columns = class_columns(meta.class_names)
-    summary = PredictSummary(scores_csv=out / SCORES_CSV, overlay_dir=overlay_dir if overlays else None)
+    summary = PredictSummary(scores_csv=out / SCORES_CSV, overlay_dir=out / OVERLAY_DIR if overlays else None)
     summary.per_class = dict.fromkeys(meta.class_names, 0)
     workers = workers or default_workers()
 
     def decode(path: str) -> Decoded:
         return decode_for_model(path, pre, max_pixels)
 
-    def write_overlay(item: Decoded, scored: Scored, colour: tuple[int, int, int]) -> None:
-        target = overlay_dir / names[item.path]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        overlay = render_overlay(
-            item.image, scored.mask.mask, scored.score, scored.defect_class, colour=colour, classes=scored.classes
-        )
-        save_png(overlay, str(target))
-
     console.info(
         f"predicting {console.count(len(paths), 'image')} with model {meta.model_id} "
         f"({meta.backbone}, {pre.image_size} px)"
     )
     handle = _open_csv(out / SCORES_CSV)
-    writes: list[Future] = []
     cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
     threads = cpu_threads(cpu, workers)
     with (
@@ -378,32 +361,93 @@ def predict_images(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict") as pool,
         console.progress("predict", len(paths)) as shown,
     ):
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([*COLUMNS, *prob_columns, *TAIL_COLUMNS, *area_columns(meta)])
+        rows = _ScoresWriter(handle, meta, summary, _OverlayWriter(out, paths, pool) if overlays else None)
         for batch in scored_batches(predictor, meta, pool, paths, decode, batch_size):
-            for item, scored in batch:
-                summary.images += 1
-                if scored is None:
-                    summary.errors += 1
-                    writer.writerow(_error_row(item, len(prob_columns)) + [""] * len(area_columns(meta)))
-                    continue
-                summary.defects += int(scored.is_defect)
-                summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
-                overlay = ""
-                if overlays:
-                    # the decided class's colour: green (normal) marks a mask below the image threshold
-                    colour = class_colour(meta.class_names.index(scored.defect_class))
-                    writes.append(pool.submit(write_overlay, item, scored, colour))
-                    overlay = printable_path(f"{OVERLAY_DIR}/{names[item.path]}")
-                writer.writerow(scored.row(item, overlay) + scored.class_area_cells(meta))
+            rows.write_batch(batch)
             handle.flush()
-            while len(writes) > 4 * batch_size:  # bound memory: overlays of older batches must be on disk
-                _finish(writes.pop(0), out)
+            rows.drain_overlays(4 * batch_size)  # bound memory: overlays of older batches must be on disk
             shown.update(len(batch))
-        for f in writes:
-            _finish(f, out)
+        rows.drain_overlays(0)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _open_inputs(
+    model: str | Path | LoadedModel | Predictor,
+    images: str | Path | Sequence[str | Path],
+    extensions: Sequence[str],
+    device: str,
+    precision: str,
+) -> tuple[list[str], Predictor]:
+    """The images to score and the predictor; a wrong model folder fails before the image search."""
+    if isinstance(model, (str, Path)):
+        from raydefect.models.artifact import resolve_artifact_dir
+
+        model = resolve_artifact_dir(model)  # a wrong --model fails before the image search
+    paths = list_images(images, extensions)
+    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, precision=precision)
+    return paths, predictor
+
+
+class _OverlayWriter:
+    """Overlay PNGs under ``out/overlays/``, written in the pool while the next batches are scored."""
+
+    def __init__(self, out: Path, paths: Sequence[str], pool: ThreadPoolExecutor) -> None:
+        self.out = out
+        self.names = dict(zip(paths, overlay_names(paths), strict=True))
+        self.pool = pool
+        self.pending: list[Future] = []
+
+    def submit(self, item: Decoded, scored: Scored, colour: tuple[int, int, int]) -> str:
+        """Queue the item's overlay; return its path relative to the output folder, for scores.csv."""
+        self.pending.append(self.pool.submit(self._write, item, scored, colour))
+        return printable_path(f"{OVERLAY_DIR}/{self.names[item.path]}")
+
+    def _write(self, item: Decoded, scored: Scored, colour: tuple[int, int, int]) -> None:
+        target = self.out / OVERLAY_DIR / self.names[item.path]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        overlay = render_overlay(
+            item.image, scored.mask.mask, scored.score, scored.defect_class, colour=colour, classes=scored.classes
+        )
+        save_png(overlay, str(target))
+
+    def drain(self, keep: int) -> None:
+        """Wait for the oldest overlays until at most ``keep`` are pending."""
+        while len(self.pending) > keep:
+            _finish(self.pending.pop(0), self.out)
+
+
+class _ScoresWriter:
+    """scores.csv's rows and the summary's counts, one scored batch at a time."""
+
+    def __init__(self, handle: Any, meta: ArtifactMeta, summary: PredictSummary, overlays: _OverlayWriter | None):
+        self.writer = csv.writer(handle, lineterminator="\n")
+        self.meta = meta
+        self.summary = summary
+        self.overlays = overlays
+        self.prob_columns = class_columns(meta.class_names)
+        self.writer.writerow([*COLUMNS, *self.prob_columns, *TAIL_COLUMNS, *area_columns(meta)])
+
+    def write_batch(self, batch: list[tuple[Decoded, Scored | None]]) -> None:
+        meta, summary = self.meta, self.summary
+        for item, scored in batch:
+            summary.images += 1
+            if scored is None:
+                summary.errors += 1
+                self.writer.writerow(_error_row(item, len(self.prob_columns)) + [""] * len(area_columns(meta)))
+                continue
+            summary.defects += int(scored.is_defect)
+            summary.per_class[scored.defect_class] = summary.per_class.get(scored.defect_class, 0) + 1
+            overlay = ""
+            if self.overlays is not None:
+                # the decided class's colour: green (normal) marks a mask below the image threshold
+                colour = class_colour(meta.class_names.index(scored.defect_class))
+                overlay = self.overlays.submit(item, scored, colour)
+            self.writer.writerow(scored.row(item, overlay) + scored.class_area_cells(meta))
+
+    def drain_overlays(self, keep: int) -> None:
+        if self.overlays is not None:
+            self.overlays.drain(keep)
 
 
 def _finish(future: Future, out: Path) -> None:

@@ -96,10 +96,24 @@ def _verdict(report: dict[str, Any]) -> str:
     return head + (f'<ul class="notes">{items}</ul>' if items else "")
 
 
-def render_trends(report: dict[str, Any]) -> str:
-    """report.json's content -> the HTML page."""
+_RUN_COLUMNS = [
+    "run",
+    "state",
+    "images",
+    "defects",
+    "errors",
+    "defect rate",
+    "PSI score",
+    "PSI brightness",
+    "PSI contrast",
+    "class mix",
+    "errors by kind",
+]
+
+
+def _facts(report: dict[str, Any]) -> list[list[str]]:
     ref = report["reference"]
-    facts = [
+    return [
         ["scores", _e(report["out"])],
         ["model", _e(report["model"])],
         ["archive root", _e(report["root"] or "-")],
@@ -114,61 +128,41 @@ def render_trends(report: dict[str, Any]) -> str:
             f"PSI less its sampling noise: warn {report['rules']['psi_warn']}, alarm {report['rules']['psi_alarm']}",
         ],
     ]
-    run_rows = []
-    for r in report["runs"]:
-        classes = ", ".join(f"{k} {v:,}" for k, v in r["classes"].items()) or "-"
-        errors = ", ".join(f"{k} {v:,}" for k, v in r["error_kinds"].items())
-        run_rows.append(
-            [
-                _e(r["run"]),
-                _e(r["state"]),
-                f"{r['images']:,}",
-                f"{r['defects']:,}",
-                f"{r['errors']:,}",
-                _pct(r["defect_rate"]),
-                *(_psi_cell(r["drift"][q]) for q in ("defect_score", "brightness", "contrast")),
-                _e(classes),
-                _e(errors or "-"),
-            ]
-        )
+
+
+def _run_cells(r: dict[str, Any]) -> list[str]:
+    classes = ", ".join(f"{k} {v:,}" for k, v in r["classes"].items()) or "-"
+    errors = ", ".join(f"{k} {v:,}" for k, v in r["error_kinds"].items())
+    return [
+        _e(r["run"]),
+        _e(r["state"]),
+        f"{r['images']:,}",
+        f"{r['defects']:,}",
+        f"{r['errors']:,}",
+        _pct(r["defect_rate"]),
+        *(_psi_cell(r["drift"][q]) for q in ("defect_score", "brightness", "contrast")),
+        _e(classes),
+        _e(errors or "-"),
+    ]
+
+
+def _night_charts(report: dict[str, Any]) -> list[str]:
+    """The newest run's histograms over the validation reference's."""
     night = report["runs"][-1]
-    charts = [
+    return [
         _histogram(
             night["histograms"][q],
-            ref["histograms"].get(q),
+            report["reference"]["histograms"].get(q),
             report["bins"][q][0],
             report["bins"][q][1],
             f"{q} (orange: run {night['run']}, blue: validation)",
         )
         for q in ("defect_score", "brightness", "contrast")
     ]
-    body = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>raydefect scores report: {_e(report['out'])}</title>",
-        f"<style>{PAGE_CSS}{_EXTRA_CSS}</style></head><body><main>",
-        "<h1>Scores report</h1>",
-        _verdict(report),
-        html_table(None, facts, "facts"),
-        "<h2>Runs</h2>",
-        html_table(
-            [
-                "run",
-                "state",
-                "images",
-                "defects",
-                "errors",
-                "defect rate",
-                "PSI score",
-                "PSI brightness",
-                "PSI contrast",
-                "class mix",
-                "errors by kind",
-            ],
-            run_rows,
-        ),
-        "<h3>Defect rate per run</h3>",
-        _bars([r["defect_rate"] for r in report["runs"]], [r["run"] for r in report["runs"]], "defect rate per run"),
-        f"<h2>Newest run against the validation distribution</h2><div class='grid'>{''.join(charts)}</div>",
-    ]
+
+
+def _folder_sections(report: dict[str, Any]) -> list[str]:
+    body = []
     for depth, rows in report["folders"].items():
         body.append(f"<h2>Defect rate per folder, level {_e(depth)}</h2>")
         body.append(
@@ -186,6 +180,27 @@ def render_trends(report: dict[str, Any]) -> str:
                 ],
             )
         )
+    return body
+
+
+def render_trends(report: dict[str, Any]) -> str:
+    """report.json's content -> the HTML page."""
+    facts = _facts(report)
+    run_rows = [_run_cells(r) for r in report["runs"]]
+    charts = _night_charts(report)
+    body = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>raydefect scores report: {_e(report['out'])}</title>",
+        f"<style>{PAGE_CSS}{_EXTRA_CSS}</style></head><body><main>",
+        "<h1>Scores report</h1>",
+        _verdict(report),
+        html_table(None, facts, "facts"),
+        "<h2>Runs</h2>",
+        html_table(_RUN_COLUMNS, run_rows),
+        "<h3>Defect rate per run</h3>",
+        _bars([r["defect_rate"] for r in report["runs"]], [r["run"] for r in report["runs"]], "defect rate per run"),
+        f"<h2>Newest run against the validation distribution</h2><div class='grid'>{''.join(charts)}</div>",
+        *_folder_sections(report),
+    ]
     body.append("<footer>raydefect scores report; the same figures are in report.json beside this page.</footer>")
     body.append("</main></body></html>")
     return "\n".join(body)
