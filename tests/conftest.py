@@ -301,3 +301,15 @@ def no_ray_token(monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("RAY_AUTH_MODE", "")  # recorded first, so that a value set by the code is undone
     monkeypatch.delenv("RAY_AUTH_MODE")
     return home
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are fastest on one thread (and the CI machine has two cores shared with other tests); test files
+    that train them use it for every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

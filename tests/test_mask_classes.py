@@ -21,12 +21,7 @@ SIZE = 32
 CLASSES = ("scratch", "spot", "streak")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_class_head_exists_only_with_mask_classes(make_train_config):

@@ -17,14 +17,7 @@ from raydefect.engine.run import CONSOLE_COLUMNS, console_header, console_row, l
 from raydefect.errors import ConfigError
 from raydefect.paths import new_file_mode
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread (and the CI machine has two cores shared with other tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
