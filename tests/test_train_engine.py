@@ -15,6 +15,7 @@ from raydefect.engine.fit import fit
 from raydefect.engine.loop import Trainer, check_metric, train_one_epoch
 from raydefect.engine.run import CONSOLE_COLUMNS, console_header, console_row, list_checkpoints, read_metrics_csv
 from raydefect.errors import ConfigError
+from raydefect.inference.device import cpu_has_native_bf16
 from raydefect.paths import new_file_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,14 +190,20 @@ def test_trainer_reports_every_console_column(synth_dataset, make_train_config, 
     yaml.safe_dump(metrics)  # plain Python numbers only
 
 
-def test_precision_is_fp32_on_cpu_and_bf16_autocast_on_cuda(capsys):
-    from raydefect.engine.loop import autocast_dtype
+def test_precision_is_fp32_on_cpu_unless_asked_and_bf16_autocast_on_cuda(capsys, monkeypatch):
+    from raydefect.engine import loop
+    from raydefect.engine.loop import autocast_dtype, eval_autocast_dtype
 
-    assert autocast_dtype("auto", torch.device("cpu")) is None
-    assert autocast_dtype("bf16", torch.device("cpu")) is None
-    assert "applies on GPUs" in capsys.readouterr().err
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    assert autocast_dtype("fp32", torch.device("cuda")) is None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype("bf16", cpu) is None
+    assert "this cpu has none: training in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("auto", cpu) is None
+    assert eval_autocast_dtype("bf16", cpu) is None  # validation matches predict / evaluate's fp32 on a CPU
+    assert autocast_dtype("auto", cuda) is torch.bfloat16 and eval_autocast_dtype("auto", cuda) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None
 
 
 @pytest.mark.gpu
@@ -209,6 +216,34 @@ def test_cuda_epoch_in_bf16(synth_dataset, make_train_config):
     assert trainer.amp_dtype is torch.bfloat16
     metrics = trainer.run_epoch(1, train, val)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)")
+def test_a_cnn_trains_channels_last_in_bf16_on_a_cpu_and_validates_in_fp32(synth_dataset, make_train_config, tmp_path):
+    from raydefect.engine.checkpoint import load_weights, save_checkpoint
+    from raydefect.engine.fit import training_rows
+
+    cfg = make_train_config(
+        synth_dataset.root, None, "model.backbone=test-tiny-cnn", "model.weights=null", "model.pretrained=false",
+        "train.precision=bf16",
+    )  # fmt: skip
+    train, val, counts = training_rows(cfg, synth_dataset)
+    trainer = Trainer(cfg, synth_dataset.class_names, counts, device="cpu")
+    assert trainer.amp_dtype is torch.bfloat16 and trainer.eval_amp_dtype is None and trainer.channels_last
+    stem = next(p for p in trainer.model.backbone.parameters() if p.dim() == 4)
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    before = stem.detach().clone()
+    metrics = trainer.run_epoch(1, train, val)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    assert not torch.equal(before, stem.detach())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast: fp32 master weights
+    # the checkpoint holds plain contiguous tensors: a fresh (contiguous) model loads them exactly
+    save_checkpoint(tmp_path / "ckpt", trainer.model, None, trainer.state)
+    fresh = Trainer(cfg, synth_dataset.class_names, counts, device="cpu").model
+    load_weights(tmp_path / "ckpt", fresh)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trainer.model.state_dict().values(), strict=True)
+    )
 
 
 def test_a_resumed_run_takes_its_weights_from_the_checkpoint(synth_dataset, make_train_config, tmp_path):

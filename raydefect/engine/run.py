@@ -336,14 +336,14 @@ def _split_scorer(
     scores kept)."""
     from raydefect.engine.checkpoint import load_weights
     from raydefect.engine.data import SampleSource, iterate_batches
-    from raydefect.engine.loop import autocast_dtype
+    from raydefect.engine.loop import eval_autocast_dtype
     from raydefect.engine.validation import evaluate
     from raydefect.models.model import DefectModel
 
     model = DefectModel(cfg.model, geometry.image_size, dataset.class_names, load_weights=False, geometry=geometry)
     load_weights(checkpoint_dir, model)
     model.to(torch_device).eval()
-    amp = autocast_dtype(cfg.train.precision, torch_device)
+    amp = eval_autocast_dtype(cfg.train.precision, torch_device)
     source = SampleSource.for_config(cfg, train=False)
 
     def score(rows: list[dict[str, Any]], pixel_threshold: float) -> Any:
