@@ -2,6 +2,7 @@
 
     nice python benchmarks/geometry_speed.py                       # 2 and 12 megapixels, every geometry
     nice python benchmarks/geometry_speed.py --mp 2 --geometry tiles --images 8
+    nice python benchmarks/geometry_speed.py --mp 20 --geometry tiles --images 12 --pipeline-only
 
 For each geometry (square, aspect, tiles) and image size it saves a random-init model (``--backbone``, input
 ``--input`` px; weights do not change the speed), writes ``--images`` synthetic JPEGs with small defects, and in a
@@ -14,7 +15,9 @@ fresh process (so peak RSS is that setting's own) runs:
             path keeps (the issue's target for tiles: >= 0.85 on this CPU);
   pipeline  (``--pipeline``) `raydefect score` itself on the same images and model, in a subprocess on an
             embedded Ray with one model replica (Ray Data streaming, Parquet commits): images/s, and the peak
-            summed RSS of its whole process tree (driver, Ray's own processes, the workers), sampled every 0.2 s.
+            summed RSS of its whole process tree (driver, Ray's own processes, the workers), sampled every 0.2 s,
+            overall and in each quarter of the run (flat quarters: memory does not grow with the images scored).
+            fp32, like the other two. ``--pipeline-only`` skips score and bare (many large images, memory only).
 
 Torch runs ``--threads`` threads (default 1, which keeps OpenMP from spinning on a shared machine).
 """
@@ -64,6 +67,15 @@ def run_one(args: argparse.Namespace) -> dict:
     artifact = work / f"model-{args.geometry}"
     save_artifact(model, artifact, thresholds={"image": 0.5, "pixel": 0.5})
 
+    if args.pipeline_only:
+        return {
+            "benchmark": "geometry_speed",
+            "geometry": args.geometry,
+            "megapixels_per_image": round(w * h / 1e6, 1),
+            "backbone": args.backbone,
+            "input": args.input,
+            **run_pipeline(args, artifact, archive, w * h / 1e6, None),
+        }
     scorer = BatchScorer(str(artifact), device="cpu", precision="fp32")
     scorer.score(paths[:1], batch_size=args.batch)  # warm-up outside the measured window
     start = time.perf_counter()
@@ -113,7 +125,7 @@ def run_one(args: argparse.Namespace) -> dict:
     }
 
 
-def run_pipeline(args: argparse.Namespace, artifact: Path, archive: Path, mp: float, score_s: float) -> dict:
+def run_pipeline(args: argparse.Namespace, artifact: Path, archive: Path, mp: float, score_s: float | None) -> dict:
     """`raydefect score` end to end on every image in `archive` (`mp` megapixels each), with its process tree's peak
     RSS; ``pipeline / score`` compares its images/s with one `BatchScorer`'s (`score_s` for the same images)."""
     import psutil
@@ -122,17 +134,19 @@ def run_pipeline(args: argparse.Namespace, artifact: Path, archive: Path, mp: fl
     out = Path(args.work) / f"scores-{args.geometry}-{args.mp}mp"
     cmd = [sys.executable, "-m", "raydefect.cli", "score", "--model", str(artifact), "--input", str(archive)]
     cmd += ["--out", str(out), "--rescore", "--actors", "1", "--batch-size", str(args.batch), "--engine", "torch"]
+    cmd += ["--set", "score.precision=fp32"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
+    root, samples = psutil.Process(proc.pid), []
     while proc.poll() is None:
         total = 0
         for p in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):  # a process that ended between the listing and the reading
                 total += p.memory_info().rss
-        peak = max(peak, total)
+        samples.append((time.perf_counter() - start, total))
         time.sleep(0.2)
     wall = time.perf_counter() - start
+    quarters = [max((r for t, r in samples if q * wall / 4 <= t < (q + 1) * wall / 4), default=0) for q in range(4)]
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"raydefect score failed ({proc.returncode}):\n{err[-2000:]}")
@@ -141,8 +155,9 @@ def run_pipeline(args: argparse.Namespace, artifact: Path, archive: Path, mp: fl
         "pipeline_wall_s": round(wall, 1),
         "pipeline_images_per_s": round(n / wall, 3),
         "pipeline_megapixels_per_s": round(n * mp / wall, 2),
-        "pipeline_over_score": round(score_s / wall, 3) if n == args.images else None,
-        "pipeline_peak_tree_rss_mb": round(peak / 2**20, 0),
+        "pipeline_over_score": round(score_s / wall, 3) if score_s and n == args.images else None,
+        "pipeline_peak_tree_rss_mb": round(max(quarters) / 2**20, 0),
+        "pipeline_peak_tree_rss_mb_by_quarter": [round(r / 2**20, 0) for r in quarters],
     }
 
 
@@ -157,6 +172,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=None, help="folder for images and models (default: a temporary one)")
     p.add_argument("--pipeline", action="store_true", help="also run `raydefect score` (Ray) on the same images")
+    p.add_argument("--pipeline-only", action="store_true", help="run only `raydefect score` (Ray), no score / bare")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one setting here
     args = p.parse_args()
     if args.one:
@@ -169,6 +185,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", "--mp", str(mp), "--geometry", geometry, "--work", work]
             cmd += ["--images", str(args.images), "--backbone", args.backbone, "--input", str(args.input)]
             cmd += ["--batch", str(args.batch), "--threads", str(args.threads), *(["--pipeline"] * args.pipeline)]
+            cmd += ["--pipeline-only"] * args.pipeline_only
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             print(out.stdout.strip().splitlines()[-1], flush=True)

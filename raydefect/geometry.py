@@ -51,6 +51,13 @@ class Geometry:
     def tiled(self) -> bool:
         return self.mode == "tiles"
 
+    def describe(self) -> str:
+        """What the model sees, for people: "at 224 px", "at 224 px (aspect kept)", "on 256 px tiles (scale 1,
+        overlap 32)"."""
+        if self.tiled:
+            return f"on {self.image_size} px tiles (scale {self.scale:g}, overlap {self.tile_overlap})"
+        return f"at {self.image_size} px" + (" (aspect kept)" if self.mode == "aspect" else "")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
         if self.tiled:

@@ -121,6 +121,9 @@ def test_geometry_config_keys_and_artifact_dict():
     assert (g.mode, g.image_size, g.scale, g.tile_overlap) == ("tiles", 256, 1.0, 64)
     assert Geometry.from_dict(g.to_dict(), 999) == g
     assert Geometry.from_dict(None, 64) == Geometry("square", 64)
+    # what `train` announces: the tile size under tiles, never data.image_size
+    assert g.describe() == "on 256 px tiles (scale 1, overlap 64)"
+    assert Geometry("aspect", 192).describe() == "at 192 px (aspect kept)" and Geometry().describe() == "at 224 px"
     with pytest.raises(ConfigError, match="data.geometry"):
         DataConfig(geometry="crop")
     with pytest.raises(ConfigError, match="data.tile_overlap"):

@@ -71,6 +71,7 @@ from raydefect.engine.run import (
     write_run_config,
 )
 from raydefect.errors import ConfigError, DataError, RaydefectError, TrainingError
+from raydefect.geometry import Geometry
 from raydefect.pipelines.failures import disk_error, user_error
 from raydefect.pipelines.train_worker import FAIL_ONCE_ENV, PID_FILE_ENV, SCORE_KEY, train_fn_per_worker
 
@@ -353,7 +354,7 @@ def _announce(cfg: Config, name: str, run_dir: Path, done_before: int, n_train: 
     where = f"{cfg.resources.num_workers} worker(s), {'GPU' if use_gpu else 'CPU'}"
     action = f"resuming {name} after epoch {done_before}" if done_before else f"training {name}"
     console.info(
-        f"{action}: {cfg.model.backbone} at {cfg.data.image_size} px, {total} epochs, "
+        f"{action}: {cfg.model.backbone} {Geometry.from_data_config(cfg.data).describe()}, {total} epochs, "
         f"{n_train} train / {n_val} val images, {where}"
     )
     console.info(f"run folder: {run_dir}")
