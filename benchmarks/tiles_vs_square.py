@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--input", type=int, default=256, help="the model's input side: the squashed image or a tile")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], help="another config key for both runs, KEY=VALUE")
     args = p.parse_args()
 
     def raydefect(*cli_args: str) -> None:
@@ -67,7 +68,7 @@ def main() -> None:
             "train", "--data", str(dataset), "--name", name, "--config", "scratch", "--backbone", args.backbone,
             "--epochs", str(args.epochs), "--cpus-per-worker", str(args.cpus), "--set", f"train.runs_dir={runs}",
             "--set", f"data.geometry={geometry}", "--set", f"{size_key}={args.input}", "--set", "data.scale=1.0",
-            "--set", f"data.tile_overlap={args.input // 8}",
+            "--set", f"data.tile_overlap={args.input // 8}", *(x for kv in args.set for x in ("--set", kv)),
         )  # fmt: skip
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         report = out / "eval" / name
