@@ -129,9 +129,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def eval_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Validation's autocast: training's on a GPU; fp32 on a CPU, where predict and evaluate run in fp32
     (`Predictor`), so the thresholds chosen on validation hold there."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.bfloat16
-    return None
+    return autocast_dtype(precision, device) if device.type == "cuda" else None
 
 
 # ------------------------------------------------------------------------------------------------- epochs
